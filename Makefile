@@ -1,0 +1,45 @@
+# Parallax — one entry point for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+RELEASE_BIN := target/release/parallax
+
+.PHONY: help deps build release test unit-test check fmt clippy doc run vm-test xen-test \
+        bench bench-quick fuzz fuzz-short soak soak-short images clean
+
+help: ## This list
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+deps: ## Install the Debian packages and cargo tools the build and tests need
+	scripts/deps.sh base
+
+build: ## Debug build of the workspace
+	$(CARGO) build --workspace
+
+release: ## Optimised build (target/release/parallax, target/release/frontend-shim)
+	$(CARGO) build --release --workspace
+
+test: deps ## The whole test suite, as CI runs it
+	$(CARGO) build --release --workspace
+	$(CARGO) nextest run --workspace --all-targets --profile ci
+	$(CARGO) test --workspace --doc
+
+unit-test: ## Just the Rust tests (no package installs)
+	$(CARGO) nextest run --workspace --all-targets
+
+fmt: ## Check formatting
+	$(CARGO) fmt --all -- --check
+
+clippy: ## Lints, warnings as errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+doc: ## API docs, warnings as errors
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
+
+check: fmt clippy doc test ## fmt + clippy + doc + tests
+
+run: release ## Build, create a demo store under ./var, and serve it over NBD
+	scripts/run-demo.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf var

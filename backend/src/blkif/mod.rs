@@ -1,0 +1,1 @@
+//! The Xen block-ring (blkif) backend: ABI, ring engine, grant/event-channel transports.

@@ -1,0 +1,1 @@
+//! `parallax serve`: configuration, the control socket, and the daemon's lifecycle.

@@ -1,0 +1,22 @@
+//! Parallax: a block store for the disks of very many virtual machines.
+//!
+//! ```text
+//!  Xen blkfront / frontend-shim ──► blkif (ring engine) ─┐
+//!  NBD clients ─────────────────► nbd (server) ──────────┼─► disk::Disk ─► store (VDIs, CoW radix maps,
+//!  parallax CLI ──► daemon (control socket) ─────────────┘                  refcounts, registry, commits)
+//!                                                                                 │
+//!                                                                          store::device (file / block device)
+//! ```
+//!
+//! Each layer is a module: [`store`] is the crash-safe copy-on-write block store, [`disk`] the
+//! interface the protocol front ends use to reach a VDI, [`nbd`] the NBD server, [`blkif`] the
+//! Xen block-ring backend, [`daemon`] the long-running `parallax serve`, and [`cli`] the
+//! `parallax` command.
+
+pub mod blkif;
+pub mod cli;
+pub mod daemon;
+pub mod disk;
+pub mod nbd;
+pub mod store;
+pub mod util;

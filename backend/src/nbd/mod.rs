@@ -1,0 +1,1 @@
+//! The NBD server (fixed-newstyle handshake, structured replies, `base:allocation`).

@@ -1,0 +1,1 @@
+//! Shared helpers for the integration tests: temporary stores, running the `parallax` binary.
