@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/parallax
 
 .PHONY: help deps build release test unit-test check fmt clippy doc run vm-test xen-test \
-        bench bench-quick fuzz fuzz-short soak soak-short images clean
+        bench bench-quick fuzz fuzz-short soak soak-short images demo-image clean
 
 help: ## This list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -39,6 +39,17 @@ check: fmt clippy doc test ## fmt + clippy + doc + tests
 
 run: release ## Build, create a demo store under ./var, and serve it over NBD
 	scripts/run-demo.sh
+
+images: ## Build (or reuse) the VM test template from Debian packages into images/.cache
+	scripts/deps.sh vm
+	images/build-template.sh
+
+demo-image: ## The small ext4 demo disk that `make run` imports (var/demo.img)
+	images/build-demo.sh var/demo.img
+
+vm-test: release ## Real guests (QEMU, TCG) booting from Parallax forks over NBD
+	scripts/deps.sh vm
+	PARALLAX_BIN=$(RELEASE_BIN) tests/vm/run.sh
 
 clean:
 	$(CARGO) clean
