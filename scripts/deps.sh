@@ -15,7 +15,7 @@ for g in "${groups[@]}"; do
     # qemu-system-x86 removes Debian's newer qemu-utils, so both are always named together.
     base) pkgs+=(libnbd-bin fio libxen-dev xen-utils-4.17 xenstore-utils e2fsprogs cpio
                  qemu-utils qemu-system-x86 busybox-static gcc make pkg-config) ;;
-    vm) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs kmod xz-utils zstd) ;;
+    vm) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs kmod xz-utils zstd python3) ;;
     xen) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod) ;;
     bench) pkgs+=(fio nbdkit nbd-server libnbd-bin gnuplot-nox qemu-utils qemu-system-x86) ;;
     fuzz) ;;
