@@ -219,6 +219,22 @@ vdi_blockdev() { "${_b}_vdi_blockdev" "$@"; }
 # ---------------------------------------------------------------------------------------------
 # guests
 
+# vm_resolve_accel: turn PX_VM_ACCEL=auto into kvm or tcg. Nested KVM on these machines hangs
+# rather than failing, so the probe boots the template (read-only) under KVM and settles for
+# TCG unless the guest reaches userspace within 15 s.
+vm_resolve_accel() {
+    [ "$PX_VM_ACCEL" = auto ] || return 0
+    PX_VM_ACCEL=tcg
+    [ -w /dev/kvm ] || return 0
+    local log="$PX_WORK/kvm-probe.log"
+    # (The subshell keeps bash's "Killed" job message off the terminal.)
+    (timeout -s KILL 15 qemu-system-x86_64 -accel kvm -cpu host -m "$PX_VM_MEM" -nodefaults \
+        -no-user-config -display none -no-reboot -serial "file:$log" \
+        -kernel "$PX_KERNEL" -initrd "$PX_INITRD" -append "console=ttyS0 quiet panic=-1 px.task=none" \
+        -drive "file=$PX_ROOTFS,format=raw,if=virtio,snapshot=on" >/dev/null 2>&1) 2>/dev/null || true
+    if grep -q '^PX-READY' "$log" 2>/dev/null; then PX_VM_ACCEL=kvm; fi
+}
+
 # vm_start ID LOG DISK [px.key=value ...]: boot the template kernel with DISK (a VDI name, or
 # NAME@SNAP) as its virtio disk, served over NBD; its serial console goes to LOG.
 vm_start() {
@@ -229,7 +245,9 @@ vm_start() {
     : > "$log"
     PX_VM_T0[$id]="$(now)"
     PX_VM_LOG[$id]="$log"
-    qemu-system-x86_64 -accel "$PX_VM_ACCEL" -m "$PX_VM_MEM" -smp 1 -nodefaults -no-user-config \
+    local cpu=()
+    [ "$PX_VM_ACCEL" != kvm ] || cpu=(-cpu host)
+    qemu-system-x86_64 -accel "$PX_VM_ACCEL" "${cpu[@]}" -m "$PX_VM_MEM" -smp 1 -nodefaults -no-user-config \
         -display none -no-reboot -serial "file:$log" \
         -kernel "$PX_KERNEL" -initrd "$PX_INITRD" \
         -append "console=ttyS0 $quiet panic=-1 px.id=$id $*" \

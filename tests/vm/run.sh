@@ -16,8 +16,8 @@
 # Prints PASS/FAIL per check and a table of boot times and bytes unique per fork.
 #
 # Environment: PX_VM_BACKEND=parallax|qemu-nbd (lib.sh), PARALLAX_BIN (default
-# target/release/parallax), PX_VM_ACCEL=tcg|kvm (default tcg: nested KVM hangs on these
-# machines), PX_VM_GUESTS, PX_VM_MIB, PX_VM_KEEP=1 (keep logs even on success), PX_VM_DEBUG=1
+# target/release/parallax), PX_VM_ACCEL=tcg|kvm|auto (default tcg: nested KVM hangs on these
+# machines; auto probes it with a 15 s boot), PX_VM_GUESTS, PX_VM_MIB, PX_VM_KEEP=1 (keep logs even on success), PX_VM_DEBUG=1
 # (kernel messages on the consoles). Logs: tests/.work/vm/<run>/, kept when anything fails.
 set -Eeuo pipefail
 
@@ -142,11 +142,12 @@ t0="$(now)"
 source "$root/images/.cache/template/template.env"
 pass "template built or reused (kernel $PX_KVER) in $(elapsed "$t0" "$(now)") s"
 
+vm_resolve_accel
 store_init "$PX_WORK/store"
 vdi_import template "$PX_ROOTFS"
 vdi_snapshot template gold
 serve_start
-pass "imported template, snapshotted template@gold, server up"
+pass "imported template, snapshotted template@gold, server up (guests use $PX_VM_ACCEL)"
 
 # --- 2. N forks, N guests at once --------------------------------------------------------------
 ids=()
