@@ -6,6 +6,10 @@
 # Usage: images/build-demo.sh OUT.img
 set -euo pipefail
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=images/mkfs-repro.sh
+source "$here/mkfs-repro.sh"
+
 [ $# -eq 1 ] || { echo "usage: $0 OUT.img" >&2; exit 2; }
 out="$1"
 command -v mkfs.ext4 >/dev/null || { echo "build-demo: mkfs.ext4 not found (apt-get install e2fsprogs)" >&2; exit 1; }
@@ -35,12 +39,6 @@ EOF
 # A little structured data so `vdi info` has something to count: 256 KiB of a repeating pattern.
 for i in $(seq 1 4096); do printf 'record %06d: the quick brown fox jumps over the lazy dog\n' "$i"; done \
     | head -c 262144 > "$stage/srv/data/records.txt"
-find "$stage" -exec touch -h -d @1700000000 {} +
-
 mkdir -p "$(dirname "$out")"
-rm -f "$out"
-E2FSPROGS_FAKE_TIME=1700000000 mkfs.ext4 -q -F -L pxdemo -b 4096 \
-    -U 5d1a4a11-0000-4000-8000-64656d6f6469 \
-    -E hash_seed=5d1a4a11-0000-4000-8000-64656d6f6469,lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0 \
-    -d "$stage" "$out" 32M >&2
+mkfs_repro "$out" 32M pxdemo 5d1a4a11-0000-4000-8000-64656d6f6469 1700000000 "$stage"
 echo "build-demo: wrote $out ($(du -h --apparent-size "$out" | cut -f1) apparent, $(du -h "$out" | cut -f1) allocated)" >&2

@@ -12,6 +12,8 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=images/mkfs-repro.sh
+source "$here/mkfs-repro.sh"
 cache="${PX_IMAGE_CACHE:-$here/.cache}"
 out="$cache/template"
 rootfs_size=128M
@@ -63,7 +65,7 @@ kpkg_version="$(dpkg-deb -f "$deb" Version)"
 kver="$(dpkg-deb -f "$deb" Package | sed 's/^linux-image-//')"
 
 # --- cache key ------------------------------------------------------------------------------
-key="$( { cat "$here/build-template.sh" "$here/guest/initramfs-init" "$here/guest/rootfs-init";
+key="$( { cat "$here/build-template.sh" "$here/mkfs-repro.sh" "$here/guest/initramfs-init" "$here/guest/rootfs-init";
           echo "$kver $kpkg_version $rootfs_size"; sha256sum "$busybox"; } | sha256sum | cut -c1-16)"
 if [ -f "$out/template.env" ] && grep -qx "PX_TEMPLATE_KEY=$key" "$out/template.env" \
         && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ -f "$out/rootfs.img" ]; then
@@ -138,15 +140,7 @@ echo "pxguest" > "$rfs/etc/hostname"
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$rfs/etc/passwd"
 printf 'root:x:0:\n' > "$rfs/etc/group"
 printf 'NAME="Parallax test template"\nID=parallax-template\nKERNEL=%s\n' "$kver" > "$rfs/etc/os-release"
-find "$rfs" -exec touch -h -d @0 {} +
-
-# Fixed UUID, hash seed and time make the image reproducible; inode tables and the journal are
-# initialised now so guests do not zero them lazily (which would write into every fork).
-rm -f "$work/rootfs.img"
-E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -L pxroot -b 4096 \
-    -U 5d1a4a11-0000-4000-8000-70617261786c \
-    -E hash_seed=5d1a4a11-0000-4000-8000-70617261786c,lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0 \
-    -d "$rfs" "$work/rootfs.img" "$rootfs_size" >&2
+mkfs_repro "$work/rootfs.img" "$rootfs_size" pxroot 5d1a4a11-0000-4000-8000-70617261786c 1 "$rfs"
 e2fsck -fn "$work/rootfs.img" >/dev/null 2>&1 || die "fresh rootfs does not check clean"
 
 cp "$kroot/boot/vmlinuz-$kver" "$work/vmlinuz"
