@@ -1,1 +1,2 @@
 //! Shared helpers for the integration tests: temporary stores, running the `parallax` binary.
+pub mod nbd;

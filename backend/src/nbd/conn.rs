@@ -1,0 +1,774 @@
+//! One client connection inside the event loop: its socket, input buffer, output queue, and
+//! protocol phase. [`Conn::pump`] moves bytes until the socket would block or a limit is
+//! reached; blocking work goes to the worker pool and comes back through [`Conn::complete`].
+//!
+//! ```text
+//!  socket ─► InBuf ─► Handshake::advance ──► Query ─► pool ─► Handshake::answer ─┐
+//!              │                                                                 ▼
+//!              └───► decide ─► (payload) ─► pool: exec::execute ─► reply ─► out queue ─► socket
+//! ```
+//!
+//! Backpressure: a connection stops reading requests while it has `max_inflight_requests`
+//! requests, or `max_inflight_bytes` of payload, between header and fully written reply. It
+//! always admits one request, so a single maximum-size request makes progress.
+
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice, Read},
+    os::fd::{AsRawFd, RawFd},
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
+
+use mio::{event::Source, Interest, Registry, Token};
+
+use crate::disk::{Disk, DiskProvider, ExportInfo, OpenError};
+
+use super::{
+    exec::{self, Outcome},
+    handshake::{Answer, Handshake, HandshakeLimits, Query, Step, MAX_OPTION_LEN},
+    pool::{ConnId, Job, Pool},
+    proto::{command_name, RequestHeader, WireError, EIO, OPTION_HEADER_LEN, REQUEST_LEN},
+    ratelimit::RateLimit,
+    server::{NbdConfig, StatsInner},
+    transmission::{decide, error_reply, Command, Decision, Params, Request},
+};
+
+/// A client socket: TCP or Unix.
+pub enum Stream {
+    Tcp(mio::net::TcpStream),
+    Unix(mio::net::UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Source for Stream {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.register(r, t, i),
+            Stream::Unix(s) => s.register(r, t, i),
+        }
+    }
+
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.reregister(r, t, i),
+            Stream::Unix(s) => s.reregister(r, t, i),
+        }
+    }
+
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.deregister(r),
+            Stream::Unix(s) => s.deregister(r),
+        }
+    }
+}
+
+/// Gathers `bufs` into one `sendmsg` with `MSG_NOSIGNAL`, so a vanished client is an `EPIPE`
+/// error rather than a `SIGPIPE` that would kill the daemon.
+fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero `msghdr` is valid: null name and control pointers with zero lengths.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // `IoSlice` is guaranteed ABI-compatible with `struct iovec` on Unix.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    // SAFETY: `msg` points at `bufs.len()` valid iovecs borrowed for the duration of the call;
+    // sendmsg only reads them. `fd` is an open socket owned by the caller.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Input bytes not yet parsed.
+struct InBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl InBuf {
+    fn new(cap: usize) -> Self {
+        InBuf {
+            buf: vec![0; cap],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n.min(self.len());
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    fn is_full(&self) -> bool {
+        self.len() == self.buf.len()
+    }
+
+    fn read_from(&mut self, s: &mut Stream) -> io::Result<usize> {
+        if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let n = s.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+/// Bytes waiting to be sent. `charge` is set on a request's reply: sending it completes the
+/// request and returns its budget.
+struct OutChunk {
+    bytes: Vec<u8>,
+    pos: usize,
+    charge: Option<u64>,
+}
+
+/// What the workers hand back.
+pub enum Done {
+    Reply {
+        outcome: Outcome,
+        charge: u64,
+        command: &'static str,
+    },
+    Answer {
+        answer: Answer,
+        disk: Option<Arc<dyn Disk>>,
+    },
+}
+
+/// Everything a connection needs from the server while it runs.
+pub struct Ctx<'a> {
+    pub cfg: &'a NbdConfig,
+    pub pool: &'a Pool<Done>,
+    pub provider: &'a Arc<dyn DiskProvider>,
+    pub stats: &'a StatsInner,
+    pub limiter: &'a mut RateLimit,
+}
+
+/// What the event loop should do with a connection after pumping it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pump {
+    /// Nothing to do until the next event.
+    Idle,
+    /// More input may be waiting but the per-turn budget ran out: pump again soon.
+    Busy,
+    /// Close the connection.
+    Close,
+}
+
+enum Recv {
+    Header,
+    Payload {
+        req: Request,
+        buf: Vec<u8>,
+        have: usize,
+        charge: u64,
+    },
+    Discard {
+        remaining: u64,
+    },
+}
+
+struct Transfer {
+    params: Params,
+    disk: Arc<dyn Disk>,
+    recv: Recv,
+}
+
+enum Phase {
+    Handshake(Box<Handshake>),
+    Transmission(Box<Transfer>),
+}
+
+/// Bytes one pump reads before yielding to other connections.
+const READ_BUDGET: usize = 1 << 20;
+/// Slices gathered into one `sendmsg`.
+const MAX_IOV: usize = 64;
+
+/// Socket-side state, apart from the protocol phase so both can be borrowed at once.
+struct Io {
+    id: ConnId,
+    stream: Stream,
+    inbuf: InBuf,
+    out: VecDeque<OutChunk>,
+    inflight: usize,
+    inflight_bytes: u64,
+    /// Bytes sent so far (progress marker for `pump`).
+    written: u64,
+    readable: bool,
+    writable: bool,
+    /// Read nothing more: EOF, `NBD_CMD_DISC`, `NBD_OPT_ABORT`, or server shutdown.
+    input_closed: bool,
+}
+
+pub struct Conn {
+    io: Io,
+    phase: Phase,
+    span: tracing::Span,
+    /// Handshake deadline; `None` in transmission.
+    pub deadline: Option<Instant>,
+    /// Already in the loop's ready queue.
+    pub queued: bool,
+}
+
+impl Conn {
+    pub fn new(id: ConnId, stream: Stream, peer: &str, cfg: &NbdConfig) -> Self {
+        let span =
+            tracing::info_span!("nbd", conn = id.gen, peer = %peer, export = tracing::field::Empty);
+        let limits = HandshakeLimits {
+            max_options: cfg.max_options,
+            max_option_len: MAX_OPTION_LEN,
+            max_request_bytes: cfg.max_request_bytes,
+        };
+        let mut io = Io {
+            id,
+            stream,
+            inbuf: InBuf::new(MAX_OPTION_LEN as usize + OPTION_HEADER_LEN + 16 * 1024),
+            out: VecDeque::new(),
+            inflight: 0,
+            inflight_bytes: 0,
+            written: 0,
+            readable: true,
+            writable: true,
+            input_closed: false,
+        };
+        io.queue(Handshake::greeting().to_vec(), None);
+        Conn {
+            io,
+            phase: Phase::Handshake(Box::new(Handshake::new(limits))),
+            span,
+            deadline: Some(Instant::now() + cfg.handshake_timeout),
+            queued: false,
+        }
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.io.id
+    }
+
+    pub fn stream(&mut self) -> &mut Stream {
+        &mut self.io.stream
+    }
+
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    pub fn in_handshake(&self) -> bool {
+        matches!(self.phase, Phase::Handshake(_))
+    }
+
+    /// A readiness event arrived.
+    pub fn ready(&mut self) {
+        self.io.readable = true;
+        self.io.writable = true;
+    }
+
+    /// Server shutdown: read no more requests; what is in flight still gets its reply.
+    /// Connections still in the handshake are closed.
+    pub fn begin_drain(&mut self) -> Pump {
+        if self.in_handshake() {
+            return Pump::Close;
+        }
+        self.stop_input();
+        Pump::Busy
+    }
+
+    /// Stops reading, drops unparsed input, and forgets a request whose payload was only
+    /// partly received.
+    fn stop_input(&mut self) {
+        self.io.input_closed = true;
+        self.io.inbuf.clear();
+        self.forget_partial();
+    }
+
+    fn forget_partial(&mut self) {
+        if let Phase::Transmission(t) = &mut self.phase {
+            if let Recv::Payload { charge, .. } = t.recv {
+                self.io.inflight -= 1;
+                self.io.inflight_bytes -= charge;
+            }
+            t.recv = Recv::Header;
+        }
+    }
+
+    /// Moves bytes both ways until the socket would block, a limit is hit, or the per-turn
+    /// read budget is spent.
+    pub fn pump(&mut self, ctx: &mut Ctx<'_>) -> Pump {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        if let Err(e) = self.io.flush() {
+            tracing::debug!(error = %e, "nbd: write failed");
+            return Pump::Close;
+        }
+        let mut budget = READ_BUDGET;
+        // Run to a fixpoint: writing output can unblock parsing (handshake replies, request
+        // budget), and parsing can produce output, so stop only when a round changes nothing.
+        loop {
+            let mark = (self.io.inbuf.len(), self.io.written, self.io.out.len());
+            if self.process(ctx).is_err() {
+                return Pump::Close;
+            }
+            if let Err(e) = self.io.flush() {
+                tracing::debug!(error = %e, "nbd: write failed");
+                return Pump::Close;
+            }
+            let can_read =
+                !self.blocked(ctx.cfg) && !self.io.input_closed && self.io.readable && budget > 0;
+            if !can_read {
+                if mark == (self.io.inbuf.len(), self.io.written, self.io.out.len()) {
+                    break;
+                }
+                continue;
+            }
+            match self.read_some(budget) {
+                // EOF: requests already buffered are still answered.
+                Ok(0) => self.io.input_closed = true,
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.io.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "nbd: read failed");
+                    return Pump::Close;
+                }
+            }
+        }
+        if self.io.input_closed {
+            // Nothing more will arrive, so a partly received request never completes.
+            self.forget_partial();
+            let handshake_done = match &self.phase {
+                Phase::Handshake(_) => true,
+                Phase::Transmission(_) => self.io.inflight == 0,
+            };
+            if handshake_done && self.io.out.is_empty() {
+                return Pump::Close;
+            }
+            return Pump::Idle;
+        }
+        if budget == 0 && self.io.readable && !self.blocked(ctx.cfg) {
+            Pump::Busy
+        } else {
+            Pump::Idle
+        }
+    }
+
+    /// True if the connection must not take more input now.
+    fn blocked(&self, cfg: &NbdConfig) -> bool {
+        match &self.phase {
+            // Options are answered one at a time: the client waits for each reply anyway,
+            // and this bounds what a client that never reads can make us buffer.
+            Phase::Handshake(hs) => {
+                hs.waiting() || !self.io.out.is_empty() || self.io.inbuf.is_full()
+            }
+            // A request whose header was admitted still gets its payload read.
+            Phase::Transmission(t) => {
+                self.io.inbuf.is_full()
+                    || (matches!(t.recv, Recv::Header) && self.io.over_budget(cfg))
+            }
+        }
+    }
+
+    fn read_some(&mut self, budget: usize) -> io::Result<usize> {
+        if let Phase::Transmission(t) = &mut self.phase {
+            if let Recv::Payload { buf, have, .. } = &mut t.recv {
+                if self.io.inbuf.len() == 0 {
+                    // Large payloads go straight into their buffer.
+                    let end = buf.len().min(*have + budget.max(1));
+                    let n = self.io.stream.read(&mut buf[*have..end])?;
+                    *have += n;
+                    return Ok(n);
+                }
+            }
+        }
+        self.io.inbuf.read_from(&mut self.io.stream)
+    }
+
+    /// Parses and acts on buffered input. `Err` means close the connection now.
+    fn process(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ()> {
+        loop {
+            match &mut self.phase {
+                Phase::Handshake(hs) => {
+                    if self.io.input_closed || hs.waiting() || !self.io.out.is_empty() {
+                        return Ok(());
+                    }
+                    let (n, step) = hs.advance(self.io.inbuf.data());
+                    self.io.inbuf.consume(n);
+                    self.io.queue(hs.take_output(), None);
+                    match step {
+                        Step::Continue => continue,
+                        Step::NeedInput => return Ok(()),
+                        Step::Query(q) => {
+                            self.io.submit_query(q, ctx);
+                            return Ok(());
+                        }
+                        Step::Abort => {
+                            tracing::debug!("nbd: client aborted the handshake");
+                            self.stop_input();
+                            return Ok(());
+                        }
+                        Step::Fail(e) => {
+                            if ctx.limiter.allow() {
+                                tracing::warn!(error = %e, "nbd: handshake failed");
+                            }
+                            return Err(());
+                        }
+                        Step::Transmission(_) => return Err(()),
+                    }
+                }
+                Phase::Transmission(t) => {
+                    if self.io.process_requests(t, ctx)? {
+                        self.stop_input();
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// A worker finished something for this connection.
+    pub fn complete(&mut self, done: Done, ctx: &mut Ctx<'_>) -> Pump {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        match done {
+            Done::Reply {
+                outcome,
+                charge,
+                command,
+            } => {
+                if let Some(e) = outcome.error {
+                    ctx.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                    if ctx.limiter.allow() {
+                        tracing::warn!(command, error = %e, "nbd: request failed");
+                    }
+                }
+                self.io.queue(outcome.reply, Some(charge));
+                Pump::Busy
+            }
+            Done::Answer { answer, disk } => {
+                let Phase::Handshake(hs) = &mut self.phase else {
+                    return Pump::Close;
+                };
+                let step = hs.answer(answer);
+                self.io.queue(hs.take_output(), None);
+                match step {
+                    Step::Continue | Step::NeedInput => Pump::Busy,
+                    Step::Transmission(n) => {
+                        let Some(disk) = disk else { return Pump::Close };
+                        self.span.record("export", n.export.name.as_str());
+                        tracing::debug!(
+                            size = n.export.size,
+                            read_only = n.export.read_only,
+                            structured = n.structured,
+                            block_sizes = n.block_size_negotiated,
+                            base_allocation = n.base_allocation.is_some(),
+                            "nbd: transmission"
+                        );
+                        let params = Params::from(&n);
+                        self.phase = Phase::Transmission(Box::new(Transfer {
+                            params,
+                            disk,
+                            recv: Recv::Header,
+                        }));
+                        self.deadline = None;
+                        Pump::Busy
+                    }
+                    Step::Fail(e) => {
+                        if ctx.limiter.allow() {
+                            tracing::warn!(error = %e, "nbd: handshake failed");
+                        }
+                        Pump::Close
+                    }
+                    Step::Abort | Step::Query(_) => Pump::Close,
+                }
+            }
+        }
+    }
+}
+
+impl Io {
+    fn queue(&mut self, bytes: Vec<u8>, charge: Option<u64>) {
+        if bytes.is_empty() && charge.is_none() {
+            return;
+        }
+        self.out.push_back(OutChunk {
+            bytes,
+            pos: 0,
+            charge,
+        });
+    }
+
+    fn over_budget(&self, cfg: &NbdConfig) -> bool {
+        self.inflight > 0
+            && (self.inflight >= cfg.max_inflight_requests
+                || self.inflight_bytes >= cfg.max_inflight_bytes)
+    }
+
+    /// Writes queued output until the socket would block.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() && self.writable {
+            let slices: Vec<IoSlice<'_>> = self
+                .out
+                .iter()
+                .take(MAX_IOV)
+                .map(|c| IoSlice::new(&c.bytes[c.pos..]))
+                .collect();
+            let n = match send_vectored(self.stream.as_raw_fd(), &slices) {
+                Ok(0) if slices.iter().any(|s| !s.is_empty()) => {
+                    return Err(io::ErrorKind::WriteZero.into())
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.written += n as u64;
+            let mut left = n;
+            while let Some(front) = self.out.front_mut() {
+                let rest = front.bytes.len() - front.pos;
+                if left < rest {
+                    front.pos += left;
+                    break;
+                }
+                left -= rest;
+                if let Some(charge) = front.charge {
+                    self.inflight -= 1;
+                    self.inflight_bytes -= charge;
+                }
+                self.out.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    fn submit_query(&mut self, q: Query, ctx: &mut Ctx<'_>) {
+        let provider = ctx.provider.clone();
+        let fallback = match &q {
+            Query::List => Answer::List(Vec::new()),
+            Query::Lookup(_) => Answer::Lookup(None),
+            Query::Open(_) => Answer::Open(Err(OpenError::Other("internal error".into()))),
+        };
+        ctx.pool.submit(Job {
+            conn: self.id,
+            work: Box::new(move || {
+                let (answer, disk) = answer_query(&*provider, q);
+                Done::Answer { answer, disk }
+            }),
+            fallback: Done::Answer {
+                answer: fallback,
+                disk: None,
+            },
+        });
+    }
+
+    fn dispatch(
+        &mut self,
+        t: &Transfer,
+        req: Request,
+        payload: Vec<u8>,
+        charge: u64,
+        ctx: &mut Ctx<'_>,
+    ) {
+        let disk = t.disk.clone();
+        let structured = t.params.structured;
+        let command = req.command.name();
+        ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+        match req.command {
+            Command::Read { len, .. } => {
+                ctx.stats
+                    .bytes_read
+                    .fetch_add(len.into(), Ordering::Relaxed);
+            }
+            Command::Write { len, .. } => {
+                ctx.stats
+                    .bytes_written
+                    .fetch_add(len.into(), Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        let fallback = Done::Reply {
+            outcome: Outcome {
+                reply: exec::failure_reply(structured, &req, EIO, "internal error"),
+                error: Some(crate::disk::DiskError::Io),
+            },
+            charge,
+            command,
+        };
+        ctx.pool.submit(Job {
+            conn: self.id,
+            work: Box::new(move || Done::Reply {
+                outcome: exec::execute(&*disk, structured, req, payload),
+                charge,
+                command,
+            }),
+            fallback,
+        });
+    }
+
+    /// Parses requests out of the input buffer. Returns `Ok(true)` when the client sent
+    /// `NBD_CMD_DISC`, `Err` on a protocol violation that ends the connection.
+    fn process_requests(&mut self, t: &mut Transfer, ctx: &mut Ctx<'_>) -> Result<bool, ()> {
+        loop {
+            match &mut t.recv {
+                Recv::Header => {
+                    if self.inbuf.len() < REQUEST_LEN || self.over_budget(ctx.cfg) {
+                        return Ok(false);
+                    }
+                    let h = match RequestHeader::decode(self.inbuf.data()) {
+                        Ok(h) => h,
+                        Err(WireError::BadMagic(m)) => {
+                            if ctx.limiter.allow() {
+                                tracing::warn!(
+                                    magic = format_args!("{m:#x}"),
+                                    "nbd: bad request magic, disconnecting"
+                                );
+                            }
+                            return Err(());
+                        }
+                        Err(WireError::Short) => return Ok(false),
+                    };
+                    self.inbuf.consume(REQUEST_LEN);
+                    match decide(&t.params, &h) {
+                        Decision::Disconnect => {
+                            tracing::debug!("nbd: client disconnected");
+                            return Ok(true);
+                        }
+                        Decision::Reject {
+                            handle,
+                            errno,
+                            discard,
+                            why,
+                        } => {
+                            ctx.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+                            if ctx.limiter.allow() {
+                                tracing::warn!(
+                                    command = command_name(h.kind),
+                                    offset = h.offset,
+                                    len = h.len,
+                                    flags = h.flags,
+                                    errno,
+                                    "nbd: request refused: {why}"
+                                );
+                            }
+                            let reply = error_reply(t.params.structured, handle, errno, why);
+                            self.inflight += 1;
+                            self.queue(reply, Some(0));
+                            if discard > 0 {
+                                t.recv = Recv::Discard {
+                                    remaining: discard.into(),
+                                };
+                            }
+                        }
+                        Decision::Execute(req) => {
+                            let charge = req.command.cost();
+                            self.inflight += 1;
+                            self.inflight_bytes += charge;
+                            match req.command {
+                                Command::Write { len, .. } if len > 0 => {
+                                    t.recv = Recv::Payload {
+                                        req,
+                                        buf: vec![0; len as usize],
+                                        have: 0,
+                                        charge,
+                                    };
+                                }
+                                _ => self.dispatch(t, req, Vec::new(), charge, ctx),
+                            }
+                        }
+                    }
+                }
+                Recv::Payload { buf, have, .. } => {
+                    let n = self.inbuf.len().min(buf.len() - *have);
+                    buf[*have..*have + n].copy_from_slice(&self.inbuf.data()[..n]);
+                    self.inbuf.consume(n);
+                    *have += n;
+                    if *have < buf.len() {
+                        return Ok(false);
+                    }
+                    let Recv::Payload {
+                        req, buf, charge, ..
+                    } = std::mem::replace(&mut t.recv, Recv::Header)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    self.dispatch(t, req, buf, charge, ctx);
+                }
+                Recv::Discard { remaining } => {
+                    let n = (self.inbuf.len() as u64).min(*remaining);
+                    self.inbuf.consume(n as usize);
+                    *remaining -= n;
+                    if *remaining > 0 {
+                        return Ok(false);
+                    }
+                    t.recv = Recv::Header;
+                }
+            }
+        }
+    }
+}
+
+/// Answers a handshake query from the catalogue (on a worker thread). An `Open` also
+/// returns the disk it opened: writable unless the export is read-only.
+pub fn answer_query(provider: &dyn DiskProvider, q: Query) -> (Answer, Option<Arc<dyn Disk>>) {
+    let find = |name: &str| provider.list_exports().into_iter().find(|e| e.name == name);
+    match q {
+        Query::List => (Answer::List(provider.list_exports()), None),
+        Query::Lookup(name) => (Answer::Lookup(find(&name)), None),
+        Query::Open(name) => {
+            let Some(info) = find(&name) else {
+                return (Answer::Open(Err(OpenError::NotFound(name))), None);
+            };
+            match provider.open_export(&name, !info.read_only) {
+                Ok(disk) => {
+                    let export = ExportInfo {
+                        name: info.name,
+                        description: info.description,
+                        size: disk.size(),
+                        read_only: info.read_only || disk.read_only(),
+                    };
+                    (Answer::Open(Ok(export)), Some(disk))
+                }
+                Err(e) => (Answer::Open(Err(e)), None),
+            }
+        }
+    }
+}

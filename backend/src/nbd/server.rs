@@ -1,0 +1,518 @@
+//! The NBD server's event loop: one thread on `mio` owns every socket, a [`Slab`] of
+//! connections, and a pool of workers that run disk calls.
+//!
+//! ```text
+//!   listeners ──accept──► Slab<Conn> ◄──── completions (channel + Waker) ◄──── worker pool
+//!                            │                                                    ▲
+//!                            └── requests (Job: exec / catalogue query) ──────────┘
+//! ```
+//!
+//! Tokens: connections use their slab key; listeners and the waker use the top of the token
+//! space. Slab keys are reused, so every job carries the connection's generation and a
+//! completion for a connection that has since closed is dropped.
+
+use std::{
+    collections::VecDeque,
+    io,
+    net::TcpListener,
+    os::unix::net::UnixListener,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::disk::DiskProvider;
+
+use super::{
+    conn::{Conn, Ctx, Done, Pump, Stream},
+    handshake::PREFERRED_BLOCK,
+    pool::{ConnId, Pool},
+    ratelimit::RateLimit,
+};
+
+/// Limits and sizes of the NBD server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdConfig {
+    /// Connections served at once; more are accepted and closed at once.
+    pub max_connections: usize,
+    /// Largest READ/WRITE (and CACHE, WRITE_ZEROES) length, advertised as the maximum block
+    /// size: a multiple of 512, at least 4096, below 4 GiB.
+    pub max_request_bytes: u32,
+    /// Worker threads running disk calls.
+    pub workers: usize,
+    /// A client must finish the handshake within this time.
+    pub handshake_timeout: Duration,
+    /// Options allowed in one handshake.
+    pub max_options: u32,
+    /// Requests per connection between header and sent reply before reading pauses.
+    pub max_inflight_requests: usize,
+    /// Payload bytes per connection in flight before reading pauses (one request is always
+    /// admitted, however large).
+    pub max_inflight_bytes: u64,
+    /// On shutdown, how long to wait for in-flight replies before closing anyway.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            max_connections: 1024,
+            max_request_bytes: 64 << 20,
+            workers: 8,
+            handshake_timeout: Duration::from_secs(30),
+            max_options: 256,
+            max_inflight_requests: 128,
+            max_inflight_bytes: 256 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl NbdConfig {
+    fn validate(&self) -> io::Result<()> {
+        let bad = |what: &str| {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                what.to_string(),
+            ))
+        };
+        if self.max_request_bytes % 512 != 0
+            || self.max_request_bytes < PREFERRED_BLOCK
+            || self.max_request_bytes > 0xffff_fe00
+        {
+            return bad("nbd: max_request_bytes must be a multiple of 512 between 4096 and 4 GiB");
+        }
+        if self.max_connections == 0 || self.workers == 0 || self.max_inflight_requests == 0 {
+            return bad("nbd: max_connections, workers and max_inflight_requests must be > 0");
+        }
+        if self.max_options == 0 {
+            return bad("nbd: max_options must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Counters for the daemon's status output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NbdStats {
+    /// Connections open now.
+    pub connections: u64,
+    /// Connections accepted since start (including refused ones).
+    pub connections_total: u64,
+    /// Requests executed.
+    pub requests: u64,
+    /// Requests refused or failed.
+    pub request_errors: u64,
+    /// Bytes read by clients.
+    pub bytes_read: u64,
+    /// Bytes written by clients.
+    pub bytes_written: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct StatsInner {
+    pub connections: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub requests: AtomicU64,
+    pub request_errors: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+/// A live view of a server's counters; cheap to clone and usable from any thread.
+#[derive(Debug, Clone)]
+pub struct NbdStatsHandle(Arc<StatsInner>);
+
+impl NbdStatsHandle {
+    pub fn get(&self) -> NbdStats {
+        let s = &self.0;
+        NbdStats {
+            connections: s.connections.load(Ordering::Relaxed),
+            connections_total: s.connections_total.load(Ordering::Relaxed),
+            requests: s.requests.load(Ordering::Relaxed),
+            request_errors: s.request_errors.load(Ordering::Relaxed),
+            bytes_read: s.bytes_read.load(Ordering::Relaxed),
+            bytes_written: s.bytes_written.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Asks a running server to stop: it stops accepting, lets in-flight requests finish and
+/// send their replies, closes every connection, and [`NbdServer::run`] returns.
+#[derive(Clone)]
+pub struct NbdShutdown {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl NbdShutdown {
+    pub fn shutdown(&self) {
+        self.flag.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+    }
+}
+
+impl std::fmt::Debug for NbdShutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdShutdown")
+            .field("requested", &self.flag.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+enum Listener {
+    Tcp(mio::net::TcpListener),
+    Unix(mio::net::UnixListener),
+}
+
+const WAKER: Token = Token(usize::MAX);
+const FIRST_LISTENER: usize = usize::MAX - 1;
+/// How often handshake deadlines are checked.
+const SWEEP: Duration = Duration::from_millis(250);
+
+/// The NBD server. Build it, add listeners, take handles, then [`NbdServer::run`] it on a
+/// thread of its own.
+pub struct NbdServer {
+    provider: Arc<dyn DiskProvider>,
+    cfg: NbdConfig,
+    poll: Poll,
+    waker: Arc<Waker>,
+    listeners: Vec<Listener>,
+    shutdown: Arc<AtomicBool>,
+    stats: Arc<StatsInner>,
+}
+
+impl NbdServer {
+    pub fn new(provider: Arc<dyn DiskProvider>, cfg: NbdConfig) -> io::Result<Self> {
+        cfg.validate()?;
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        Ok(NbdServer {
+            provider,
+            cfg,
+            poll,
+            waker,
+            listeners: Vec::new(),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            stats: Arc::new(StatsInner::default()),
+        })
+    }
+
+    fn listener_token(&self) -> Token {
+        Token(FIRST_LISTENER - self.listeners.len())
+    }
+
+    /// Serves NBD on a bound TCP listener.
+    pub fn add_tcp_listener(&mut self, listener: TcpListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let mut l = mio::net::TcpListener::from_std(listener);
+        self.poll
+            .registry()
+            .register(&mut l, self.listener_token(), Interest::READABLE)?;
+        self.listeners.push(Listener::Tcp(l));
+        Ok(())
+    }
+
+    /// Serves NBD on a bound Unix socket listener.
+    pub fn add_unix_listener(&mut self, listener: UnixListener) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let mut l = mio::net::UnixListener::from_std(listener);
+        self.poll
+            .registry()
+            .register(&mut l, self.listener_token(), Interest::READABLE)?;
+        self.listeners.push(Listener::Unix(l));
+        Ok(())
+    }
+
+    pub fn shutdown_handle(&self) -> NbdShutdown {
+        NbdShutdown {
+            flag: self.shutdown.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+
+    pub fn stats(&self) -> NbdStatsHandle {
+        NbdStatsHandle(self.stats.clone())
+    }
+
+    /// Serves until [`NbdShutdown::shutdown`] is called, then drains and returns.
+    pub fn run(self) -> io::Result<()> {
+        let pool = Pool::new(self.cfg.workers, self.waker.clone())?;
+        let mut lp = Loop {
+            provider: self.provider,
+            cfg: self.cfg,
+            poll: self.poll,
+            listeners: self.listeners,
+            shutdown: self.shutdown,
+            stats: self.stats,
+            pool,
+            conns: Slab::new(),
+            ready: VecDeque::new(),
+            limiter: RateLimit::default(),
+            next_gen: 0,
+        };
+        let result = lp.run();
+        // Close every socket before waiting for the workers.
+        lp.close_all();
+        lp.pool.join();
+        result
+    }
+}
+
+struct Loop {
+    provider: Arc<dyn DiskProvider>,
+    cfg: NbdConfig,
+    poll: Poll,
+    listeners: Vec<Listener>,
+    shutdown: Arc<AtomicBool>,
+    stats: Arc<StatsInner>,
+    pool: Pool<Done>,
+    conns: Slab<Conn>,
+    ready: VecDeque<usize>,
+    limiter: RateLimit,
+    next_gen: u64,
+}
+
+fn enqueue(ready: &mut VecDeque<usize>, key: usize, c: &mut Conn) {
+    if !c.queued {
+        c.queued = true;
+        ready.push_back(key);
+    }
+}
+
+impl Loop {
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut drain_deadline: Option<Instant> = None;
+        let mut next_sweep = Instant::now() + SWEEP;
+        tracing::info!(listeners = self.listeners.len(), "nbd: serving");
+        loop {
+            let now = Instant::now();
+            // Wake up for handshake deadlines and the shutdown timeout only while they matter.
+            let timeout = if !self.ready.is_empty() {
+                Some(Duration::ZERO)
+            } else if drain_deadline.is_some() || !self.conns.is_empty() {
+                Some(next_sweep.saturating_duration_since(now))
+            } else {
+                None
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => {}
+                    Token(t) if t > FIRST_LISTENER - self.listeners.len() => {
+                        self.accept(FIRST_LISTENER - t);
+                    }
+                    Token(key) => {
+                        if let Some(c) = self.conns.get_mut(key) {
+                            c.ready();
+                            enqueue(&mut self.ready, key, c);
+                        }
+                    }
+                }
+            }
+            self.completions();
+            if drain_deadline.is_none() && self.shutdown.load(Ordering::Acquire) {
+                drain_deadline = Some(Instant::now() + self.cfg.shutdown_timeout);
+                self.begin_drain();
+            }
+            self.pump_ready();
+            let now = Instant::now();
+            if now >= next_sweep {
+                next_sweep = now + SWEEP;
+                self.sweep(now);
+            }
+            if let Some(deadline) = drain_deadline {
+                if self.conns.is_empty() {
+                    tracing::info!("nbd: shut down");
+                    return Ok(());
+                }
+                if now >= deadline {
+                    tracing::warn!(
+                        connections = self.conns.len(),
+                        "nbd: shutdown timed out, closing connections"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, index: usize) {
+        loop {
+            let Some(listener) = self.listeners.get(index) else {
+                return;
+            };
+            let accepted = match listener {
+                Listener::Tcp(l) => l.accept().map(|(s, peer)| {
+                    let _ = s.set_nodelay(true);
+                    (Stream::Tcp(s), peer.to_string())
+                }),
+                Listener::Unix(l) => l
+                    .accept()
+                    .map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if self.limiter.allow() {
+                        tracing::warn!(error = %e, "nbd: accept failed");
+                    }
+                    return;
+                }
+            };
+            self.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+            if self.conns.len() >= self.cfg.max_connections {
+                if self.limiter.allow() {
+                    tracing::warn!(%peer, max = self.cfg.max_connections, "nbd: too many connections, refusing");
+                }
+                continue;
+            }
+            self.next_gen += 1;
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            let mut conn = Conn::new(
+                ConnId {
+                    key,
+                    gen: self.next_gen,
+                },
+                stream,
+                &peer,
+                &self.cfg,
+            );
+            if let Err(e) = self.poll.registry().register(
+                conn.stream(),
+                Token(key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!(error = %e, "nbd: cannot register connection");
+                continue;
+            }
+            conn.span().in_scope(|| tracing::debug!("nbd: connected"));
+            let c = entry.insert(conn);
+            self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            enqueue(&mut self.ready, key, c);
+        }
+    }
+
+    fn ctx(&mut self) -> (Ctx<'_>, &mut Slab<Conn>, &mut VecDeque<usize>) {
+        (
+            Ctx {
+                cfg: &self.cfg,
+                pool: &self.pool,
+                provider: &self.provider,
+                stats: &self.stats,
+                limiter: &mut self.limiter,
+            },
+            &mut self.conns,
+            &mut self.ready,
+        )
+    }
+
+    fn completions(&mut self) {
+        let mut closing = Vec::new();
+        {
+            let (mut ctx, conns, ready) = self.ctx();
+            let pool = ctx.pool;
+            pool.drain(|id, done| {
+                let Some(c) = conns.get_mut(id.key) else {
+                    return;
+                };
+                if c.id().gen != id.gen {
+                    return;
+                }
+                match c.complete(done, &mut ctx) {
+                    Pump::Close => closing.push(id.key),
+                    _ => enqueue(ready, id.key, c),
+                }
+            });
+        }
+        for key in closing {
+            self.close(key);
+        }
+    }
+
+    fn pump_ready(&mut self) {
+        let mut closing = Vec::new();
+        {
+            let (mut ctx, conns, ready) = self.ctx();
+            for _ in 0..ready.len() {
+                let Some(key) = ready.pop_front() else { break };
+                let Some(c) = conns.get_mut(key) else {
+                    continue;
+                };
+                c.queued = false;
+                match c.pump(&mut ctx) {
+                    Pump::Close => closing.push(key),
+                    Pump::Busy => enqueue(ready, key, c),
+                    Pump::Idle => {}
+                }
+            }
+        }
+        for key in closing {
+            self.close(key);
+        }
+    }
+
+    fn begin_drain(&mut self) {
+        tracing::info!(connections = self.conns.len(), "nbd: shutting down");
+        for mut l in self.listeners.drain(..) {
+            let _ = match &mut l {
+                Listener::Tcp(l) => self.poll.registry().deregister(l),
+                Listener::Unix(l) => self.poll.registry().deregister(l),
+            };
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let c = &mut self.conns[key];
+            match c.begin_drain() {
+                Pump::Close => self.close(key),
+                _ => enqueue(&mut self.ready, key, c),
+            }
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let expired: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(k, _)| k)
+            .collect();
+        for key in expired {
+            if self.limiter.allow() {
+                self.conns[key]
+                    .span()
+                    .in_scope(|| tracing::warn!("nbd: handshake timed out"));
+            }
+            self.close(key);
+        }
+    }
+
+    fn close(&mut self, key: usize) {
+        if let Some(mut c) = self.conns.try_remove(key) {
+            let _ = self.poll.registry().deregister(c.stream());
+            c.span().in_scope(|| tracing::debug!("nbd: closed"));
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn close_all(&mut self) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key);
+        }
+    }
+}
