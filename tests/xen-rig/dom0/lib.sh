@@ -1,0 +1,251 @@
+# Helpers for Xen rig scenarios (busybox sh in the PV dom0; sourced by dom0/main.sh before each
+# scenario). The host share is /host: scenarios, this library and results live there.
+#
+# Storage backends, chosen by RIG_BACKEND (tests/xen-rig/run.sh --backend):
+#   blkback   STAND-IN, the default until Parallax serves the Xen ring: the kernel's xen-blkback
+#             serves raw image files on loop devices (hotplug script dom0/block-rig); snapshots
+#             and forks are copies. It proves the rig (Xen, grant tables, event channels,
+#             xenstore, xl, blkfront) and the scenarios' checks, not Parallax.
+#   parallax  the real thing: `parallax serve` with Xen enabled in dom0, the store on the scratch
+#             disk, xen-configs/block-parallax as the hotplug script. Its `serve` configuration
+#             and hotplug contract are assumptions until the xenbus control plane (issue 5) lands:
+#             see rig_px_* below, the only place that needs to change.
+# Every storage operation goes through these, so scenarios do not care which backend runs:
+#   rig_backend_start · rig_backend_stop · rig_vdi_new NAME FILE · rig_vdi_snapshot NAME SNAP
+#   rig_vdi_fork NAME@SNAP NEW · rig_vdi_export NAME[@SNAP] FILE · rig_disk NAME VDEV [ro]
+#   rig_snapshot_live NAME SNAP (while a guest writes to NAME)
+# Guests: rig_guest NAME SCRIPT [CFG-LINE...] · rig_guest_start NAME · rig_guest_wait NAME [S]
+#   rig_guest_run NAME [S] · rig_domid NAME · rig_guest_set/get NAME KEY [VALUE]
+#   rig_guest_wait_key NAME KEY VALUE [S] · rig_vbd_wait NAME DEVID STATE [S] · rig_xs_dump PATH FILE
+# Results: $RIG_RESULTS (this scenario's directory under /host/results); rig_note FILE copies a
+# file into $RIG_RESULTS/notes/, which `run.sh --save-notes` copies to tests/xen-rig/notes/.
+
+RIG_BACKEND=${RIG_BACKEND:-blkback}
+RIG_TMP=/tmp/rig
+RIG_STORE=/scratch/rig-store
+RIG_GUEST_MEM=${RIG_GUEST_MEM:-128}
+RIG_GUEST_KERNEL=${RIG_GUEST_KERNEL:-/scratch/boot/domU-vmlinux}
+mkdir -p "$RIG_TMP" "$RIG_STORE"
+
+say() { echo "rig: $*"; }
+fail() { echo "RIG-FAIL: $*"; exit 1; }
+# must CMD...: runs CMD, fails the scenario (with CMD's output) if it fails.
+must() {
+  _out=$("$@" 2>&1) || { echo "$_out"; fail "$*"; }
+  [ -z "$_out" ] || echo "$_out"
+}
+uptime_cs() { awk '{ printf "%d", $1 * 100 }' /proc/uptime; }
+
+. /host/rig/pattern.sh
+
+# ---------------------------------------------------------------------------------------------
+# storage
+
+rig_backend_start() {
+  case "$RIG_BACKEND" in
+    blkback) _bb_start ;;
+    parallax) rig_px_start ;;
+    *) fail "unknown RIG_BACKEND $RIG_BACKEND" ;;
+  esac
+}
+rig_backend_stop() { [ "$RIG_BACKEND" = parallax ] && rig_px_stop; return 0; }
+# rig_vdi_new NAME FILE: a VDI whose content is FILE (a raw image).
+rig_vdi_new() { "_${RIG_BACKEND}_vdi_new" "$@"; }
+rig_vdi_snapshot() { "_${RIG_BACKEND}_vdi_snapshot" "$@"; }
+rig_vdi_fork() { "_${RIG_BACKEND}_vdi_fork" "$@"; }
+# rig_vdi_export NAME[@SNAP] FILE: the VDI's current content as a raw file, for checking.
+rig_vdi_export() { "_${RIG_BACKEND}_vdi_export" "$@"; }
+# rig_snapshot_live NAME SNAP: snapshot NAME while a guest is writing to it.
+rig_snapshot_live() { "_${RIG_BACKEND}_snapshot_live" "$@"; }
+# rig_disk NAME VDEV [ro]: the xl disk spec that gives a guest VDI NAME as VDEV.
+rig_disk() { "_${RIG_BACKEND}_disk" "$@"; }
+
+# --- blkback stand-in: $RIG_STORE/NAME.img -----------------------------------------------------
+_bb_start() {
+  must modprobe -a loop xen-blkback
+  cp /host/rig/block-rig /etc/xen/scripts/block-rig && chmod 0755 /etc/xen/scripts/block-rig
+}
+_blkback_vdi_new() { must cp "$2" "$RIG_STORE/$1.img"; }
+_blkback_vdi_snapshot() { must cp "$RIG_STORE/$1.img" "$RIG_STORE/$1@$2.img"; }
+_blkback_vdi_fork() { must cp "$RIG_STORE/$1.img" "$RIG_STORE/$2.img"; }
+_blkback_vdi_export() { must cp "$RIG_STORE/$1.img" "$2"; }
+# A copy of the file under the loop device while the guest writes. Each 4 KiB block of the copy is
+# some version of that block only as far as the page cache copies pages whole, and nothing orders
+# the copy against in-flight writes: good enough to exercise the scenario, not a real snapshot.
+_blkback_snapshot_live() { _blkback_vdi_snapshot "$@"; }
+_blkback_disk() {
+  echo "format=raw, vdev=$2, access=${3:-rw}, script=block-rig, target=$RIG_STORE/$1.img"
+}
+
+# --- parallax ---------------------------------------------------------------------------------
+# ASSUMED until issue 5 (xenbus control plane) lands: the serve config's `xen` section, that
+# block-parallax takes the VDI name as the disk target, and that `vdi snapshot` on a served VDI
+# goes through the daemon's control socket. Change these functions, not the scenarios.
+RIG_PX_BIN=/host/bin/parallax
+rig_px() { LD_LIBRARY_PATH=/host/bin/lib "$RIG_PX_BIN" --store "$RIG_STORE/store" "$@"; }
+rig_px_start() {
+  [ -x "$RIG_PX_BIN" ] || fail "no $RIG_PX_BIN (run.sh copies target/release/parallax there)"
+  [ -f /host/xen-configs/block-parallax ] || fail "no xen-configs/block-parallax"
+  cp /host/xen-configs/block-parallax /etc/xen/scripts/ && chmod 0755 /etc/xen/scripts/block-parallax
+  [ -d "$RIG_STORE/store" ] || must rig_px init
+  cat >"$RIG_TMP/serve.ron" <<EOF
+(
+    store: "$RIG_STORE/store",
+    xen: (enabled: true),
+)
+EOF
+  LD_LIBRARY_PATH=/host/bin/lib RUST_LOG=${RUST_LOG:-info} \
+    "$RIG_PX_BIN" serve --config "$RIG_TMP/serve.ron" >>"$RIG_RESULTS/serve.log" 2>&1 &
+  echo $! >/run/rig-serve.pid
+  # Serving means watching backend/vbd: wait until it says it is up (or died).
+  _n=300
+  until grep -q -i 'xen' "$RIG_RESULTS/serve.log" 2>/dev/null; do
+    kill -0 "$(cat /run/rig-serve.pid)" 2>/dev/null || { cat "$RIG_RESULTS/serve.log"; fail "parallax serve died"; }
+    _n=$((_n - 1)); [ $_n -gt 0 ] || fail "parallax serve did not come up"
+    sleep 0.1
+  done
+}
+rig_px_stop() {
+  [ -f /run/rig-serve.pid ] || return 0
+  _pid=$(cat /run/rig-serve.pid)
+  kill -TERM "$_pid" 2>/dev/null
+  _n=100
+  while kill -0 "$_pid" 2>/dev/null; do _n=$((_n - 1)); [ $_n -gt 0 ] || kill -KILL "$_pid"; sleep 0.1; done
+  rm -f /run/rig-serve.pid
+}
+_parallax_vdi_new() { must rig_px vdi import "$1" "$2"; }
+_parallax_vdi_snapshot() { must rig_px vdi snapshot "$1" "$2"; }
+_parallax_vdi_fork() { must rig_px vdi fork "$1" "$2"; }
+_parallax_vdi_export() { must rig_px vdi export "$1" "$2"; }
+_parallax_snapshot_live() { _parallax_vdi_snapshot "$@"; }
+_parallax_disk() {
+  echo "format=raw, vdev=$2, access=${3:-rw}, script=block-parallax, target=$1"
+}
+
+# ---------------------------------------------------------------------------------------------
+# guests
+
+# rig_guest NAME SCRIPT [CFG-LINE...]: prepares guest NAME (an xl config and an initramfs whose
+# /guest.sh is SCRIPT, a file). CFG-LINEs are extra xl config lines, e.g. "vcpus = 2",
+# "disk = [ '...' ]", "extra = 'xen_blkfront.max_queues=2'" (appended to the kernel command line).
+rig_guest() {
+  _name=$1 _script=$2
+  shift 2
+  _d=$RIG_TMP/guest-$_name
+  rm -rf "$_d"; mkdir -p "$_d/root"
+  cat /host/rig/guest.sh /host/rig/pattern.sh >"$_d/root/guest-lib.sh"
+  cp "$_script" "$_d/root/guest.sh"
+  (cd "$_d/root" && printf '%s\n' guest-lib.sh guest.sh | cpio -o -H newc 2>/dev/null) >"$_d/extra.cpio" ||
+    fail "guest $_name: cpio"
+  cat /scratch/boot/domU.cpio "$_d/extra.cpio" >"$_d/initrd"
+  _extra=""
+  {
+    echo "name = \"$_name\""
+    echo "type = \"pv\""
+    echo "kernel = \"$RIG_GUEST_KERNEL\""
+    echo "ramdisk = \"$_d/initrd\""
+    echo "memory = $RIG_GUEST_MEM"
+    echo "on_poweroff = \"destroy\""
+    echo "on_crash = \"destroy\""
+    for _l in "$@"; do
+      case "$_l" in
+        extra*=*) _extra=$(echo "${_l#*=}" | sed "s/^ *['\"]//; s/['\"] *\$//") ;;
+        *) echo "$_l" ;;
+      esac
+    done
+    echo "extra = \"console=hvc0 loglevel=4 $_extra\""
+  } >"$_d/$_name.cfg"
+}
+
+# rig_guest_start NAME: xl create (output in $RIG_RESULTS/xl-create-NAME.log); fails the scenario
+# if it fails. rig_guest_create NAME just returns xl's status.
+rig_guest_create() {
+  xl create "$RIG_TMP/guest-$1/$1.cfg" >"$RIG_RESULTS/xl-create-$1.log" 2>&1
+  _rc=$?
+  sed "s/^/xl create $1: /" "$RIG_RESULTS/xl-create-$1.log"
+  return $_rc
+}
+rig_guest_start() {
+  _t0=$(uptime_cs)
+  rig_guest_create "$1" || fail "xl create $1 failed"
+  say "guest $1 is domain $(rig_domid "$1") (xl create took $(( ($(uptime_cs) - _t0) / 100 )).$(( ($(uptime_cs) - _t0) % 100 / 10 ))s)"
+}
+rig_domid() { xl domid "$1" 2>/dev/null; }
+rig_guest_alive() { xl domid "$1" >/dev/null 2>&1; }
+
+# rig_guest_wait NAME [SECONDS]: waits for guest NAME to power off (default 120 s; then destroys
+# it and fails), saves its console log as $RIG_RESULTS/guest-NAME.log and fails unless the guest
+# script succeeded.
+rig_guest_wait() {
+  _n=$(( ${2:-120} * 10 ))
+  while rig_guest_alive "$1"; do
+    _n=$((_n - 1))
+    if [ $_n -le 0 ]; then
+      xl destroy "$1"
+      _rig_guest_log "$1"
+      fail "guest $1 still running after ${2:-120}s"
+    fi
+    sleep 0.1
+  done
+  _rig_guest_log "$1"
+  grep -q 'RIG-GUEST-DONE rc=0' "$RIG_RESULTS/guest-$1.log" || fail "guest $1 did not succeed"
+  say "guest $1 done"
+}
+_rig_guest_log() {
+  _f=/var/log/xen/console/guest-$1.log
+  # xenconsoled may still be draining the ring of a guest that just went away.
+  _n=20
+  while [ $_n -gt 0 ] && ! grep -q 'RIG-GUEST-DONE' "$_f" 2>/dev/null; do _n=$((_n - 1)); sleep 0.1; done
+  tr -d '\r' <"$_f" >"$RIG_RESULTS/guest-$1.log" 2>/dev/null
+  sed "s/^/[$1] /" "$RIG_RESULTS/guest-$1.log"
+  rm -f "$_f"
+}
+# rig_guest_run NAME [SECONDS]: start and wait.
+rig_guest_run() { rig_guest_start "$1" && rig_guest_wait "$@"; }
+
+# rig_guest_set NAME KEY VALUE / rig_guest_get NAME KEY: the guest's rig/KEY in xenstore.
+rig_guest_set() { must xenstore-write "/local/domain/$(rig_domid "$1")/rig/$2" "$3"; }
+rig_guest_get() { xenstore-read "/local/domain/$(rig_domid "$1")/rig/$2" 2>/dev/null; }
+# rig_guest_wait_key NAME KEY VALUE [SECONDS]: waits until the guest sets rig/KEY to VALUE.
+rig_guest_wait_key() {
+  _n=$(( ${4:-60} * 10 ))
+  while [ "$(rig_guest_get "$1" "$2")" != "$3" ]; do
+    rig_guest_alive "$1" || { _rig_guest_log "$1"; fail "guest $1 died before rig/$2=$3"; }
+    _n=$((_n - 1)); [ $_n -gt 0 ] || fail "timeout waiting for guest $1 rig/$2=$3"
+    sleep 0.1
+  done
+}
+
+# vbd paths of guest NAME's device DEVID (51712 = xvda, 51728 = xvdb, ...).
+rig_fe_path() { echo "/local/domain/$(rig_domid "$1")/device/vbd/$2"; }
+rig_be_path() { xenstore-read "$(rig_fe_path "$1" "$2")/backend" 2>/dev/null; }
+# rig_vbd_wait NAME DEVID STATE [SECONDS]: waits until both ends of the vbd are in STATE (4 =
+# Connected).
+rig_vbd_wait() {
+  _n=$(( ${4:-30} * 10 ))
+  while :; do
+    _fe=$(xenstore-read "$(rig_fe_path "$1" "$2")/state" 2>/dev/null)
+    _be=$(xenstore-read "$(rig_be_path "$1" "$2")/state" 2>/dev/null)
+    [ "$_fe" = "$3" ] && [ "$_be" = "$3" ] && return 0
+    _n=$((_n - 1)); [ $_n -gt 0 ] || fail "vbd $2 of $1: frontend state '$_fe', backend '$_be', wanted $3"
+    sleep 0.1
+  done
+}
+
+# rig_xs_dump PATH FILE: `xenstore-ls -fp PATH` (full paths, permissions) into $RIG_RESULTS/FILE.
+rig_xs_dump() {
+  xenstore-ls -fp "$1" >"$RIG_RESULTS/$2" 2>&1 || echo "(xenstore-ls $1 failed)" >>"$RIG_RESULTS/$2"
+}
+# rig_note FILE...: keep files (from $RIG_RESULTS) as ground-truth notes.
+rig_note() {
+  mkdir -p "$RIG_RESULTS/notes"
+  for _f in "$@"; do cp "$RIG_RESULTS/$_f" "$RIG_RESULTS/notes/"; done
+}
+
+# rig_cleanup: destroys every guest (main.sh runs it after each scenario).
+rig_cleanup() {
+  for _d in $(xl list 2>/dev/null | awk 'NR > 1 && $2 != 0 {print $1}'); do
+    say "cleanup: destroying leftover guest $_d"
+    xl destroy "$_d" 2>&1
+  done
+}
