@@ -327,6 +327,39 @@ fn many_requests_in_flight_on_many_connections() {
     }
 }
 
+#[test]
+fn maximum_size_requests() {
+    // The default limit: 64 MiB reads and writes work, one byte more is refused.
+    let provider = Arc::new(TestProvider::new());
+    let disk = provider.add("big", 128 * MIB, "");
+    let srv = TestServer::start(provider, NbdConfig::default());
+    let max = 64 * MIB as usize;
+    let data = random_bytes(3, max);
+    let mut c = RawClient::start(srv.port);
+    c.go("big", true, true);
+    c.write(CMD_FLAG_FUA, 1, 32 * MIB, &data);
+    assert_eq!(c.read_reply(None).unwrap().error, 0);
+    c.request(CMD_READ, CMD_FLAG_DF, 2, 32 * MIB, max as u32);
+    let r = c.read_reply(Some(max)).unwrap();
+    assert_eq!(
+        (r.error, r.chunks.as_slice()),
+        (0, &[REPLY_TYPE_OFFSET_DATA][..])
+    );
+    assert!(r.data == data, "64 MiB read differs");
+    assert!(disk_bytes(&disk, 32 * MIB, max) == data);
+    c.request(CMD_READ, 0, 3, 0, max as u32 + 512);
+    assert_eq!(c.read_reply(None).unwrap().error, EINVAL);
+    // A simple-reply client gets the same answers.
+    let mut c = RawClient::start(srv.port);
+    c.go("big", false, false);
+    c.request(CMD_READ, 0, 4, 32 * MIB, max as u32);
+    assert!(c.read_reply(Some(max)).unwrap().data == data);
+    c.request(CMD_READ, 0, 5, 0, max as u32 + 512);
+    assert_eq!(c.read_reply(Some(max + 512)).unwrap().error, EINVAL);
+    c.request(CMD_READ, 0, 6, 0, 512);
+    assert_eq!(c.read_reply(Some(512)).unwrap().handle, 6);
+}
+
 // ---- malformed input ----
 
 #[test]
@@ -475,9 +508,9 @@ fn client_that_never_reads_is_throttled() {
     }
     .encode();
     let batch: Vec<u8> = (0..1000).flat_map(|_| req).collect();
-    let limit = 1_000_000u64;
+    let limit = 4_000_000u64;
     let mut sent = 0u64;
-    // A million reads of 1 MiB would be 1 TB of replies: the server must stop reading long
+    // Four million reads of 1 MiB would be 4 TB of replies: the server must stop reading long
     // before, and then the socket buffers fill and our write times out.
     while sent < limit {
         match c.s.write_all(&batch) {

@@ -99,19 +99,22 @@ fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
-/// Input bytes not yet parsed.
+/// Input bytes not yet parsed. Starts small and grows (up to `max`) only when a complete
+/// message does not fit, i.e. for a long handshake option: write payloads bypass it.
 struct InBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    max: usize,
 }
 
 impl InBuf {
-    fn new(cap: usize) -> Self {
+    fn new(initial: usize, max: usize) -> Self {
         InBuf {
-            buf: vec![0; cap],
+            buf: vec![0; initial],
             start: 0,
             end: 0,
+            max,
         }
     }
 
@@ -136,15 +139,21 @@ impl InBuf {
         self.end = 0;
     }
 
+    /// Full at its largest size: nothing more can be read until something is parsed.
     fn is_full(&self) -> bool {
-        self.len() == self.buf.len()
+        self.len() >= self.max
     }
 
     fn read_from(&mut self, s: &mut Stream) -> io::Result<usize> {
         if self.end == self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                let cap = (self.buf.len() * 2).clamp(1, self.max);
+                self.buf.resize(cap, 0);
+            }
         }
         let n = s.read(&mut self.buf[self.end..])?;
         self.end += n;
@@ -217,6 +226,8 @@ enum Phase {
     Transmission(Box<Transfer>),
 }
 
+/// Input buffer size at first; it grows to hold the longest handshake option.
+const INBUF_INITIAL: usize = 32 * 1024;
 /// Bytes one pump reads before yielding to other connections.
 const READ_BUDGET: usize = 1 << 20;
 /// Slices gathered into one `sendmsg`.
@@ -260,7 +271,7 @@ impl Conn {
         let mut io = Io {
             id,
             stream,
-            inbuf: InBuf::new(MAX_OPTION_LEN as usize + OPTION_HEADER_LEN + 16 * 1024),
+            inbuf: InBuf::new(INBUF_INITIAL, MAX_OPTION_LEN as usize + OPTION_HEADER_LEN),
             out: VecDeque::new(),
             inflight: 0,
             inflight_bytes: 0,

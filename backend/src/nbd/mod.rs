@@ -14,6 +14,38 @@
 //! The daemon builds an [`NbdServer`], adds listeners, keeps an [`NbdShutdown`] and an
 //! [`NbdStatsHandle`], and calls [`NbdServer::run`] on a thread of its own.
 //!
+//! # What clients see
+//!
+//! - Options: `EXPORT_NAME`, `ABORT`, `LIST` (with descriptions), `INFO`/`GO` (`NBD_INFO_EXPORT`,
+//!   `NAME` and `DESCRIPTION` when asked, `BLOCK_SIZE` always), `STRUCTURED_REPLY`,
+//!   `LIST_META_CONTEXT`/`SET_META_CONTEXT`. Everything else (TLS, extended headers) is
+//!   `NBD_REP_ERR_UNSUP`. Options longer than 64 KiB are skipped and refused with
+//!   `NBD_REP_ERR_TOO_BIG`; more than [`NbdConfig::max_options`] options end the connection.
+//! - Meta contexts: only `base:allocation` (context ID 1). `LIST_META_CONTEXT` with no query,
+//!   `base:` or `base:allocation` lists it; `SET_META_CONTEXT` selects it only by its full name.
+//!   Other namespaces are ignored. Extents: hole → `HOLE|ZERO`, zeroed → `ZERO`, data → 0.
+//! - Block sizes: minimum 512, preferred 4096, maximum [`NbdConfig::max_request_bytes`].
+//!   Misaligned requests are refused only if the client asked for `NBD_INFO_BLOCK_SIZE` in
+//!   `NBD_OPT_GO`; otherwise any byte range works. READ, WRITE, CACHE and WRITE_ZEROES
+//!   (without `FAST_ZERO`) longer than the maximum get `EINVAL` (`EOVERFLOW` for a READ with
+//!   `DF`); a refused WRITE's payload is read and dropped, never buffered.
+//! - Transmission flags: `HAS_FLAGS`, `SEND_FLUSH`, `SEND_FUA`, `SEND_CACHE`, `CAN_MULTI_CONN`
+//!   (a disk flush covers every handle), `SEND_DF` with structured replies, and either
+//!   `READ_ONLY` or `SEND_TRIM`, `SEND_WRITE_ZEROES`, `SEND_FAST_ZERO` (zeroing never writes
+//!   zeros for whole blocks, so it is always fast).
+//! - Errors: writes, trims and zeroing on a read-only export `EPERM`; writes and zeroing past
+//!   the end `ENOSPC`, other requests past the end `EINVAL`; unknown commands and flags, or
+//!   flags that do not apply to the command, `EINVAL`; disk failures `EIO`/`ENOSPC`.
+//!   Structured-reply clients get every error as an `NBD_REPLY_TYPE_ERROR` chunk with a
+//!   message. A bad request magic ends the connection (the stream cannot be resynchronised).
+//! - Reads are answered with one `OFFSET_DATA` chunk (no hole chunks).
+//! - Limits: [`NbdConfig::max_connections`] (more are closed at accept), a handshake deadline,
+//!   and per connection at most [`NbdConfig::max_inflight_requests`] requests and
+//!   [`NbdConfig::max_inflight_bytes`] payload between header and sent reply before the
+//!   server stops reading from it.
+//! - Shutdown closes connections still in the handshake, stops reading requests, sends the
+//!   replies of what is in flight, then closes.
+//!
 //! Fuzz targets call [`handshake::fuzz_handshake`] and [`transmission::fuzz_requests`] (or the
 //! parsers they use) with arbitrary bytes; none of them panics.
 

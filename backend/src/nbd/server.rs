@@ -67,7 +67,7 @@ impl Default for NbdConfig {
             handshake_timeout: Duration::from_secs(30),
             max_options: 256,
             max_inflight_requests: 128,
-            max_inflight_bytes: 256 << 20,
+            max_inflight_bytes: 128 << 20,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -255,6 +255,7 @@ impl NbdServer {
             ready: VecDeque::new(),
             limiter: RateLimit::default(),
             next_gen: 0,
+            accept_retry: false,
         };
         let result = lp.run();
         // Close every socket before waiting for the workers.
@@ -276,6 +277,7 @@ struct Loop {
     ready: VecDeque<usize>,
     limiter: RateLimit,
     next_gen: u64,
+    accept_retry: bool,
 }
 
 fn enqueue(ready: &mut VecDeque<usize>, key: usize, c: &mut Conn) {
@@ -296,7 +298,7 @@ impl Loop {
             // Wake up for handshake deadlines and the shutdown timeout only while they matter.
             let timeout = if !self.ready.is_empty() {
                 Some(Duration::ZERO)
-            } else if drain_deadline.is_some() || !self.conns.is_empty() {
+            } else if drain_deadline.is_some() || !self.conns.is_empty() || self.accept_retry {
                 Some(next_sweep.saturating_duration_since(now))
             } else {
                 None
@@ -367,9 +369,12 @@ impl Loop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
+                    // E.g. out of file descriptors: the connection stays in the backlog, and
+                    // no new edge may come for it, so try again at the next sweep.
                     if self.limiter.allow() {
                         tracing::warn!(error = %e, "nbd: accept failed");
                     }
+                    self.accept_retry = true;
                     return;
                 }
             };
@@ -485,6 +490,11 @@ impl Loop {
     }
 
     fn sweep(&mut self, now: Instant) {
+        if std::mem::take(&mut self.accept_retry) {
+            for i in 0..self.listeners.len() {
+                self.accept(i);
+            }
+        }
         let expired: Vec<usize> = self
             .conns
             .iter()
