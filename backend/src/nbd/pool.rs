@@ -111,10 +111,9 @@ impl<T: Send + 'static> Pool<T> {
 }
 
 impl<T: Send + 'static> Drop for Pool<T> {
+    /// Without [`Pool::join`], workers are left to finish their current job and exit on
+    /// their own: a disk call that hangs must not hang the caller too.
     fn drop(&mut self) {
         self.jobs = None;
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
     }
 }

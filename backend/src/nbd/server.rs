@@ -258,9 +258,13 @@ impl NbdServer {
             accept_retry: false,
         };
         let result = lp.run();
-        // Close every socket before waiting for the workers.
+        // Close every socket before waiting for the workers. After a clean drain nothing is
+        // in flight and the join is quick; otherwise leave stuck workers behind.
+        let clean = lp.conns.is_empty();
         lp.close_all();
-        lp.pool.join();
+        if clean {
+            lp.pool.join();
+        }
         result
     }
 }
