@@ -101,8 +101,13 @@ pub trait Disk: Send + Sync {
     /// Makes a range read as zeros. Whole blocks are unmapped unless `no_hole` is set, in which
     /// case they are recorded as [`ExtentState::Zero`]. Always fast: no zeros are written for
     /// whole blocks.
-    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool)
-        -> Result<(), DiskError>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), DiskError>;
 
     /// Describes the range starting at `offset`: at least one extent, at most `max_extents`,
     /// covering at most `len` bytes; consecutive extents have different states.
@@ -176,12 +181,20 @@ pub struct MemDisk {
 
 impl MemDisk {
     pub fn new(size: u64) -> Self {
-        MemDisk { size, read_only: false, blocks: Mutex::new(HashMap::new()) }
+        MemDisk {
+            size,
+            read_only: false,
+            blocks: Mutex::new(HashMap::new()),
+        }
     }
 
     /// A read-only view holding a copy of this disk's current contents.
     pub fn snapshot(&self) -> Self {
-        MemDisk { size: self.size, read_only: true, blocks: Mutex::new(self.blocks.lock().clone()) }
+        MemDisk {
+            size: self.size,
+            read_only: true,
+            blocks: Mutex::new(self.blocks.lock().clone()),
+        }
     }
 
     fn zero_range(&self, offset: u64, len: u64, no_hole: bool) {
@@ -384,14 +397,32 @@ mod tests {
         assert_eq!(
             st,
             vec![
-                Extent { len: 8192, state: ExtentState::Data },
-                Extent { len: (1 << 20) - 8192, state: ExtentState::Hole },
+                Extent {
+                    len: 8192,
+                    state: ExtentState::Data
+                },
+                Extent {
+                    len: (1 << 20) - 8192,
+                    state: ExtentState::Hole
+                },
             ]
         );
         d.write_zeroes(4096, 4096, true, false).unwrap();
         let st = d.block_status(4096, 8192, 16).unwrap();
-        assert_eq!(st[0], Extent { len: 4096, state: ExtentState::Zero });
-        assert_eq!(d.read_at(&mut buf, (1 << 20) - 10), Err(DiskError::OutOfRange));
-        assert_eq!(d.snapshot().write_at(&[1], 0, false), Err(DiskError::ReadOnly));
+        assert_eq!(
+            st[0],
+            Extent {
+                len: 4096,
+                state: ExtentState::Zero
+            }
+        );
+        assert_eq!(
+            d.read_at(&mut buf, (1 << 20) - 10),
+            Err(DiskError::OutOfRange)
+        );
+        assert_eq!(
+            d.snapshot().write_at(&[1], 0, false),
+            Err(DiskError::ReadOnly)
+        );
     }
 }

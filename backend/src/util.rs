@@ -3,10 +3,14 @@
 /// Parses a size such as `4096`, `512K`, `10G`, `1.5T` or `64MiB` into bytes (binary units).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("invalid size {text:?}: expected a number such as 10G"));
+        return Err(format!(
+            "invalid size {text:?}: expected a number such as 10G"
+        ));
     }
     let shift = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
@@ -15,11 +19,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
-        other => return Err(format!("invalid size {text:?}: unknown unit {other:?} (use K, M, G, T)")),
+        other => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {other:?} (use K, M, G, T)"
+            ))
+        }
     };
     let value = if let Some((whole, frac)) = num.split_once('.') {
-        let whole: u64 = whole.parse().map_err(|_| format!("invalid size {text:?}"))?;
-        let frac_val: f64 = format!("0.{frac}").parse().map_err(|_| format!("invalid size {text:?}"))?;
+        let whole: u64 = whole
+            .parse()
+            .map_err(|_| format!("invalid size {text:?}"))?;
+        let frac_val: f64 = format!("0.{frac}")
+            .parse()
+            .map_err(|_| format!("invalid size {text:?}"))?;
         let w = whole.checked_shl(shift).filter(|v| v >> shift == whole);
         let f = (frac_val * (1u64 << shift) as f64) as u64;
         w.and_then(|w| w.checked_add(f))

@@ -35,7 +35,9 @@ impl ControlAddr {
         let canon = std::fs::canonicalize(store)?;
         let hash = blake3::hash(canon.as_os_str().as_encoded_bytes());
         let hex = hash.to_hex();
-        Ok(ControlAddr::Abstract(format!("parallax-ctl/{}", &hex[..32]).into_bytes()))
+        Ok(ControlAddr::Abstract(
+            format!("parallax-ctl/{}", &hex[..32]).into_bytes(),
+        ))
     }
 
     /// The address a client should use: `PARALLAX_CONTROL` if set, else the store's default.
@@ -80,7 +82,10 @@ mod tests {
         std::fs::write(&a, b"").unwrap();
         std::fs::write(&b, b"").unwrap();
         let aa = ControlAddr::for_store(&a).unwrap();
-        assert_eq!(aa, ControlAddr::for_store(&dir.path().join("./a.store")).unwrap());
+        assert_eq!(
+            aa,
+            ControlAddr::for_store(&dir.path().join("./a.store")).unwrap()
+        );
         assert_ne!(aa, ControlAddr::for_store(&b).unwrap());
         let listener =
             std::os::unix::net::UnixListener::bind_addr(&aa.socket_addr().unwrap()).unwrap();

@@ -1,0 +1,73 @@
+//! The store's error type: one enum, each variant a kind of failure a caller can act on.
+
+use crate::disk::DiskError;
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The device failed a read, write or sync.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A block failed its checksum or holds impossible values.
+    #[error("store is damaged: {0}")]
+    Corrupt(String),
+    /// A data block's contents do not match the checksum its map entry holds.
+    #[error("checksum mismatch in {0}")]
+    Checksum(String),
+    #[error("not a Parallax store: {0}")]
+    NotAStore(String),
+    #[error("unsupported store format version {0} (this parallax reads version 1)")]
+    Version(u64),
+    #[error("store is truncated: it should be {expected} bytes, the device has {found}")]
+    Truncated { expected: u64, found: u64 },
+    #[error("store is in use by {}", match .pid { Some(p) => format!("PID {p}"), None => "another process".to_string() })]
+    InUse { pid: Option<i32> },
+    /// A bad argument from the caller.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no such VDI or snapshot: {0}")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("no space left in the store")]
+    NoSpace,
+    #[error("{0} is read-only")]
+    ReadOnly(String),
+    #[error("{0}")]
+    Busy(String),
+    /// An earlier write or sync failed; the store refuses writes until it is reopened.
+    #[error("the store refuses writes after an earlier I/O error; restart or reopen it")]
+    Poisoned,
+}
+
+impl StoreError {
+    /// The protocol-level error a front end reports for this.
+    pub fn disk_error(&self) -> DiskError {
+        match self {
+            StoreError::NoSpace => DiskError::NoSpace,
+            StoreError::ReadOnly(_) => DiskError::ReadOnly,
+            StoreError::Invalid(_) => DiskError::Invalid,
+            _ => DiskError::Io,
+        }
+    }
+
+    /// Short machine-readable kind, for `--json` and the control protocol.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Io(_) => "io",
+            StoreError::Corrupt(_) | StoreError::Checksum(_) => "corrupt",
+            StoreError::NotAStore(_) | StoreError::Version(_) | StoreError::Truncated { .. } => {
+                "bad-store"
+            }
+            StoreError::InUse { .. } => "in-use",
+            StoreError::Invalid(_) => "invalid",
+            StoreError::NotFound(_) => "not-found",
+            StoreError::Exists(_) => "exists",
+            StoreError::NoSpace => "no-space",
+            StoreError::ReadOnly(_) => "read-only",
+            StoreError::Busy(_) => "busy",
+            StoreError::Poisoned => "poisoned",
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! VDI and snapshot records, and the keys they are filed under in the registry B+tree
+//! (FORMAT.md §6).
+
+use super::{
+    error::{StoreError, StoreResult},
+    format::{put_u16, put_u64, u16_at, u64_at, Ptr, MAX_HEIGHT, PTR_LEN},
+};
+
+/// Longest VDI or snapshot name, in bytes.
+pub const MAX_NAME: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Vdi,
+    Snapshot,
+}
+
+/// One VDI or snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub kind: Kind,
+    pub height: u8,
+    pub id: u64,
+    pub size: u64,
+    pub root: Ptr,
+    pub created_ns: u64,
+    /// For a snapshot: the VDI it is of.
+    pub parent: u64,
+    /// For a fork: the snapshot it was forked from.
+    pub origin: u64,
+    /// A VDI's name, or a snapshot's name without the `VDI@` part.
+    pub name: String,
+    /// The origin's full name when the fork was made (for display once it is gone).
+    pub origin_name: String,
+}
+
+impl Record {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; 88];
+        b[0] = match self.kind {
+            Kind::Vdi => 1,
+            Kind::Snapshot => 2,
+        };
+        b[1] = self.height;
+        put_u64(&mut b, 8, self.id);
+        put_u64(&mut b, 16, self.size);
+        self.root.encode(&mut b[24..24 + PTR_LEN]);
+        put_u64(&mut b, 64, self.created_ns);
+        put_u64(&mut b, 72, self.parent);
+        put_u64(&mut b, 80, self.origin);
+        for s in [&self.name, &self.origin_name] {
+            let at = b.len();
+            b.resize(at + 2 + s.len(), 0);
+            put_u16(&mut b, at, s.len() as u16);
+            b[at + 2..].copy_from_slice(s.as_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> StoreResult<Record> {
+        let bad = |why: &str| StoreError::Corrupt(format!("registry record: {why}"));
+        if b.len() < 92 {
+            return Err(bad("too short"));
+        }
+        let kind = match b[0] {
+            1 => Kind::Vdi,
+            2 => Kind::Snapshot,
+            k => return Err(bad(&format!("unknown kind {k}"))),
+        };
+        let mut at = 88;
+        let mut string = || -> StoreResult<String> {
+            let n = u16_at(b, at) as usize;
+            let s = b
+                .get(at + 2..at + 2 + n)
+                .ok_or_else(|| bad("name runs past the record"))?;
+            at += 2 + n;
+            String::from_utf8(s.to_vec()).map_err(|_| bad("name is not UTF-8"))
+        };
+        let name = string()?;
+        let origin_name = string()?;
+        let r = Record {
+            kind,
+            height: b[1],
+            id: u64_at(b, 8),
+            size: u64_at(b, 16),
+            root: Ptr::decode(&b[24..24 + PTR_LEN]),
+            created_ns: u64_at(b, 64),
+            parent: u64_at(b, 72),
+            origin: u64_at(b, 80),
+            name,
+            origin_name,
+        };
+        r.root.kind()?;
+        if r.height == 0 || r.height > MAX_HEIGHT {
+            return Err(bad(&format!("radix height {}", r.height)));
+        }
+        Ok(r)
+    }
+}
+
+pub fn name_key(name: &str) -> Vec<u8> {
+    let mut k = vec![b'N'];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub fn record_key(id: u64) -> Vec<u8> {
+    let mut k = vec![b'R'];
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub fn snapshot_prefix(vdi: u64) -> Vec<u8> {
+    let mut k = vec![b'S'];
+    k.extend_from_slice(&vdi.to_be_bytes());
+    k
+}
+
+pub fn snapshot_key(vdi: u64, snap: &str) -> Vec<u8> {
+    let mut k = snapshot_prefix(vdi);
+    k.extend_from_slice(snap.as_bytes());
+    k
+}
+
+pub fn decode_id(v: &[u8]) -> StoreResult<u64> {
+    v.try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| StoreError::Corrupt("registry id entry is not 8 bytes".into()))
+}
+
+/// Checks a VDI or snapshot name: 1–200 bytes of letters, digits and `._+-:`, not starting
+/// with `-` or `.`.
+pub fn validate_name(name: &str, what: &str) -> StoreResult<()> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "._+-:".contains(c);
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(StoreError::Invalid(format!(
+            "{what} name must be 1 to {MAX_NAME} bytes long"
+        )));
+    }
+    if name.starts_with(['-', '.']) || !name.chars().all(ok_char) {
+        return Err(StoreError::Invalid(format!(
+            "invalid {what} name {name:?}: use letters, digits and . _ + - : (not first: - .)"
+        )));
+    }
+    Ok(())
+}
+
+/// Splits `NAME@SNAP` into its parts; a plain `NAME` has no snapshot part.
+pub fn split_name(full: &str) -> StoreResult<(&str, Option<&str>)> {
+    match full.split_once('@') {
+        None => Ok((full, None)),
+        Some((v, s)) if !s.contains('@') => Ok((v, Some(s))),
+        _ => Err(StoreError::Invalid(format!(
+            "invalid name {full:?}: more than one '@'"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_and_validation() {
+        let r = Record {
+            kind: Kind::Snapshot,
+            height: 3,
+            id: 42,
+            size: 10 << 30,
+            root: Ptr::block(900, [5; 24]),
+            created_ns: 123,
+            parent: 7,
+            origin: 0,
+            name: "gold".into(),
+            origin_name: "template@v1".into(),
+        };
+        assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+        let mut bad = r.encode();
+        bad[0] = 9;
+        assert!(Record::decode(&bad).is_err());
+        assert!(Record::decode(&r.encode()[..50]).is_err());
+        assert!(validate_name("vm-01.disk", "VDI").is_ok());
+        assert!(validate_name("a@b", "VDI").is_err());
+        assert!(validate_name("-x", "VDI").is_err());
+        assert!(validate_name("", "VDI").is_err());
+        assert_eq!(split_name("a@b").unwrap(), ("a", Some("b")));
+        assert!(split_name("a@b@c").is_err());
+    }
+}
