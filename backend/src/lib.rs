@@ -19,4 +19,5 @@ pub mod daemon;
 pub mod disk;
 pub mod nbd;
 pub mod store;
+pub mod transfer;
 pub mod util;

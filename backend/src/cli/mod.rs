@@ -1,7 +1,689 @@
 //! The `parallax` command line.
+//!
+//! Every store command runs either on the store directly (when no daemon holds it) or through
+//! the running daemon's control socket — the same operations, the same output. Errors are one
+//! line on stderr and a non-zero exit: 1 for errors, 2 for usage, 3 when `check` finds damage.
+
+mod output;
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, IsTerminal},
+    os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    daemon::{
+        addr::ControlAddr,
+        config::Config,
+        control::{ControlClient, Request},
+    },
+    store::{
+        CheckReport, DeleteReport, DfReport, GcReport, Store, StoreError, StoreOptions, TreeNode,
+        VdiInfo, VdiSummary,
+    },
+    transfer,
+    util::{format_size, parse_size},
+};
+
+const ABOUT: &str = "Parallax: virtual disk images with instant snapshots and forks";
+const LONG_ABOUT: &str = "\
+Parallax: virtual disk images (VDIs) with instant snapshots and forks, served over NBD and the
+Xen block ring.
+
+A store (a sparse file or a block device) holds many VDIs. Snapshots (NAME@SNAP) are read-only
+and O(1); forks are writable O(1) copies of a snapshot. While `parallax serve` runs, these
+commands talk to it through its control socket; otherwise they open the store themselves.
+
+Quick start:
+  parallax --store s.px init --size 20G
+  parallax --store s.px vdi import template disk.raw
+  parallax --store s.px vdi snapshot template gold
+  parallax --store s.px vdi fork template@gold vm1
+  parallax --store s.px serve          # qemu-img info nbd://127.0.0.1:10809/vm1";
+
+#[derive(Parser, Debug)]
+#[command(name = "parallax", version, about = ABOUT, long_about = LONG_ABOUT, propagate_version = true)]
+struct Cli {
+    /// The store: a file or a block device.
+    #[arg(long, global = true, env = "PARALLAX_STORE", value_name = "PATH")]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new, empty store (a sparse file, or on a block device).
+    Init {
+        /// Size of a store file (K/M/G/T suffixes). Default: 64G, or 90% of the free space of
+        /// its file system if that is less. A block device is used whole.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create, import, export, snapshot, fork, list, inspect and delete VDIs.
+    #[command(subcommand)]
+    Vdi(VdiCommand),
+    /// Verify the store: structure, checksums, leaks and double ownership. Exit status 3 if
+    /// anything is damaged.
+    Check {
+        /// Check metadata only; skip reading every data block.
+        #[arg(long)]
+        metadata_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reclaim the space of deleted VDIs and snapshots and of discarded blocks.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show space usage and what snapshots and forks save.
+    Df {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the daemon: serve VDIs over NBD and the block ring, and take CLI requests.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Configuration file (RON); every field is optional. See parallax.ron.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// NBD address to listen on, instead of the configured ones (repeatable).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Vec<String>,
+    /// Unix socket to serve NBD on, instead of the configured one.
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum VdiCommand {
+    /// Create an empty VDI.
+    Create {
+        name: String,
+        /// Size (K/M/G/T suffixes), a multiple of 512 bytes.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Create a VDI from a raw image; all-zero blocks stay unallocated.
+    Import {
+        name: String,
+        /// A raw image (convert others with qemu-img convert -O raw).
+        file: PathBuf,
+        /// VDI size, if larger than the image.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+    },
+    /// Write a VDI or snapshot to a raw file (sparse), a block device, or `-` for stdout.
+    Export {
+        /// NAME or NAME@SNAP.
+        name: String,
+        file: PathBuf,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Freeze a VDI as NAME@SNAP (read-only, instant, durable when this returns).
+    Snapshot { name: String, snap: String },
+    /// Make NEWNAME, a writable copy of snapshot NAME@SNAP (instant).
+    Fork {
+        /// NAME@SNAP
+        source: String,
+        new_name: String,
+    },
+    /// List VDIs and snapshots.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Size, allocation (unique vs shared), origin, snapshots of a VDI or snapshot.
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the snapshot-and-fork tree.
+    Tree {
+        /// Graphviz output.
+        #[arg(long, conflicts_with = "json")]
+        dot: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rename a VDI (its snapshots follow), or NAME@A to NAME@B.
+    Rename { old: String, new: String },
+    /// Grow a VDI.
+    Resize {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a VDI or snapshot and reclaim its space. Forks of a deleted snapshot keep
+    /// everything they share with it.
+    Delete {
+        /// NAME or NAME@SNAP.
+        name: String,
+        /// Also delete the VDI's snapshots.
+        #[arg(long, short)]
+        recursive: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 /// Entry point of the `parallax` binary; returns the process exit code.
 pub fn main() -> i32 {
-    eprintln!("parallax: the command line is being built (see the block store issue)");
-    2
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let serving = matches!(cli.command, Command::Serve(_));
+    init_logging(if serving { "info" } else { "warn" });
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("parallax: error: {}", chain(&e));
+            1
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+fn store_path(p: &Option<PathBuf>) -> anyhow::Result<&Path> {
+    p.as_deref()
+        .ok_or_else(|| anyhow!("no store given: pass --store PATH or set PARALLAX_STORE"))
+}
+
+/// Where commands go: the store itself, or the daemon holding it.
+enum Target {
+    Direct(Arc<Store>),
+    Daemon(ControlAddr),
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // A store the CLI opened itself is closed cleanly (committed, marked clean).
+        if let Target::Direct(s) = self {
+            if let Err(e) = s.close() {
+                eprintln!("parallax: warning: closing the store: {e}");
+            }
+        }
+    }
+}
+
+fn target(path: &Path) -> anyhow::Result<Target> {
+    if !path.exists() {
+        bail!(
+            "store {} does not exist (create it with `parallax --store {} init`)",
+            path.display(),
+            path.display()
+        );
+    }
+    let addr = ControlAddr::for_client(path)?;
+    if ControlClient::connect(&addr).is_ok() {
+        return Ok(Target::Daemon(addr));
+    }
+    match Store::open(path, StoreOptions::default()) {
+        Ok(s) => Ok(Target::Direct(s)),
+        Err(StoreError::InUse { pid }) => bail!(
+            "store {} is in use by {} and no parallax daemon answers on {addr}",
+            path.display(),
+            pid.map_or("another process".to_string(), |p| format!("PID {p}"))
+        ),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("cannot open store {}", path.display())))
+        }
+    }
+}
+
+/// A progress bar on stderr, drawn only on a terminal.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    fn new(what: &str, bytes: bool, quiet: bool) -> Bar {
+        if quiet || !io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        let b = indicatif::ProgressBar::new(0);
+        let tmpl = if bytes {
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+        } else {
+            "{msg} [{bar:40}] {pos}/{len}"
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(tmpl) {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b.set_message(what.to_string());
+        Bar(Some(b))
+    }
+
+    fn update(&self, done: u64, total: u64) {
+        if let Some(b) = &self.0 {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Target {
+    /// Runs `req` on the daemon, or `direct` on the store.
+    fn call<T: DeserializeOwned>(
+        &self,
+        req: Request,
+        file: Option<&File>,
+        bar: Option<&Bar>,
+        direct: impl FnOnce(&Arc<Store>, &mut dyn FnMut(u64, u64)) -> Result<T, StoreError>,
+    ) -> anyhow::Result<T> {
+        let mut progress = |d: u64, t: u64| {
+            if let Some(b) = bar {
+                b.update(d, t);
+            }
+        };
+        let r = match self {
+            Target::Direct(s) => direct(s, &mut progress).map_err(anyhow::Error::new),
+            Target::Daemon(addr) => {
+                let client = ControlClient::connect(addr)
+                    .with_context(|| format!("cannot reach the daemon on {addr}"))?;
+                match client.call(&req, file, &mut progress)? {
+                    Ok(v) => serde_json::from_value(v).context("unexpected answer from the daemon"),
+                    Err(e) => Err(anyhow::Error::new(e)),
+                }
+            }
+        };
+        if let Some(b) = bar {
+            b.finish();
+        }
+        r
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Default size of a new store file: 64 GiB, or 90% of the free space where it goes.
+fn default_store_size(path: &Path) -> u64 {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let free = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .ok()
+        .and_then(|c| {
+            // SAFETY: statvfs is plain data, filled in by the call; `c` is a valid C string.
+            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: both pointers are valid for the duration of the call.
+            (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+                .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+        });
+    let cap = 64u64 << 30;
+    let size = free.map_or(cap, |f| cap.min(f / 10 * 9));
+    size / (1 << 20) * (1 << 20)
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => serve(cli.store, args),
+        Command::Init { size, json } => {
+            let path = store_path(&cli.store)?;
+            let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+            let size = if is_dev {
+                size
+            } else {
+                Some(size.unwrap_or_else(|| default_store_size(path)))
+            };
+            let store = Store::create(path, size, StoreOptions::default())
+                .with_context(|| format!("cannot create store {}", path.display()))?;
+            let geo = store.geometry();
+            let total = geo.total_blocks * 4096;
+            if json {
+                print_json(&serde_json::json!({
+                    "store": path.display().to_string(),
+                    "size": total,
+                    "capacity": geo.data_blocks() * 4096,
+                }))?;
+            } else {
+                println!(
+                    "created store {}: {} ({} for blocks{})",
+                    path.display(),
+                    format_size(total),
+                    format_size(geo.data_blocks() * 4096),
+                    if is_dev { "" } else { "; the file is sparse" }
+                );
+            }
+            Ok(0)
+        }
+        Command::Vdi(cmd) => vdi(store_path(&cli.store)?, cmd),
+        Command::Check {
+            metadata_only,
+            json,
+        } => {
+            let t = target(store_path(&cli.store)?)?;
+            let bar = Bar::new("checking", false, json);
+            let r: CheckReport = t.call(
+                Request::Check {
+                    verify_data: !metadata_only,
+                },
+                None,
+                Some(&bar),
+                |s, p| s.check(!metadata_only, &mut |c| p(c.blocks_visited, c.blocks_total)),
+            )?;
+            if json {
+                print_json(&r)?;
+            } else {
+                output::check(&r);
+            }
+            Ok(if r.ok { 0 } else { 3 })
+        }
+        Command::Gc { json } => {
+            let t = target(store_path(&cli.store)?)?;
+            let bar = Bar::new("reclaiming", false, json);
+            let r: GcReport = t.call(Request::Gc, None, Some(&bar), |s, p| {
+                s.gc(&mut |left| p(0, left))
+            })?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "reclaimed {} ({} map nodes taken apart); {} free",
+                    format_size(r.freed_bytes),
+                    r.orphan_nodes_processed,
+                    format_size(r.free_bytes)
+                );
+            }
+            Ok(0)
+        }
+        Command::Df { json } => {
+            let path = store_path(&cli.store)?;
+            let t = target(path)?;
+            let r: DfReport = t.call(Request::Df, None, None, |s, _| s.df())?;
+            if json {
+                print_json(&r)?;
+            } else {
+                output::df(path, &r);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
+    let t = target(path)?;
+    match cmd {
+        VdiCommand::Create { name, size } => {
+            t.call::<()>(
+                Request::Create {
+                    name: name.clone(),
+                    size,
+                },
+                None,
+                None,
+                |s, _| s.create_vdi(&name, size),
+            )?;
+            println!("created {name} ({})", format_size(size));
+        }
+        VdiCommand::Import { name, file, size } => {
+            let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+            let bar = Bar::new(&format!("importing {name}"), true, false);
+            let vsize: u64 = t.call(
+                Request::Import {
+                    name: name.clone(),
+                    size,
+                },
+                Some(&f),
+                Some(&bar),
+                |s, p| transfer::import(s, &name, &f, size, p),
+            )?;
+            let info: VdiInfo =
+                t.call(Request::Info { name: name.clone() }, None, None, |s, _| {
+                    s.info(&name)
+                })?;
+            println!(
+                "imported {} as {name}: {}, {} allocated",
+                file.display(),
+                format_size(vsize),
+                format_size(info.allocated)
+            );
+        }
+        VdiCommand::Export { name, file, force } => {
+            let bar = Bar::new(&format!("exporting {name}"), true, file.as_os_str() == "-");
+            let written: u64 = if file.as_os_str() == "-" {
+                let stdout = io::stdout();
+                if stdout.is_terminal() {
+                    bail!("refusing to write a disk image to a terminal; redirect stdout or give a file");
+                }
+                // SAFETY: dup of our own stdout descriptor; the File owns the duplicate.
+                let fd = unsafe { libc::dup(1) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error().into());
+                }
+                // SAFETY: `fd` is a freshly duplicated descriptor nobody else owns.
+                let out = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                let mut w = &out;
+                t.call(
+                    Request::Export {
+                        name: name.clone(),
+                        stream: true,
+                    },
+                    Some(&out),
+                    None,
+                    |s, p| transfer::export(s, &name, transfer::Sink::Stream(&mut w), p),
+                )?
+            } else {
+                let out = open_export_target(&file, force)?;
+                let r = t.call(
+                    Request::Export {
+                        name: name.clone(),
+                        stream: false,
+                    },
+                    Some(&out),
+                    Some(&bar),
+                    |s, p| transfer::export(s, &name, transfer::Sink::File(&out), p),
+                );
+                if r.is_err() && !force {
+                    let _ = std::fs::remove_file(&file);
+                }
+                let n = r?;
+                eprintln!(
+                    "exported {name} to {} ({} of data)",
+                    file.display(),
+                    format_size(n)
+                );
+                n
+            };
+            let _ = written;
+        }
+        VdiCommand::Snapshot { name, snap } => {
+            t.call::<()>(
+                Request::Snapshot {
+                    vdi: name.clone(),
+                    snap: snap.clone(),
+                },
+                None,
+                None,
+                |s, _| s.snapshot(&name, &snap),
+            )?;
+            println!("snapshot {name}@{snap} taken");
+        }
+        VdiCommand::Fork { source, new_name } => {
+            t.call::<()>(
+                Request::Fork {
+                    src: source.clone(),
+                    new: new_name.clone(),
+                },
+                None,
+                None,
+                |s, _| s.fork(&source, &new_name),
+            )?;
+            println!("forked {source} as {new_name}");
+        }
+        VdiCommand::List { json } => {
+            let v: Vec<VdiSummary> = t.call(Request::List, None, None, |s, _| s.list())?;
+            if json {
+                print_json(&v)?;
+            } else {
+                output::list(&v);
+            }
+        }
+        VdiCommand::Info { name, json } => {
+            let v: VdiInfo = t.call(Request::Info { name: name.clone() }, None, None, |s, _| {
+                s.info(&name)
+            })?;
+            if json {
+                print_json(&v)?;
+            } else {
+                output::info(&v);
+            }
+        }
+        VdiCommand::Tree { dot, json } => {
+            let v: Vec<TreeNode> = t.call(Request::Tree, None, None, |s, _| s.tree())?;
+            if json {
+                print_json(&v)?;
+            } else if dot {
+                print!("{}", output::tree_dot(&v));
+            } else {
+                print!("{}", output::tree_text(&v));
+            }
+        }
+        VdiCommand::Rename { old, new } => {
+            t.call::<()>(
+                Request::Rename {
+                    old: old.clone(),
+                    new: new.clone(),
+                },
+                None,
+                None,
+                |s, _| s.rename(&old, &new),
+            )?;
+            println!("renamed {old} to {new}");
+        }
+        VdiCommand::Resize { name, size } => {
+            t.call::<()>(
+                Request::Resize {
+                    name: name.clone(),
+                    size,
+                },
+                None,
+                None,
+                |s, _| s.resize(&name, size),
+            )?;
+            println!("{name} is now {}", format_size(size));
+        }
+        VdiCommand::Delete {
+            name,
+            recursive,
+            json,
+        } => {
+            let r: DeleteReport = t.call(
+                Request::Delete {
+                    name: name.clone(),
+                    recursive,
+                },
+                None,
+                None,
+                |s, _| {
+                    let r = s.delete(&name, recursive)?;
+                    s.gc(&mut |_| {})?;
+                    Ok(r)
+                },
+            )?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("deleted {}", r.deleted.join(", "));
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Opens an export destination: a new file, an existing one with `force`, or a block device.
+fn open_export_target(file: &Path, force: bool) -> anyhow::Result<File> {
+    match std::fs::metadata(file) {
+        Ok(m) if m.file_type().is_block_device() => OpenOptions::new()
+            .write(true)
+            .open(file)
+            .with_context(|| format!("cannot open {}", file.display())),
+        Ok(_) if !force => bail!("{} exists; pass --force to overwrite it", file.display()),
+        Ok(_) => OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(file)
+            .with_context(|| format!("cannot open {}", file.display())),
+        Err(_) => OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(file)
+            .with_context(|| format!("cannot create {}", file.display())),
+    }
+}
+
+fn serve(store: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<i32> {
+    let mut cfg = match &args.config {
+        Some(p) => Config::load(p).map_err(|e| anyhow!(e))?,
+        None => Config::default(),
+    };
+    if store.is_some() {
+        cfg.store = store;
+    }
+    if !args.listen.is_empty() {
+        cfg.nbd.listen = args.listen;
+    }
+    if let Some(u) = args.unix {
+        cfg.nbd.unix = Some(u);
+    }
+    if args.print_config {
+        println!("{}", cfg.to_ron());
+        return Ok(0);
+    }
+    crate::daemon::serve::run(cfg)?;
+    Ok(0)
 }

@@ -1,3 +1,8 @@
-//! `parallax serve`: configuration, the control socket, and the daemon's lifecycle.
+//! `parallax serve`: configuration, the control socket, the export catalogue, and the
+//! daemon's lifecycle.
 
 pub mod addr;
+pub mod config;
+pub mod control;
+pub mod provider;
+pub mod serve;

@@ -74,7 +74,7 @@ impl Default for NbdConfig {
 }
 
 impl NbdConfig {
-    fn validate(&self) -> io::Result<()> {
+    pub fn validate(&self) -> io::Result<()> {
         let bad = |what: &str| {
             Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

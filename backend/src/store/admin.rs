@@ -328,9 +328,11 @@ impl Store {
                     tree.insert(&mut ctx, &snapshot_key(rec.parent, ns), &id.to_le_bytes())?;
                     rec.name = ns.to_string();
                 }
-                _ => return Err(StoreError::Invalid(format!(
+                _ => {
+                    return Err(StoreError::Invalid(format!(
                     "cannot rename {old} to {new}: rename a VDI to a VDI name, or NAME@A to NAME@B"
-                ))),
+                )))
+                }
             }
             put_record(&mut m, rec)?;
         }

@@ -1,0 +1,261 @@
+//! Human-readable output of the CLI (the `--json` forms print the report types as they are).
+
+use std::{fmt::Write, path::Path};
+
+use crate::{
+    store::{CheckReport, DfReport, Kind, TreeNode, VdiInfo, VdiSummary},
+    util::format_size,
+};
+
+/// `2026-11-24 10:00:00 UTC` from Unix seconds (no time-zone database needed).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn kind(k: Kind) -> &'static str {
+    match k {
+        Kind::Vdi => "vdi",
+        Kind::Snapshot => "snapshot",
+    }
+}
+
+pub fn list(v: &[VdiSummary]) {
+    if v.is_empty() {
+        println!(
+            "no VDIs (create one with `parallax vdi create NAME --size SIZE` or `vdi import`)"
+        );
+        return;
+    }
+    let w = v.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
+    println!(
+        "{:<w$}  {:<8}  {:>10}  {:<23}  ORIGIN",
+        "NAME", "KIND", "SIZE", "CREATED"
+    );
+    for s in v {
+        println!(
+            "{:<w$}  {:<8}  {:>10}  {:<23}  {}",
+            s.name,
+            kind(s.kind),
+            format_size(s.size),
+            utc(s.created),
+            s.origin.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+pub fn info(v: &VdiInfo) {
+    println!("name:       {}", v.name);
+    println!(
+        "kind:       {}{}",
+        kind(v.kind),
+        if v.kind == Kind::Snapshot {
+            " (read-only)"
+        } else {
+            ""
+        }
+    );
+    println!("size:       {} ({} bytes)", format_size(v.size), v.size);
+    println!("created:    {}", utc(v.created));
+    if let Some(o) = &v.origin {
+        println!("origin:     {o}");
+    }
+    println!(
+        "allocated:  {} (unique {}, shared {})",
+        format_size(v.allocated),
+        format_size(v.unique),
+        format_size(v.shared)
+    );
+    println!("metadata:   {}", format_size(v.metadata));
+    if !v.snapshots.is_empty() {
+        println!("snapshots:  {}", v.snapshots.join(", "));
+    }
+    if !v.forks.is_empty() {
+        println!("forks:      {}", v.forks.join(", "));
+    }
+    if v.open_handles > 0 {
+        println!("open:       {} handle(s)", v.open_handles);
+    }
+}
+
+pub fn df(path: &Path, r: &DfReport) {
+    println!(
+        "store:      {} ({}, generation {})",
+        path.display(),
+        format_size(r.store_bytes),
+        r.generation
+    );
+    println!("capacity:   {}", format_size(r.capacity_bytes));
+    println!("used:       {}", format_size(r.used_bytes));
+    println!(
+        "free:       {} (+ {} kept back for commits)",
+        format_size(r.free_bytes),
+        format_size(r.reserved_bytes)
+    );
+    if r.pending_bytes > 0 || r.orphan_nodes > 0 {
+        println!(
+            "pending:    {} reusable after the next commit; {} map nodes queued for gc",
+            format_size(r.pending_bytes),
+            r.orphan_nodes
+        );
+    }
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    println!(
+        "VDIs:       {} ({})",
+        r.vdis,
+        plural(r.snapshots, "snapshot", "snapshots")
+    );
+    println!(
+        "sharing:    {} mapped by VDIs and snapshots, {} stored ({:.1}x)",
+        format_size(r.logical_bytes),
+        format_size(r.stored_bytes),
+        r.sharing_ratio
+    );
+}
+
+pub fn check(r: &CheckReport) {
+    if r.ok {
+        println!(
+            "store OK: generation {}, {} VDIs, {} snapshots, {} map nodes, {} data blocks{}",
+            r.generation,
+            r.vdis,
+            r.snapshots,
+            r.map_nodes,
+            r.data_blocks,
+            if r.data_verified {
+                " verified"
+            } else {
+                " (data not read)"
+            }
+        );
+        return;
+    }
+    for e in &r.errors {
+        println!("error: {e}");
+    }
+    if r.errors_total as usize > r.errors.len() {
+        println!("... and {} more", r.errors_total as usize - r.errors.len());
+    }
+    println!(
+        "store DAMAGED: {} errors ({} checksum, {} leaked blocks, {} blocks referenced beyond their count)",
+        r.errors_total, r.checksum_errors, r.leaked_blocks, r.undercounted_blocks
+    );
+}
+
+pub fn tree_text(nodes: &[TreeNode]) -> String {
+    fn walk(out: &mut String, n: &TreeNode, prefix: &str, last: bool, top: bool) {
+        let (branch, cont) = if top {
+            ("", "")
+        } else if last {
+            ("└── ", "    ")
+        } else {
+            ("├── ", "│   ")
+        };
+        let note = if n.deleted {
+            " (deleted)".to_string()
+        } else if n.kind == Kind::Vdi {
+            format!("  {}", format_size(n.size))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "{prefix}{branch}{}{note}", n.name);
+        let child_prefix = format!("{prefix}{cont}");
+        for (i, c) in n.children.iter().enumerate() {
+            walk(out, c, &child_prefix, i + 1 == n.children.len(), false);
+        }
+    }
+    let mut out = String::new();
+    if nodes.is_empty() {
+        out.push_str("no VDIs\n");
+    }
+    for n in nodes {
+        walk(&mut out, n, "", true, true);
+    }
+    out
+}
+
+pub fn tree_dot(nodes: &[TreeNode]) -> String {
+    fn walk(out: &mut String, n: &TreeNode) {
+        let shape = match (n.kind, n.deleted) {
+            (_, true) => "shape=box,style=dashed",
+            (Kind::Vdi, _) => "shape=box",
+            (Kind::Snapshot, _) => "shape=ellipse",
+        };
+        let _ = writeln!(out, "  {:?} [{shape}];", n.name);
+        for c in &n.children {
+            let _ = writeln!(out, "  {:?} -> {:?};", n.name, c.name);
+            walk(out, c);
+        }
+    }
+    let mut out = String::from("digraph parallax {\n  rankdir=LR;\n");
+    for n in nodes {
+        walk(&mut out, n);
+    }
+    out.push_str("}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_795_513_600), "2026-11-24 09:46:40 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+    }
+
+    #[test]
+    fn tree_rendering() {
+        let t = vec![TreeNode {
+            name: "t".into(),
+            kind: Kind::Vdi,
+            size: 1 << 30,
+            deleted: false,
+            children: vec![TreeNode {
+                name: "t@gold".into(),
+                kind: Kind::Snapshot,
+                size: 1 << 30,
+                deleted: false,
+                children: vec![
+                    TreeNode {
+                        name: "a".into(),
+                        kind: Kind::Vdi,
+                        size: 1 << 30,
+                        deleted: false,
+                        children: vec![],
+                    },
+                    TreeNode {
+                        name: "b".into(),
+                        kind: Kind::Vdi,
+                        size: 1 << 30,
+                        deleted: false,
+                        children: vec![],
+                    },
+                ],
+            }],
+        }];
+        assert_eq!(
+            tree_text(&t),
+            "t  1.0 GiB\n└── t@gold\n    ├── a  1.0 GiB\n    └── b  1.0 GiB\n"
+        );
+        assert!(tree_dot(&t).contains("\"t@gold\" -> \"b\";"));
+    }
+}

@@ -1,0 +1,225 @@
+//! `parallax serve` configuration, in RON. Every field is optional; `parallax.ron` at the top of
+//! the repository is a documented example, and `parallax serve --print-config` shows the
+//! effective configuration.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{nbd::NbdConfig, store::StoreOptions};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The store (a file or block device). `--store` and `PARALLAX_STORE` override it.
+    pub store: Option<PathBuf>,
+    pub nbd: NbdSection,
+    /// Control socket path. Default: an abstract socket derived from the store path, which the
+    /// CLI finds on its own.
+    pub control_socket: Option<PathBuf>,
+    /// Commit changes at least this often (milliseconds), even if no client flushes.
+    pub commit_interval_ms: u64,
+    pub cache: CacheSection,
+    pub rings: RingSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NbdSection {
+    pub enabled: bool,
+    /// TCP addresses to listen on.
+    pub listen: Vec<String>,
+    /// A unix socket to listen on too (`None` for none).
+    pub unix: Option<PathBuf>,
+    pub max_connections: usize,
+    /// Largest request accepted (bytes); larger ones get an error, not a crash.
+    pub max_request_bytes: u32,
+    /// Threads doing disk I/O for NBD requests.
+    pub workers: usize,
+    pub handshake_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Map nodes kept in memory (4 KiB each).
+    pub map_nodes: usize,
+    /// Refcount pages kept in memory (4 KiB each).
+    pub refcount_pages: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RingSection {
+    /// Accept blkif ring attaches (frontend-shim) on the control socket.
+    pub enabled: bool,
+    pub max_ring_page_order: u32,
+    pub max_queues: u32,
+    pub max_indirect_segments: u32,
+}
+
+/// Where the daemon keeps its sockets by default: `/run/parallax` for root, else
+/// `$XDG_RUNTIME_DIR/parallax`, else `/tmp/parallax-UID`.
+pub fn runtime_dir() -> PathBuf {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/parallax");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("parallax"),
+        _ => PathBuf::from(format!("/tmp/parallax-{uid}")),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            store: None,
+            nbd: NbdSection::default(),
+            control_socket: None,
+            commit_interval_ms: 5000,
+            cache: CacheSection::default(),
+            rings: RingSection::default(),
+        }
+    }
+}
+
+impl Default for NbdSection {
+    fn default() -> Self {
+        let n = NbdConfig::default();
+        NbdSection {
+            enabled: true,
+            listen: vec!["127.0.0.1:10809".into()],
+            unix: Some(runtime_dir().join("nbd.sock")),
+            max_connections: n.max_connections,
+            max_request_bytes: n.max_request_bytes,
+            workers: n.workers,
+            handshake_timeout_secs: n.handshake_timeout.as_secs(),
+        }
+    }
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        let o = StoreOptions::default();
+        CacheSection {
+            map_nodes: o.node_cache_nodes,
+            refcount_pages: o.rc_cache_pages,
+        }
+    }
+}
+
+impl Default for RingSection {
+    fn default() -> Self {
+        let f = crate::blkif::features::Features::default();
+        RingSection {
+            enabled: true,
+            max_ring_page_order: f.max_ring_page_order,
+            max_queues: f.max_queues,
+            max_indirect_segments: f.max_indirect_segments,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a configuration. Errors name the line and column.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let cfg: Config = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME)
+            .from_str(text)
+            .map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.nbd_config()
+            .validate()
+            .map_err(|e| format!("nbd: {e}"))?;
+        for a in &self.nbd.listen {
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("nbd.listen: {a:?} is not an address like 127.0.0.1:10809"))?;
+        }
+        if self.commit_interval_ms == 0 {
+            return Err("commit_interval_ms must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn nbd_config(&self) -> NbdConfig {
+        NbdConfig {
+            max_connections: self.nbd.max_connections,
+            max_request_bytes: self.nbd.max_request_bytes,
+            workers: self.nbd.workers,
+            handshake_timeout: Duration::from_secs(self.nbd.handshake_timeout_secs),
+            ..NbdConfig::default()
+        }
+    }
+
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            node_cache_nodes: self.cache.map_nodes,
+            rc_cache_pages: self.cache.refcount_pages,
+            ..StoreOptions::default()
+        }
+    }
+
+    pub fn ring_features(&self) -> crate::blkif::features::Features {
+        crate::blkif::features::Features {
+            max_ring_page_order: self.rings.max_ring_page_order,
+            max_queues: self.rings.max_queues,
+            max_indirect_segments: self.rings.max_indirect_segments,
+            ..Default::default()
+        }
+    }
+
+    /// The effective configuration as RON, for `--print-config`.
+    pub fn to_ron(&self) -> String {
+        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::default()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_partial_configs_take_defaults() {
+        assert_eq!(Config::parse("()").unwrap(), Config::default());
+        let c = Config::parse(r#"(store: "/tmp/s", nbd: (listen: ["0.0.0.0:10810"], unix: None))"#)
+            .unwrap();
+        assert_eq!(c.store.as_deref(), Some(std::path::Path::new("/tmp/s")));
+        assert_eq!(c.nbd.listen, vec!["0.0.0.0:10810"]);
+        assert_eq!(c.nbd.unix, None);
+        assert_eq!(c.nbd.workers, NbdSection::default().workers);
+    }
+
+    #[test]
+    fn bad_configs_are_clear_errors() {
+        let e = Config::parse("(nbd: (listne: []))").unwrap_err();
+        assert!(e.contains("listne"), "{e}");
+        let e = Config::parse(r#"(nbd: (listen: ["nonsense"]))"#).unwrap_err();
+        assert!(e.contains("nonsense"), "{e}");
+        assert!(Config::parse("(commit_interval_ms: 0)").is_err());
+        assert!(Config::parse("(").is_err());
+    }
+
+    #[test]
+    fn the_example_in_the_repository_parses() {
+        let text = include_str!("../../../parallax.ron");
+        Config::parse(text).unwrap();
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let c = Config::default();
+        assert_eq!(Config::parse(&c.to_ron()).unwrap(), c);
+    }
+}

@@ -1,0 +1,382 @@
+//! The control socket: how `parallax vdi …`, `df`, `check`, `gc` reach a running daemon.
+//!
+//! ```text
+//!  client                                         daemon (a thread per connection)
+//!  {"op":"snapshot","vdi":"a","snap":"s"}\n  ──►   (+ SCM_RIGHTS file for import/export)
+//!                                            ◄──   {"progress":{"done":..,"total":..}}\n …
+//!                                            ◄──   {"ok":<result>}\n  or  {"error":{..}}\n
+//!  {"op":"ring-attach",…}\n                  ──►   handed to blkif::local::serve_attach
+//! ```
+//!
+//! One request per connection. Only the daemon's own user and root may connect (checked with
+//! SO_PEERCRED: an abstract socket has no file permissions).
+
+use std::{
+    fs::File,
+    io::{self, BufRead, BufReader, Write},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::net::{UnixListener, UnixStream},
+    },
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::{
+    blkif::local::{recv_with_fds, send_with_fds},
+    store::{Store, StoreError},
+    transfer,
+};
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Who are you: the daemon's store and PID.
+    Hello,
+    Create {
+        name: String,
+        size: u64,
+    },
+    /// The raw image comes as a file descriptor.
+    Import {
+        name: String,
+        size: Option<u64>,
+    },
+    /// The destination comes as a file descriptor; `stream` for pipes (write every byte).
+    Export {
+        name: String,
+        stream: bool,
+    },
+    Snapshot {
+        vdi: String,
+        snap: String,
+    },
+    Fork {
+        src: String,
+        new: String,
+    },
+    List,
+    Info {
+        name: String,
+    },
+    Tree,
+    Rename {
+        old: String,
+        new: String,
+    },
+    Resize {
+        name: String,
+        size: u64,
+    },
+    Delete {
+        name: String,
+        recursive: bool,
+    },
+    Check {
+        verify_data: bool,
+    },
+    Gc,
+    Df,
+    Flush,
+}
+
+/// A line the daemon sends back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply {
+    Progress { done: u64, total: u64 },
+    Ok(serde_json::Value),
+    Error { kind: String, message: String },
+}
+
+/// What `hello` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub store: String,
+    pub pid: u32,
+    pub version: String,
+}
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 64 << 10;
+
+/// Reads the first line of a connection one byte at a time, so nothing after the newline is
+/// consumed (a ring attach hands the rest of the stream to the blkif code), collecting any
+/// descriptors sent with it.
+pub fn read_request_line(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let (n, mut got) = recv_with_fds(stream, &mut byte)?;
+        fds.append(&mut got);
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        if byte[0] == b'\n' {
+            return Ok((line, fds));
+        }
+        line.push(byte[0]);
+        if line.len() > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request line too long",
+            ));
+        }
+    }
+}
+
+fn send(mut stream: &UnixStream, reply: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
+/// Checks that the peer is root or runs as our user.
+fn peer_allowed(stream: &UnixStream) -> bool {
+    // SAFETY: ucred is plain data; getsockopt fills at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the fd is a live socket owned by `stream`; the pointers are valid for `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    r == 0 && (cred.uid == 0 || cred.uid == me)
+}
+
+/// What the control server needs from the daemon.
+pub struct ControlContext {
+    pub store: Arc<Store>,
+    pub store_path: String,
+    /// Handles `ring-attach` connections (the blkif local attach), if rings are enabled.
+    #[allow(clippy::type_complexity)]
+    pub ring_attach: Option<Arc<dyn Fn(serde_json::Value, UnixStream) + Send + Sync>>,
+}
+
+/// Accepts control connections until the listener is shut down; each runs on its own thread.
+pub fn serve(listener: UnixListener, ctx: Arc<ControlContext>) {
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => break,
+            Err(e) => {
+                warn!("control socket accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("parallax-control".into())
+            .spawn(move || {
+                if let Err(e) = handle(stream, &ctx) {
+                    debug!("control connection: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a control thread: {e}");
+        }
+    }
+}
+
+fn handle(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
+    if !peer_allowed(&stream) {
+        warn!("control connection from another user refused");
+        return send(
+            &stream,
+            &Reply::Error {
+                kind: "denied".into(),
+                message: "permission denied".into(),
+            },
+        );
+    }
+    let (line, fds) = read_request_line(&stream)?;
+    let value: serde_json::Value = match serde_json::from_slice(&line) {
+        Ok(v) => v,
+        Err(e) => {
+            return send(
+                &stream,
+                &Reply::Error {
+                    kind: "invalid".into(),
+                    message: format!("bad request: {e}"),
+                },
+            )
+        }
+    };
+    if value.get("op").and_then(|o| o.as_str()) == Some(crate::blkif::local::ATTACH_OP) {
+        return match &ctx.ring_attach {
+            Some(attach) => {
+                attach(value, stream);
+                Ok(())
+            }
+            None => send(
+                &stream,
+                &Reply::Error {
+                    kind: "unsupported".into(),
+                    message: "this daemon serves no rings".into(),
+                },
+            ),
+        };
+    }
+    let req: Request = match serde_json::from_value(value) {
+        Ok(r) => r,
+        Err(e) => {
+            return send(
+                &stream,
+                &Reply::Error {
+                    kind: "invalid".into(),
+                    message: format!("bad request: {e}"),
+                },
+            )
+        }
+    };
+    info!(?req, "control request");
+    let mut fds = fds.into_iter();
+    let reply = match execute(&req, fds.next(), ctx, &stream) {
+        Ok(v) => Reply::Ok(v),
+        Err(e) => Reply::Error {
+            kind: e.kind().into(),
+            message: e.to_string(),
+        },
+    };
+    send(&stream, &reply)
+}
+
+fn to_value<T: Serialize>(v: T) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(v).map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+fn execute(
+    req: &Request,
+    fd: Option<OwnedFd>,
+    ctx: &ControlContext,
+    stream: &UnixStream,
+) -> Result<serde_json::Value, StoreError> {
+    let s = &ctx.store;
+    let mut last_pct = u64::MAX;
+    let mut progress = |done: u64, total: u64| {
+        // At most ~100 progress lines per operation.
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        if pct != last_pct {
+            last_pct = pct;
+            let _ = send(stream, &Reply::Progress { done, total });
+        }
+    };
+    let need_file = |fd: Option<OwnedFd>| {
+        fd.map(File::from)
+            .ok_or_else(|| StoreError::Invalid("this request needs a file descriptor".into()))
+    };
+    match req {
+        Request::Hello => to_value(Hello {
+            store: ctx.store_path.clone(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+        Request::Create { name, size } => to_value(s.create_vdi(name, *size)?),
+        Request::Import { name, size } => {
+            let f = need_file(fd)?;
+            to_value(transfer::import(s, name, &f, *size, &mut progress)?)
+        }
+        Request::Export {
+            name,
+            stream: as_stream,
+        } => {
+            let mut f = need_file(fd)?;
+            let sink = if *as_stream {
+                transfer::Sink::Stream(&mut f)
+            } else {
+                transfer::Sink::File(&f)
+            };
+            let n = transfer::export(s, name, sink, &mut |d, t| progress(d, t))?;
+            to_value(n)
+        }
+        Request::Snapshot { vdi, snap } => to_value(s.snapshot(vdi, snap)?),
+        Request::Fork { src, new } => to_value(s.fork(src, new)?),
+        Request::List => to_value(s.list()?),
+        Request::Info { name } => to_value(s.info(name)?),
+        Request::Tree => to_value(s.tree()?),
+        Request::Rename { old, new } => to_value(s.rename(old, new)?),
+        Request::Resize { name, size } => to_value(s.resize(name, *size)?),
+        Request::Delete { name, recursive } => {
+            let r = s.delete(name, *recursive)?;
+            s.gc(&mut |_| {})?;
+            to_value(r)
+        }
+        Request::Check { verify_data } => {
+            let r = s.check(*verify_data, &mut |p| {
+                progress(p.blocks_visited, p.blocks_total)
+            })?;
+            to_value(r)
+        }
+        Request::Gc => to_value(s.gc(&mut |left| progress(0, left))?),
+        Request::Df => to_value(s.df()?),
+        Request::Flush => to_value(s.flush()?),
+    }
+}
+
+/// A connection to a running daemon's control socket.
+pub struct ControlClient {
+    stream: UnixStream,
+}
+
+/// An error from the daemon, with its kind (see `StoreError::kind`).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RemoteError {
+    pub kind: String,
+    pub message: String,
+}
+
+impl ControlClient {
+    pub fn connect(addr: &super::addr::ControlAddr) -> io::Result<ControlClient> {
+        Ok(ControlClient {
+            stream: addr.connect()?,
+        })
+    }
+
+    /// Sends `req` (with `file` attached if given) and waits for the result, passing progress
+    /// lines to `progress`.
+    pub fn call(
+        self,
+        req: &Request,
+        file: Option<&File>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Result<serde_json::Value, RemoteError>, io::Error> {
+        let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
+        line.push(b'\n');
+        match file {
+            Some(f) => send_with_fds(&self.stream, &line, &[f.as_fd()])?,
+            None => (&self.stream).write_all(&line)?,
+        }
+        let mut reader = BufReader::new(&self.stream);
+        let mut buf = String::new();
+        loop {
+            buf.clear();
+            if reader.read_line(&mut buf)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the daemon closed the control connection without answering",
+                ));
+            }
+            match serde_json::from_str::<Reply>(&buf).map_err(io::Error::other)? {
+                Reply::Progress { done, total } => progress(done, total),
+                Reply::Ok(v) => return Ok(Ok(v)),
+                Reply::Error { kind, message } => return Ok(Err(RemoteError { kind, message })),
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! `parallax serve`: owns the store and serves it.
+//!
+//! ```text
+//!  main thread ── waits for SIGTERM/SIGINT, then shuts down in order:
+//!   ├─ NBD server thread (mio loop + workers)   1. stop accepting, answer in-flight, close
+//!   ├─ ring devices (one thread per queue)      2. answer what they saw, detach
+//!   ├─ committer thread (every commit_interval) 3. stop
+//!   ├─ control socket thread (+1 per request)   4. stop accepting
+//!   └─ store                                    5. final commit, marked closed cleanly
+//! ```
+
+use std::{
+    io,
+    net::TcpListener,
+    os::{fd::AsRawFd, unix::net::UnixListener},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context};
+use parking_lot::{Condvar, Mutex};
+use tracing::{info, warn};
+
+use super::{
+    addr::ControlAddr,
+    config::Config,
+    control::{self, ControlContext},
+    provider::{FrontEnd, StoreProvider},
+};
+use crate::{
+    blkif::local::{serve_attach, RingRegistry},
+    disk::DiskProvider,
+    nbd::NbdServer,
+    store::Store,
+};
+
+/// Binds a unix socket at `path`, replacing a stale socket file left by a killed daemon but
+/// refusing to steal one a live process still listens on.
+pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "{} is in use by another process (is another parallax serve running?)",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {}", path.display())),
+    }
+}
+
+fn bind_control(addr: &ControlAddr) -> anyhow::Result<UnixListener> {
+    match addr {
+        ControlAddr::Path(p) => bind_unix(p),
+        ControlAddr::Abstract(_) => UnixListener::bind_addr(&addr.socket_addr()?).map_err(|e| {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                anyhow!("control socket {addr} is in use: another daemon serves this store")
+            } else {
+                anyhow!("cannot listen on control socket {addr}: {e}")
+            }
+        }),
+    }
+}
+
+/// What a running daemon listens on, for messages and tests.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    pub nbd_tcp: Vec<std::net::SocketAddr>,
+    pub nbd_unix: Option<PathBuf>,
+    pub control: ControlAddr,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Returns once everything is committed.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .context("cannot install signal handlers")?;
+    let handle = signals.handle();
+    let daemon = Daemon::start(cfg)?;
+    let l = &daemon.listening;
+    let tcp: Vec<String> = l.nbd_tcp.iter().map(|a| a.to_string()).collect();
+    println!(
+        "parallax serve: ready; NBD on {}{}; control socket {}",
+        if tcp.is_empty() {
+            "no TCP address".to_string()
+        } else {
+            tcp.join(", ")
+        },
+        l.nbd_unix
+            .as_ref()
+            .map(|p| format!(" and unix:{}", p.display()))
+            .unwrap_or_default(),
+        l.control
+    );
+    let mut signals = signals;
+    if let Some(sig) = signals.forever().next() {
+        info!(signal = sig, "shutting down");
+    }
+    handle.close();
+    daemon.stop()
+}
+
+/// The committer thread's stop flag and wake-up, and the thread.
+type Committer = (Arc<(Mutex<bool>, Condvar)>, std::thread::JoinHandle<()>);
+
+/// A running daemon (also used in-process by tests).
+pub struct Daemon {
+    pub store: Arc<Store>,
+    pub listening: Listening,
+    nbd_shutdown: Option<crate::nbd::NbdShutdown>,
+    nbd_thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+    rings: RingRegistry,
+    committer: Option<Committer>,
+    control_fd: i32,
+    control_thread: Option<std::thread::JoinHandle<()>>,
+    control_path: Option<PathBuf>,
+}
+
+impl Daemon {
+    pub fn start(cfg: Config) -> anyhow::Result<Daemon> {
+        cfg.validate()
+            .map_err(|e| anyhow!("invalid configuration: {e}"))?;
+        let store_path = cfg.store.clone().ok_or_else(|| {
+            anyhow!("no store given: pass --store PATH, set PARALLAX_STORE, or set `store` in the config")
+        })?;
+        let store = Store::open(&store_path, cfg.store_options())
+            .with_context(|| format!("cannot open store {}", store_path.display()))?;
+        let control_addr = match &cfg.control_socket {
+            Some(p) => ControlAddr::Path(p.clone()),
+            None => ControlAddr::for_store(&store_path)?,
+        };
+        let control_listener = bind_control(&control_addr)?;
+
+        let provider = StoreProvider::new(store.clone(), FrontEnd::Nbd);
+        let mut nbd_tcp = Vec::new();
+        let mut nbd_unix = None;
+        let (nbd_shutdown, nbd_thread) = if cfg.nbd.enabled {
+            let mut server = NbdServer::new(Arc::new(provider.clone()), cfg.nbd_config())
+                .context("cannot start the NBD server")?;
+            for a in &cfg.nbd.listen {
+                let l = TcpListener::bind(a).map_err(|e| {
+                    if e.kind() == io::ErrorKind::AddrInUse {
+                        anyhow!("cannot listen on {a}: address in use (is another parallax serve or NBD server running? set nbd.listen in the config)")
+                    } else {
+                        anyhow!("cannot listen on {a}: {e}")
+                    }
+                })?;
+                nbd_tcp.push(l.local_addr()?);
+                server.add_tcp_listener(l)?;
+            }
+            if let Some(p) = &cfg.nbd.unix {
+                server.add_unix_listener(bind_unix(p)?)?;
+                nbd_unix = Some(p.clone());
+            }
+            let shutdown = server.shutdown_handle();
+            let t = std::thread::Builder::new()
+                .name("parallax-nbd".into())
+                .spawn(move || server.run())?;
+            (Some(shutdown), Some(t))
+        } else {
+            (None, None)
+        };
+
+        let rings = RingRegistry::new(cfg.ring_features());
+        let ring_attach: Option<
+            Arc<dyn Fn(serde_json::Value, std::os::unix::net::UnixStream) + Send + Sync>,
+        > = if cfg.rings.enabled {
+            let ring_provider: Arc<dyn DiskProvider> = Arc::new(provider.sibling(FrontEnd::Ring));
+            let rings = rings.clone();
+            Some(Arc::new(move |req, stream| {
+                let _ = serve_attach(req, stream, ring_provider.clone(), rings.clone());
+            }))
+        } else {
+            None
+        };
+        let ctx = Arc::new(ControlContext {
+            store: store.clone(),
+            store_path: store_path.display().to_string(),
+            ring_attach,
+        });
+        let control_fd = control_listener.as_raw_fd();
+        let control_thread = std::thread::Builder::new()
+            .name("parallax-control".into())
+            .spawn(move || control::serve(control_listener, ctx))?;
+
+        let wake = Arc::new((Mutex::new(false), Condvar::new()));
+        let committer = {
+            let wake = wake.clone();
+            let store = store.clone();
+            let every = Duration::from_millis(cfg.commit_interval_ms);
+            std::thread::Builder::new()
+                .name("parallax-commit".into())
+                .spawn(move || {
+                    let (lock, cv) = &*wake;
+                    let mut stop = lock.lock();
+                    while !*stop {
+                        cv.wait_for(&mut stop, every);
+                        if *stop {
+                            break;
+                        }
+                        drop(stop);
+                        if let Err(e) = store.commit_if_changed() {
+                            warn!("periodic commit failed: {e}");
+                        }
+                        stop = lock.lock();
+                    }
+                })?
+        };
+        info!(store = %store_path.display(), "parallax serve started");
+        Ok(Daemon {
+            store,
+            listening: Listening {
+                nbd_tcp,
+                nbd_unix,
+                control: control_addr.clone(),
+            },
+            nbd_shutdown,
+            nbd_thread,
+            rings,
+            committer: Some((wake, committer)),
+            control_fd,
+            control_thread: Some(control_thread),
+            control_path: match control_addr {
+                ControlAddr::Path(p) => Some(p),
+                ControlAddr::Abstract(_) => None,
+            },
+        })
+    }
+
+    /// Shuts down in order and makes everything durable.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.nbd_shutdown.take() {
+            s.shutdown();
+        }
+        if let Some(t) = self.nbd_thread.take() {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("NBD server stopped with an error: {e}"),
+                Err(_) => warn!("NBD server thread panicked"),
+            }
+        }
+        let left = self.rings.shutdown_all(Duration::from_secs(30));
+        if left > 0 {
+            warn!("{left} ring device(s) did not detach in time");
+        }
+        if let Some((wake, t)) = self.committer.take() {
+            *wake.0.lock() = true;
+            wake.1.notify_all();
+            let _ = t.join();
+        }
+        // SAFETY: shutting down a listening socket we own wakes its accept() with EINVAL; the
+        // descriptor stays open until the listener is dropped by the control thread.
+        unsafe {
+            libc::shutdown(self.control_fd, libc::SHUT_RDWR);
+        }
+        if let Some(t) = self.control_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.control_path {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(p) = &self.listening.nbd_unix {
+            let _ = std::fs::remove_file(p);
+        }
+        self.store.close().context("final commit failed")?;
+        info!("parallax serve stopped; store closed cleanly");
+        Ok(())
+    }
+}

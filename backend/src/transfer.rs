@@ -1,0 +1,228 @@
+//! Moving raw images into and out of VDIs (`vdi import`, `vdi export`), used both by the CLI
+//! on a store it opened itself and by the daemon on behalf of the CLI.
+//!
+//! Import walks only the data regions of a sparse source (SEEK_DATA/SEEK_HOLE) and the store
+//! drops all-zero blocks, so holes and zeros stay unallocated. Export writes only data extents
+//! into a file it sized first, so the output is sparse too.
+
+use std::{
+    fs::File,
+    io::{self, Write},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileExt, FileTypeExt},
+    },
+    sync::Arc,
+};
+
+use crate::{
+    disk::ExtentState,
+    store::{Store, StoreError, StoreResult},
+};
+
+/// Bytes moved per read/write call.
+const CHUNK: u64 = 4 << 20;
+
+/// Bytes an import or export has to move and has moved, for progress bars.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// Size of a regular file or block device.
+pub fn file_size(f: &File) -> io::Result<u64> {
+    let meta = f.metadata()?;
+    if meta.file_type().is_block_device() {
+        use std::io::Seek;
+        let mut f = f;
+        return f.seek(io::SeekFrom::End(0));
+    }
+    Ok(meta.len())
+}
+
+/// The next data region at or after `pos` in `f`: `Some((start, end))`, or `None` past the
+/// last. Falls back to "everything is data" where SEEK_DATA is not supported.
+fn next_data(f: &File, pos: u64, size: u64) -> Option<(u64, u64)> {
+    if pos >= size {
+        return None;
+    }
+    let fd = f.as_raw_fd();
+    // SAFETY: lseek on a descriptor we own; it only moves the file offset, which we do not
+    // rely on (all I/O here is positional).
+    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => None,
+            _ => Some((pos, size)),
+        };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    let end = if end < 0 {
+        size
+    } else {
+        (end as u64).min(size)
+    };
+    Some((start as u64, end))
+}
+
+/// A source image format that is not raw, recognised by its magic.
+pub fn foreign_format(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"QFI\xfb") {
+        Some("qcow2")
+    } else if head.starts_with(b"KDMV") {
+        Some("vmdk")
+    } else if head.starts_with(b"conectix") {
+        Some("vhd")
+    } else if head.starts_with(b"vhdxfile") {
+        Some("vhdx")
+    } else if head.len() >= 72 && &head[64..72] == b"<<< Orac" {
+        Some("vdi")
+    } else if head.starts_with(b"PARALLAX") {
+        Some("parallax store")
+    } else {
+        None
+    }
+}
+
+/// Creates VDI `name` from the raw image in `src` and fills it. `size` (default: the image's,
+/// rounded up to 512 bytes) may be larger than the image. On failure the half-made VDI is
+/// deleted. Returns the VDI's size.
+pub fn import(
+    store: &Arc<Store>,
+    name: &str,
+    src: &File,
+    size: Option<u64>,
+    progress: Progress,
+) -> StoreResult<u64> {
+    let src_size = file_size(src)?;
+    let mut head = [0u8; 512];
+    let n = read_full_at(src, &mut head, 0)?;
+    if let Some(fmt) = foreign_format(&head[..n]) {
+        return Err(StoreError::Invalid(format!(
+            "the image is {fmt}, not raw; convert it first: qemu-img convert -O raw IMAGE IMAGE.raw"
+        )));
+    }
+    let vdi_size = match size {
+        Some(s) if s < src_size => {
+            return Err(StoreError::Invalid(format!(
+                "--size {s} is smaller than the image ({src_size} bytes)"
+            )))
+        }
+        Some(s) => s,
+        None => src_size.div_ceil(512).max(1) * 512,
+    };
+    store.create_vdi(name, vdi_size)?;
+    let result = (|| -> StoreResult<()> {
+        let disk = store.open_vdi(name, true)?;
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut pos = 0u64;
+        progress(0, src_size);
+        while let Some((start, end)) = next_data(src, pos, src_size) {
+            let mut at = start;
+            while at < end {
+                let n = (end - at).min(CHUNK) as usize;
+                let got = read_full_at(src, &mut buf[..n], at)?;
+                if got == 0 {
+                    break;
+                }
+                disk.write(&buf[..got], at, false)?;
+                at += got as u64;
+                progress(at, src_size);
+            }
+            pos = end.max(pos + 1);
+        }
+        progress(src_size, src_size);
+        store.flush()
+    })();
+    if let Err(e) = result {
+        // Leave nothing half-made behind (best effort: the store may be what failed).
+        let _ = store.delete(name, false);
+        return Err(e);
+    }
+    Ok(vdi_size)
+}
+
+fn read_full_at(f: &File, buf: &mut [u8], mut off: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Where an export goes.
+pub enum Sink<'a> {
+    /// A regular file or block device, written at offsets; holes are skipped in a regular
+    /// file (which is truncated to the VDI's size first) and zeroed on a block device.
+    File(&'a File),
+    /// A pipe or terminal: every byte, in order.
+    Stream(&'a mut dyn Write),
+}
+
+/// Writes VDI or snapshot `name` to `sink`. Returns bytes of data written (excluding holes).
+pub fn export(store: &Arc<Store>, name: &str, sink: Sink, progress: Progress) -> StoreResult<u64> {
+    let disk = store.open_vdi(name, false)?;
+    let size = disk.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut written = 0u64;
+    progress(0, size);
+    match sink {
+        Sink::File(f) => {
+            let blockdev = f.metadata()?.file_type().is_block_device();
+            if blockdev {
+                if file_size(f)? < size {
+                    return Err(StoreError::Invalid(format!(
+                        "the device is smaller than {name} ({size} bytes)"
+                    )));
+                }
+            } else {
+                f.set_len(0)?;
+                f.set_len(size)?;
+            }
+            let mut pos = 0u64;
+            while pos < size {
+                let ext = disk.extents(pos, (size - pos).min(1 << 30), 1024)?;
+                for e in ext {
+                    let mut at = pos;
+                    let end = pos + e.len;
+                    while at < end {
+                        let n = (end - at).min(CHUNK) as usize;
+                        if e.state == ExtentState::Data {
+                            disk.read(&mut buf[..n], at)?;
+                            if !crate::store::format::is_zero(&buf[..n]) || blockdev {
+                                f.write_all_at(&buf[..n], at)?;
+                                written += n as u64;
+                            }
+                        } else if blockdev {
+                            buf[..n].fill(0);
+                            f.write_all_at(&buf[..n], at)?;
+                        }
+                        at += n as u64;
+                        progress(at, size);
+                    }
+                    pos = end;
+                }
+            }
+            f.sync_data()?;
+        }
+        Sink::Stream(w) => {
+            let mut pos = 0u64;
+            while pos < size {
+                let n = (size - pos).min(CHUNK) as usize;
+                disk.read(&mut buf[..n], pos)?;
+                w.write_all(&buf[..n])?;
+                written += n as u64;
+                pos += n as u64;
+                progress(pos, size);
+            }
+            w.flush()?;
+        }
+    }
+    Ok(written)
+}
