@@ -363,7 +363,9 @@ impl Frontend {
                 })
             }
             Backend::Daemon(stream) => {
-                send_line(stream, &serde_json::json!({"op": "detach"}))?;
+                // The daemon may have closed already (shutdown, fault): then only its last
+                // message is left to read.
+                let _ = send_line(stream, &serde_json::json!({"op": "detach"}));
                 loop {
                     let line = match read_line(stream) {
                         Ok(l) => l,

@@ -351,11 +351,8 @@ fn attach(
     let mut detach_reason = "frontend detached".to_string();
     let dev_stop = device.stop_signal();
     loop {
-        if pending.windows(b"detach".len()).any(|w| w == b"detach") {
+        if take_detach(&mut pending) {
             break;
-        }
-        if pending.len() > MAX_LINE {
-            pending.clear();
         }
         let ready = poll_readable(&[stream.as_fd(), reg.stop.fd(), dev_stop.fd()], None)?;
         if ready[1] {
@@ -385,6 +382,22 @@ fn attach(
         &serde_json::json!({ "event": CLOSED_EVENT, "reason": reason }),
     );
     Ok(())
+}
+
+/// Consumes the complete lines in `pending`; true if one of them is `{"op":"detach"}`.
+/// Other lines are ignored; an overlong partial line is dropped.
+fn take_detach(pending: &mut Vec<u8>) -> bool {
+    while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = pending.drain(..=nl).collect();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+        if v["op"] == "detach" {
+            return true;
+        }
+    }
+    if pending.len() > MAX_LINE {
+        pending.clear();
+    }
+    false
 }
 
 /// Reads the connect line and its descriptors, giving up on a stop request or after
