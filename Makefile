@@ -19,12 +19,14 @@ release: ## Optimised build (target/release/parallax, target/release/frontend-sh
 	$(CARGO) build --release --workspace
 
 test: deps ## The whole test suite, as CI runs it
+	$(CARGO) build --workspace
 	$(CARGO) build --release --workspace
-	$(CARGO) nextest run --workspace --all-targets --profile ci
+	$(CARGO) nextest run --workspace --profile ci
 	$(CARGO) test --workspace --doc
 
 unit-test: ## Just the Rust tests (no package installs)
-	$(CARGO) nextest run --workspace --all-targets
+	$(CARGO) build --workspace
+	$(CARGO) nextest run --workspace
 
 fmt: ## Check formatting
 	$(CARGO) fmt --all -- --check
