@@ -150,6 +150,11 @@ pub enum OpenError {
 /// `NAME@SNAP` (read-only).
 pub trait DiskProvider: Send + Sync {
     fn list_exports(&self) -> Vec<ExportInfo>;
+    /// One export's description, if it exists. The default searches [`Self::list_exports`];
+    /// providers with many exports answer directly.
+    fn export_info(&self, name: &str) -> Option<ExportInfo> {
+        self.list_exports().into_iter().find(|e| e.name == name)
+    }
     /// Opens an export. `write` asks for a writable handle; a snapshot then fails with
     /// [`OpenError::ReadOnly`]. A front end that only reads passes `false`.
     fn open_export(&self, name: &str, write: bool) -> Result<Arc<dyn Disk>, OpenError>;

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use crate::{
     disk::{Disk, DiskError, DiskProvider, ExportInfo, Extent, OpenError},
-    store::{Kind, Store, StoreDisk, StoreError},
+    store::{Kind, Store, StoreDisk, StoreError, VdiSummary},
     util::format_size,
 };
 
@@ -69,25 +69,29 @@ fn open_error(name: &str, e: StoreError) -> OpenError {
     }
 }
 
+fn export(v: VdiSummary) -> ExportInfo {
+    ExportInfo {
+        description: match (&v.kind, &v.origin) {
+            (Kind::Snapshot, _) => format!("snapshot, {} (read-only)", format_size(v.size)),
+            (Kind::Vdi, Some(o)) => format!("VDI, {}, forked from {o}", format_size(v.size)),
+            (Kind::Vdi, None) => format!("VDI, {}", format_size(v.size)),
+        },
+        read_only: v.kind == Kind::Snapshot,
+        size: v.size,
+        name: v.name,
+    }
+}
+
 impl DiskProvider for StoreProvider {
     fn list_exports(&self) -> Vec<ExportInfo> {
-        let Ok(list) = self.store.list() else {
-            return Vec::new();
-        };
-        list.into_iter()
-            .map(|v| ExportInfo {
-                description: match (&v.kind, &v.origin) {
-                    (Kind::Snapshot, _) => format!("snapshot, {} (read-only)", format_size(v.size)),
-                    (Kind::Vdi, Some(o)) => {
-                        format!("VDI, {}, forked from {o}", format_size(v.size))
-                    }
-                    (Kind::Vdi, None) => format!("VDI, {}", format_size(v.size)),
-                },
-                read_only: v.kind == Kind::Snapshot,
-                size: v.size,
-                name: v.name,
-            })
-            .collect()
+        self.store
+            .list()
+            .map(|l| l.into_iter().map(export).collect())
+            .unwrap_or_default()
+    }
+
+    fn export_info(&self, name: &str) -> Option<ExportInfo> {
+        self.store.stat(name).ok().map(export)
     }
 
     fn open_export(&self, name: &str, write: bool) -> Result<Arc<dyn Disk>, OpenError> {
@@ -229,6 +233,11 @@ mod tests {
         ));
         let list = nbd.list_exports();
         assert!(list.iter().any(|e| e.name == "a@s" && e.read_only));
+        assert_eq!(
+            nbd.export_info("a@s").as_ref(),
+            list.iter().find(|e| e.name == "a@s")
+        );
+        assert_eq!(nbd.export_info("nope"), None);
         assert!(matches!(
             nbd.open_export("nope", false),
             Err(OpenError::NotFound(_))

@@ -760,7 +760,7 @@ impl Io {
 /// Answers a handshake query from the catalogue (on a worker thread). An `Open` also
 /// returns the disk it opened: writable unless the export is read-only.
 pub fn answer_query(provider: &dyn DiskProvider, q: Query) -> (Answer, Option<Arc<dyn Disk>>) {
-    let find = |name: &str| provider.list_exports().into_iter().find(|e| e.name == name);
+    let find = |name: &str| provider.export_info(name);
     match q {
         Query::List => (Answer::List(provider.list_exports()), None),
         Query::Lookup(name) => (Answer::Lookup(find(&name)), None),

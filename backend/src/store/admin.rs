@@ -495,6 +495,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Name, kind, size, origin of one VDI or snapshot, without walking its map.
+    pub fn stat(&self, full: &str) -> StoreResult<VdiSummary> {
+        let mut m = self.meta.lock();
+        let id = resolve(&mut m, full)?;
+        let rec = m.vdi(id)?.rec.clone();
+        Ok(VdiSummary {
+            name: full_name(&mut m, &rec)?,
+            kind: rec.kind,
+            size: rec.size,
+            created: secs(rec.created_ns),
+            origin: (rec.origin != 0).then(|| rec.origin_name.clone()),
+        })
+    }
+
     pub fn info(&self, full: &str) -> StoreResult<VdiInfo> {
         let mut m = self.meta.lock();
         let id = resolve(&mut m, full)?;
