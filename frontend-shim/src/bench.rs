@@ -73,6 +73,8 @@ pub struct BenchReport {
     pub lat_p99_us: f64,
     pub lat_p999_us: f64,
     pub lat_max_us: f64,
+    /// The backend went away before the run ended.
+    pub interrupted: bool,
 }
 
 impl BenchReport {
@@ -169,6 +171,7 @@ impl Histogram {
 }
 
 struct QueueResult {
+    interrupted: bool,
     ops: u64,
     errors: u64,
     hist: Histogram,
@@ -205,6 +208,7 @@ fn run_queue(
     };
     let depth = cfg.depth.min(q.depth());
     let mut res = QueueResult {
+        interrupted: false,
         ops: 0,
         errors: 0,
         hist: Histogram::default(),
@@ -229,7 +233,14 @@ fn run_queue(
         if q.in_flight() == 0 {
             break;
         }
-        q.wait(Some(Duration::from_secs(30)))?;
+        match q.wait(Some(Duration::from_secs(30))) {
+            // The backend went away (daemon stopping): report what ran until then.
+            Err(FrontError::BackendGone) => {
+                res.interrupted = true;
+                break;
+            }
+            r => r?,
+        };
         done.clear();
         q.poll(&mut done)?;
         for c in &done {
@@ -281,9 +292,10 @@ pub fn run(front: &mut Frontend, cfg: &BenchConfig) -> Result<BenchReport, Front
     });
     let elapsed = start.elapsed().as_secs_f64();
     let mut hist = Histogram::default();
-    let (mut ops, mut errors) = (0, 0);
+    let (mut ops, mut errors, mut interrupted) = (0, 0, false);
     for r in results {
         let r = r?;
+        interrupted |= r.interrupted;
         ops += r.ops;
         errors += r.errors;
         hist.merge(&r.hist);
@@ -303,6 +315,7 @@ pub fn run(front: &mut Frontend, cfg: &BenchConfig) -> Result<BenchReport, Front
         lat_p99_us: us(hist.quantile(0.99)),
         lat_p999_us: us(hist.quantile(0.999)),
         lat_max_us: us(hist.max),
+        interrupted,
     })
 }
 

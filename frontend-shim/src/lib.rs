@@ -237,11 +237,19 @@ impl Frontend {
             &stream,
             &serde_json::to_value(&req).map_err(std::io::Error::other)?,
         )?;
-        let offer: AttachOffer = serde_json::from_slice(&read_line(&stream)?)
+        let reply: serde_json::Value = serde_json::from_slice(&read_line(&stream)?)
             .map_err(|e| ShimError::Protocol(format!("offer: {e}")))?;
-        if !offer.ok {
-            return Err(ShimError::Refused(offer.error.unwrap_or_default()));
+        if reply["ok"] != true {
+            // The attach code answers {"ok":false,"error":..}; a daemon that serves no rings
+            // answers with its control protocol's {"message":..}.
+            let why = reply["error"]
+                .as_str()
+                .or(reply["message"].as_str())
+                .unwrap_or("attach refused");
+            return Err(ShimError::Refused(why.to_string()));
         }
+        let offer: AttachOffer = serde_json::from_value(reply)
+            .map_err(|e| ShimError::Protocol(format!("offer: {e}")))?;
         let features = offer.features.clamped();
         let p = plan(cfg, &features)?;
         if p.table_pages > offer.max_table_pages {

@@ -201,7 +201,10 @@ fn main() -> Result<()> {
                     seed: *seed,
                 },
             )?;
-            front.detach()?;
+            let reason = front.detach()?;
+            if report.interrupted {
+                eprintln!("frontend-shim: the backend went away during the run: {reason}");
+            }
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
