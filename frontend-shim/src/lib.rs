@@ -9,7 +9,7 @@
 //!      └─ Frontend::attach_store(store, ..) a running `parallax serve`, via its control socket
 //! ```
 //!
-//! [`verify`] runs random I/O checked against a model; [`bench`] measures IOPS and latency.
+//! [`verify`] runs random I/O checked against a model; [`mod@bench`] measures IOPS and latency.
 
 pub mod bench;
 pub mod front;

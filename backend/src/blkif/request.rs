@@ -460,4 +460,20 @@ mod tests {
             BLKIF_RSP_EOPNOTSUPP
         );
     }
+
+    proptest::proptest! {
+        /// Any 112 bytes decode to a request or a rejection, never a panic; planned ranges
+        /// always lie inside the disk.
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 112), ro in proptest::prelude::any::<bool>()) {
+            let mut e = [0u8; 112];
+            e.copy_from_slice(&bytes);
+            let l = Limits { read_only: ro, ..limits() };
+            if let Ok(Request::Direct { sector, segments, .. }) = decode(&e, &l) {
+                if let Ok(n) = plan(&l, sector, &segments) {
+                    proptest::prop_assert!((sector + n) * SECTOR <= l.disk_bytes);
+                }
+            }
+        }
+    }
 }
