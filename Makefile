@@ -49,9 +49,10 @@ images: ## Build (or reuse) the VM test template from Debian packages into image
 demo-image: ## The small ext4 demo disk that `make run` imports (var/demo.img)
 	images/build-demo.sh var/demo.img
 
-vm-test: release ## Real guests (QEMU, TCG) booting from Parallax forks over NBD
+vm-test: ## Real guests (QEMU, TCG) booting from Parallax forks over NBD
+	$(CARGO) build --release -p parallax
 	scripts/deps.sh vm
-	PARALLAX_BIN=$(RELEASE_BIN) tests/vm/run.sh
+	tests/vm/run.sh
 
 clean:
 	$(CARGO) clean

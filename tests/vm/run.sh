@@ -16,14 +16,14 @@
 # Prints PASS/FAIL per check and a table of boot times and bytes unique per fork.
 #
 # Environment: PX_VM_BACKEND=parallax|qemu-nbd (lib.sh), PARALLAX_BIN (default
-# target/release/parallax), PX_VM_ACCEL=tcg|kvm|auto (default tcg: nested KVM hangs on these
+# $CARGO_TARGET_DIR/release/parallax, CARGO_TARGET_DIR defaulting to ./target), PX_VM_ACCEL=tcg|kvm|auto (default tcg: nested KVM hangs on these
 # machines; auto probes it with a 15 s boot), PX_VM_GUESTS, PX_VM_MIB, PX_VM_KEEP=1 (keep logs even on success), PX_VM_DEBUG=1
 # (kernel messages on the consoles). Logs: tests/.work/vm/<run>/, kept when anything fails.
 set -Eeuo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
-export PARALLAX_BIN="${PARALLAX_BIN:-$root/target/release/parallax}"
+export PARALLAX_BIN="${PARALLAX_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/parallax}"
 # shellcheck source=tests/vm/lib.sh
 source "$root/tests/vm/lib.sh"
 
@@ -77,8 +77,11 @@ expect_clean_halt() {
     if console "$id" | grep -q '^PX-FAIL'; then
         fail "$id reported: $(console "$id" | grep '^PX-FAIL' | head -n1)"
     fi
-    console "$id" | grep -qx "PX-HALT $id clean" \
-        || fail "$id did not halt cleanly (see ${PX_WORK#"$root"/}/$id.log)"
+    if ! console "$id" | grep -qx "PX-HALT $id clean"; then
+        echo "--- last lines of $id's console:" >&2
+        console "$id" | tail -n 8 >&2
+        fail "$id did not halt cleanly (see ${PX_WORK#"$root"/}/$id.log)"
+    fi
 }
 
 # export_fsck NAME[@SNAP] IMG: export the VDI to IMG and require `e2fsck -fn` to find no fault.
@@ -235,8 +238,11 @@ for vdi in template@gold template; do
 done
 rm -f "$PX_WORK/template.img"
 pass "template and template@gold byte-identical to the imported image"
-store_check > "$PX_WORK/check.out" 2>&1 || fail "store check: $(tail -n 3 "$PX_WORK/check.out")"
-pass "store checks clean"
+store_check > "$PX_WORK/check.out" 2>&1 || fail "store check (server running): $(tail -n 3 "$PX_WORK/check.out")"
+store_summary > "$PX_WORK/summary.out" 2>&1
+serve_stop
+store_check > "$PX_WORK/check.out" 2>&1 || fail "store check (server stopped): $(tail -n 3 "$PX_WORK/check.out")"
+pass "store checks clean, through the server and opened directly after it stopped"
 
 # --- table -----------------------------------------------------------------------------------
 tpl_alloc="$(vdi_allocated_bytes template@gold)"
@@ -250,4 +256,6 @@ for id in "${ids[@]}" sw swf kc-check; do
 done
 printf 'template@gold: %s MiB virtual, %s KiB allocated; boot = vm start to PX-READY\n' \
     "$(( $(stat -c %s "$PX_ROOTFS") / 1048576 ))" "$((tpl_alloc / 1024))"
+echo
+cat "$PX_WORK/summary.out"
 echo "vm-test: total $(elapsed "$t_start" "$(now)") s"
