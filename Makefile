@@ -23,6 +23,8 @@ test: deps ## The whole test suite, as CI runs it
 	$(CARGO) build --release --workspace
 	$(CARGO) nextest run --workspace --profile ci
 	$(CARGO) test --workspace --doc
+	scripts/deps.sh vm
+	tests/vm/run.sh
 
 unit-test: ## Just the Rust tests (no package installs)
 	$(CARGO) build --workspace

@@ -319,6 +319,7 @@ fn fio_random_writes_verify() {
         "--iodepth=16",
         "--verify=crc32c",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--output-format=json",
     ]));
