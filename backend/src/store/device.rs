@@ -228,6 +228,21 @@ impl MemDevice {
         }
     }
 
+    /// Blocks written so far, in order (for corruption tests).
+    pub fn written_blocks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.blocks.lock().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A copy of this device (for corruption tests).
+    pub fn duplicate(&self) -> MemDevice {
+        MemDevice {
+            len: self.len,
+            blocks: Mutex::new(self.blocks.lock().clone()),
+        }
+    }
+
     /// Flips bits of the byte at `offset`, for corruption tests.
     pub fn corrupt(&self, offset: u64, xor: u8) {
         let mut blocks = self.blocks.lock();

@@ -308,6 +308,16 @@ impl Store {
         let last = best.ok_or_else(|| {
             StoreError::Corrupt(format!("no valid commit record ({})", errors.join("; ")))
         })?;
+        if !errors.is_empty() && last.gen > 1 {
+            // Expected after a power cut during a commit (the newer record was torn); if the
+            // store was closed cleanly, this is media damage and the newest commit is lost.
+            warn!(
+                generation = last.gen,
+                "one commit record is unreadable ({}); using generation {}",
+                errors.join("; "),
+                last.gen
+            );
+        }
         if !last.clean {
             info!(
                 generation = last.gen,
@@ -571,6 +581,40 @@ impl Store {
         m.gen += 1;
         m.changed = false;
         Ok(Prepared { record, writes, rc })
+    }
+
+    /// Every block the last durable commit depends on: the superblock, the current commit slot,
+    /// the selected copies of group headers and refcount pages, and every allocated block.
+    #[cfg(test)]
+    pub(crate) fn live_blocks(&self) -> Vec<u64> {
+        let cs = self.commit.lock();
+        let geo = self.geometry();
+        let mut out = vec![SUPERBLOCK_ADDR, COMMIT_SLOTS[(cs.last.gen % 2) as usize]];
+        let mut m = self.meta.lock();
+        for (g, sel) in cs.last.group_selectors.iter().enumerate() {
+            if !sel.written {
+                continue;
+            }
+            let addr = geo.group_header_addr(g as u64, sel.copy);
+            out.push(addr);
+            let mut b = [0u8; BLOCK_SIZE];
+            self.dev
+                .read_at(&mut b, addr * BLOCK_SIZE_U64)
+                .expect("header");
+            let h = super::format::GroupHeader::decode(&b, addr, &geo, g as u64).expect("header");
+            for (p, ps) in h.page_selectors.iter().enumerate() {
+                if ps.written {
+                    out.push(geo.rc_page_addr(g as u64, p as u64, ps.copy));
+                }
+            }
+        }
+        let dev = m.dev.clone();
+        for b in 0..geo.total_blocks {
+            if geo.locate(b).is_some() && m.rc.get(&*dev, b).expect("rc") > 0 {
+                out.push(b);
+            }
+        }
+        out
     }
 
     /// Blocks that can be allocated for data right now (after the commit reserve).
