@@ -21,3 +21,4 @@ pub mod nbd;
 pub mod store;
 pub mod transfer;
 pub mod util;
+pub mod xen;
