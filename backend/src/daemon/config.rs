@@ -21,6 +21,8 @@ pub struct Config {
     pub commit_interval_ms: u64,
     pub cache: CacheSection,
     pub rings: RingSection,
+    /// The Xen vbd backend (xenbus): see [`crate::xen::XenConfig`].
+    pub xen: crate::xen::XenConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +83,7 @@ impl Default for Config {
             commit_interval_ms: 5000,
             cache: CacheSection::default(),
             rings: RingSection::default(),
+            xen: crate::xen::XenConfig::default(),
         }
     }
 }
@@ -147,6 +150,7 @@ impl Config {
             a.parse::<std::net::SocketAddr>()
                 .map_err(|_| format!("nbd.listen: {a:?} is not an address like 127.0.0.1:10809"))?;
         }
+        self.xen.validate()?;
         if self.commit_interval_ms == 0 {
             return Err("commit_interval_ms must be at least 1".into());
         }

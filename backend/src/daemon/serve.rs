@@ -118,6 +118,8 @@ pub struct Daemon {
     nbd_shutdown: Option<crate::nbd::NbdShutdown>,
     nbd_thread: Option<std::thread::JoinHandle<io::Result<()>>>,
     rings: RingRegistry,
+    /// The Xen vbd backend, when serving Xen (see [`crate::xen::config`]).
+    pub xen: Option<crate::xen::config::RunningXen>,
     committer: Option<Committer>,
     control_fd: i32,
     control_thread: Option<std::thread::JoinHandle<()>>,
@@ -140,6 +142,13 @@ impl Daemon {
         let control_listener = bind_control(&control_addr)?;
 
         let provider = StoreProvider::new(store.clone(), FrontEnd::Nbd);
+        // Before the other servers, so a Xen setup error leaves nothing running.
+        let xen = crate::xen::config::start_from_config(
+            &cfg.xen,
+            cfg.ring_features(),
+            Arc::new(provider.sibling(FrontEnd::Ring)),
+        )
+        .map_err(|e| anyhow!(e))?;
         let mut nbd_tcp = Vec::new();
         let mut nbd_unix = None;
         let (nbd_shutdown, nbd_thread) = if cfg.nbd.enabled {
@@ -225,6 +234,7 @@ impl Daemon {
             nbd_shutdown,
             nbd_thread,
             rings,
+            xen,
             committer: Some((wake, committer)),
             control_fd,
             control_thread: Some(control_thread),
@@ -237,6 +247,10 @@ impl Daemon {
 
     /// Shuts down in order and makes everything durable.
     pub fn stop(mut self) -> anyhow::Result<()> {
+        // Xen guests first: each ring answers what it has seen, frontends see Closing.
+        if let Some(x) = self.xen.take() {
+            x.backend.stop();
+        }
         if let Some(s) = self.nbd_shutdown.take() {
             s.shutdown();
         }
