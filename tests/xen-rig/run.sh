@@ -3,11 +3,11 @@
 # PV guests whose blkfront talks to a block backend in dom0 through real grant tables and event
 # channels, and reports each scenario as PASS/FAIL with its time.
 #
-# Usage: tests/xen-rig/run.sh [options] [SCENARIO...]     (default: every scenarios/*.sh)
+# Usage: tests/xen-rig/run.sh [options] [SCENARIO...]  (default: every scenarios/*.sh but probe-*)
 #   --backend blkback|parallax  storage backend in dom0 (default $XEN_RIG_BACKEND or blkback, the
 #                               kernel's xen-blkback as a stand-in; see dom0/lib.sh)
-#   --timeout S                 whole run's limit (default 600); QEMU is killed after it
-#   --scenario-timeout S        one scenario's limit inside dom0 (default 240)
+#   --timeout S                 whole run's limit (default 1800); QEMU is killed after it
+#   --scenario-timeout S        one scenario's limit inside dom0 (default 600)
 #   --save-notes                copy what scenarios saved with rig_note to tests/xen-rig/notes/
 #   --keep                      keep the work directory even when everything passed
 #   --shell                     interactive: serial console on this terminal, a dom0 shell after
@@ -25,8 +25,8 @@ root=$(cd "$here/../.." && pwd)
 img=${XEN_RIG_CACHE:-$root/images/.cache/xen}/out
 
 backend=${XEN_RIG_BACKEND:-blkback}
-timeout=600
-scen_timeout=240
+timeout=1800
+scen_timeout=600
 save_notes=0 keep=0 shell=0 run=1 verbose=0
 scenarios=()
 while [ $# -gt 0 ]; do
@@ -50,7 +50,8 @@ case "$backend" in blkback|parallax) ;; *) echo "run.sh: unknown backend $backen
 if [ $run = 0 ]; then
   scenarios=()
 elif [ ${#scenarios[@]} -eq 0 ]; then
-  mapfile -t scenarios < <(cd "$here/scenarios" && ls ./*.sh | sed 's|^\./||; s|\.sh$||')
+  # probe-* scenarios record facts rather than test anything: they run only when named.
+  mapfile -t scenarios < <(cd "$here/scenarios" && ls ./*.sh | sed 's|^\./||; s|\.sh$||' | grep -v '^probe-')
 fi
 for s in "${scenarios[@]}"; do
   [ -f "$here/scenarios/$s.sh" ] || { echo "run.sh: no scenario $s (see --list)" >&2; exit 2; }
@@ -66,7 +67,7 @@ work=$(mktemp -d "$root/tests/.work/xen/run-$(date +%Y%m%d-%H%M%S)-XXXX")
 share=$work/share
 mkdir -p "$share"/{rig,scenarios,results,bin/lib}
 cp "$here/dom0/main.sh" "$share/dom0-main.sh"
-cp "$here/dom0/lib.sh" "$here/dom0/block-rig" "$share/rig/"
+cp "$here"/dom0/* "$share/rig/"
 cp "$here/lib/pattern.sh" "$here/lib/guest.sh" "$share/rig/"
 for s in "${scenarios[@]}"; do cp "$here/scenarios/$s.sh" "$share/scenarios/"; done
 printf '%s\n' "${scenarios[@]}" >"$share/scenarios.list"

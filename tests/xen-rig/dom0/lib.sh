@@ -34,7 +34,10 @@ must() {
   _out=$("$@" 2>&1) || { echo "$_out"; fail "$*"; }
   [ -z "$_out" ] || echo "$_out"
 }
-uptime_cs() { awk '{ printf "%d", $1 * 100 }' /proc/uptime; }
+# uptime_cs / now: dom0 uptime in centiseconds / whole seconds, without starting a process
+# (every process start costs real time in the emulated dom0).
+uptime_cs() { read -r _up _ </proc/uptime; _s=${_up%.*}; _f=${_up#*.}; echo $(( _s * 100 + 1${_f} - 100 )); }
+now() { read -r _up _ </proc/uptime; echo "${_up%.*}"; }
 
 . /host/rig/pattern.sh
 
@@ -167,20 +170,39 @@ rig_guest_create() {
 }
 rig_guest_start() {
   _t0=$(uptime_cs)
+  rm -f "$RIG_TMP/guest-$1/domid"
   rig_guest_create "$1" || fail "xl create $1 failed"
+  _id=$(xl domid "$1") || fail "no domain id for $1"
+  echo "$_id" >"$RIG_TMP/guest-$1/domid"
   say "guest $1 is domain $(rig_domid "$1") (xl create took $(( ($(uptime_cs) - _t0) / 100 )).$(( ($(uptime_cs) - _t0) % 100 / 10 ))s)"
 }
-rig_domid() { xl domid "$1" 2>/dev/null; }
-rig_guest_alive() { xl domid "$1" >/dev/null 2>&1; }
+# rig_domid NAME: the domain id of guest NAME: remembered by rig_guest_start, else looked up in
+# xenstore (each `xl` run costs ~0.5 s in the emulated dom0, too slow to poll with).
+rig_domid() {
+  if [ -f "$RIG_TMP/guest-$1/domid" ]; then
+    read -r _id <"$RIG_TMP/guest-$1/domid"
+    echo "$_id"
+    return 0
+  fi
+  for _id in $(xenstore-list /local/domain 2>/dev/null); do
+    [ "$(xenstore-read "/local/domain/$_id/name" 2>/dev/null)" = "$1" ] && { echo "$_id"; return 0; }
+  done
+  return 1
+}
+# rig_guest_alive NAME: the domain exists (xenstore's view, confirmed by xl when it says no).
+rig_guest_alive() {
+  _id=$(rig_domid "$1") || return 1
+  [ "$(xenstore-read "/local/domain/$_id/name" 2>/dev/null)" = "$1" ] && return 0
+  xl list "$_id" >/dev/null 2>&1
+}
 
 # rig_guest_wait NAME [SECONDS]: waits for guest NAME to power off (default 120 s; then destroys
 # it and fails), saves its console log as $RIG_RESULTS/guest-NAME.log and fails unless the guest
 # script succeeded.
 rig_guest_wait() {
-  _n=$(( ${2:-120} * 10 ))
+  _end=$(( $(now) + ${2:-120} ))
   while rig_guest_alive "$1"; do
-    _n=$((_n - 1))
-    if [ $_n -le 0 ]; then
+    if [ "$(now)" -ge $_end ]; then
       xl destroy "$1"
       _rig_guest_log "$1"
       fail "guest $1 still running after ${2:-120}s"
@@ -203,15 +225,15 @@ _rig_guest_log() {
 # rig_guest_run NAME [SECONDS]: start and wait.
 rig_guest_run() { rig_guest_start "$1" && rig_guest_wait "$@"; }
 
-# rig_guest_set NAME KEY VALUE / rig_guest_get NAME KEY: the guest's rig/KEY in xenstore.
-rig_guest_set() { must xenstore-write "/local/domain/$(rig_domid "$1")/rig/$2" "$3"; }
-rig_guest_get() { xenstore-read "/local/domain/$(rig_domid "$1")/rig/$2" 2>/dev/null; }
+# rig_guest_set NAME KEY VALUE / rig_guest_get NAME KEY: the guest's data/rig/KEY in xenstore.
+rig_guest_set() { must xenstore-write "/local/domain/$(rig_domid "$1")/data/rig/$2" "$3"; }
+rig_guest_get() { xenstore-read "/local/domain/$(rig_domid "$1")/data/rig/$2" 2>/dev/null; }
 # rig_guest_wait_key NAME KEY VALUE [SECONDS]: waits until the guest sets rig/KEY to VALUE.
 rig_guest_wait_key() {
-  _n=$(( ${4:-60} * 10 ))
+  _end=$(( $(now) + ${4:-60} ))
   while [ "$(rig_guest_get "$1" "$2")" != "$3" ]; do
     rig_guest_alive "$1" || { _rig_guest_log "$1"; fail "guest $1 died before rig/$2=$3"; }
-    _n=$((_n - 1)); [ $_n -gt 0 ] || fail "timeout waiting for guest $1 rig/$2=$3"
+    [ "$(now)" -lt $_end ] || fail "timeout waiting for guest $1 rig/$2=$3"
     sleep 0.1
   done
 }
@@ -222,12 +244,12 @@ rig_be_path() { xenstore-read "$(rig_fe_path "$1" "$2")/backend" 2>/dev/null; }
 # rig_vbd_wait NAME DEVID STATE [SECONDS]: waits until both ends of the vbd are in STATE (4 =
 # Connected).
 rig_vbd_wait() {
-  _n=$(( ${4:-30} * 10 ))
+  _end=$(( $(now) + ${4:-30} ))
   while :; do
-    _fe=$(xenstore-read "$(rig_fe_path "$1" "$2")/state" 2>/dev/null)
-    _be=$(xenstore-read "$(rig_be_path "$1" "$2")/state" 2>/dev/null)
+    _fe=$(xenstore-read "$(rig_fe_path "$1" "$2")/state" 2>/dev/null || true)
+    _be=$(xenstore-read "$(rig_be_path "$1" "$2")/state" 2>/dev/null || true)
     [ "$_fe" = "$3" ] && [ "$_be" = "$3" ] && return 0
-    _n=$((_n - 1)); [ $_n -gt 0 ] || fail "vbd $2 of $1: frontend state '$_fe', backend '$_be', wanted $3"
+    [ "$(now)" -lt $_end ] || fail "vbd $2 of $1: frontend state '$_fe', backend '$_be', wanted $3"
     sleep 0.1
   done
 }
@@ -242,10 +264,16 @@ rig_note() {
   for _f in "$@"; do cp "$RIG_RESULTS/$_f" "$RIG_RESULTS/notes/"; done
 }
 
-# rig_cleanup: destroys every guest (main.sh runs it after each scenario).
+# rig_cleanup: destroys every guest and keeps the console logs of those that did not finish
+# normally (main.sh runs it after each scenario).
 rig_cleanup() {
-  for _d in $(xl list 2>/dev/null | awk 'NR > 1 && $2 != 0 {print $1}'); do
-    say "cleanup: destroying leftover guest $_d"
-    xl destroy "$_d" 2>&1
+  for _d in $(xl list 2>/dev/null | awk 'NR > 1 && $2 != 0 {print $2}'); do
+    say "cleanup: destroying leftover domain $_d"
+    xl destroy "$_d" 2>&1 || true
+  done
+  for _f in /var/log/xen/console/guest-*.log; do
+    [ -f "$_f" ] || continue
+    _g=${_f##*/guest-}; _g=${_g%.log}
+    _rig_guest_log "$_g"
   done
 }

@@ -1,32 +1,48 @@
 # The Xen rig's driver in dom0 (the dom0 /init runs it from the host share as /host/dom0-main.sh).
-# Runs each scenario named in /host/scenarios.list in its own shell with a time limit, tees its
-# output to the console and /host/results/NAME/log, and records /host/results/NAME/status as
-# "rc=N secs=S". Console markers: RIG-SCENARIO-BEGIN NAME, RIG-SCENARIO-END NAME rc=N secs=S.
-set -o pipefail
+# Runs each scenario named in /host/scenarios.list in a shell of its own (own session, `set -e`,
+# dom0/lib.sh loaded) with a time limit, shows its output on the console, keeps it in
+# /host/results/NAME/log, and records /host/results/NAME/status as "rc=N secs=S".
+# Console markers: RIG-SCENARIO-BEGIN NAME, RIG-SCENARIO-END NAME rc=N secs=S.
 . /host/rig.env
 export RIG_BACKEND RIG_SCENARIO_TIMEOUT
+limit=${RIG_SCENARIO_TIMEOUT:-300}
 
-uptime_cs() { awk '{ printf "%d", $1 * 100 }' /proc/uptime; }
+uptime_cs() { read -r _up _ </proc/uptime; _s=${_up%.*}; _f=${_up#*.}; echo $(( _s * 100 + 1${_f} - 100 )); }
 
 mkdir -p /host/results
 failed=0
 for name in $(cat /host/scenarios.list); do
   dir=/host/results/$name
   mkdir -p "$dir"
+  : >"$dir/log"
   echo "RIG-SCENARIO-BEGIN $name"
   t0=$(uptime_cs)
-  RIG_RESULTS=$dir timeout -s KILL "${RIG_SCENARIO_TIMEOUT:-300}" \
-    sh -c '. /host/rig/lib.sh; set -e; . "/host/scenarios/$1.sh"' sh "$name" 2>&1 | tee "$dir/log"
-  rc=$?
-  if [ $rc = 137 ]; then
-    echo "RIG-FAIL: scenario $name killed after ${RIG_SCENARIO_TIMEOUT:-300}s"
-  elif [ $rc != 0 ] && ! grep -q 'RIG-FAIL' "$dir/log"; then
-    echo "RIG-FAIL: scenario $name exited with status $rc" | tee -a "$dir/log"
+  tail -f "$dir/log" &
+  tailpid=$!
+  # setsid: the scenario leads its own process group, so whatever it leaves running in the
+  # background (watch loops, daemons) is killed with it.
+  RIG_RESULTS=$dir setsid sh -c '. /host/rig/lib.sh; set -e; . "/host/scenarios/$1.sh"' sh "$name" \
+    >>"$dir/log" 2>&1 </dev/null &
+  pid=$!
+  while kill -0 $pid 2>/dev/null && [ $(( $(uptime_cs) - t0 )) -lt $((limit * 100)) ]; do sleep 0.2; done
+  if kill -0 $pid 2>/dev/null; then
+    kill -KILL -$pid 2>/dev/null
+    wait $pid
+    rc=137
+    echo "RIG-FAIL: scenario $name killed after ${limit}s" >>"$dir/log"
+  else
+    wait $pid
+    rc=$?
+    kill -KILL -$pid 2>/dev/null
+    [ $rc = 0 ] || grep -q 'RIG-FAIL' "$dir/log" ||
+      echo "RIG-FAIL: scenario $name exited with status $rc" >>"$dir/log"
   fi
+  # Leave nothing behind for the next scenario.
+  RIG_RESULTS=$dir sh -c '. /host/rig/lib.sh; rig_cleanup; rig_backend_stop' >>"$dir/log" 2>&1
+  sleep 0.3
+  kill $tailpid
   t1=$(uptime_cs)
   secs=$(( (t1 - t0) / 100 )).$(( (t1 - t0) % 100 / 10 ))
-  # Leave nothing behind for the next scenario.
-  RIG_RESULTS=$dir sh -c '. /host/rig/lib.sh; rig_cleanup; rig_backend_stop' 2>&1 | tee -a "$dir/log"
   echo "rc=$rc secs=$secs" >"$dir/status"
   echo "RIG-SCENARIO-END $name rc=$rc secs=$secs"
   [ $rc = 0 ] || failed=$((failed + 1))

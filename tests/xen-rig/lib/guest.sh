@@ -1,37 +1,40 @@
 # Helpers for guest scripts (sourced in the guest before /guest.sh; pattern.sh comes with it).
-# A guest talks to dom0 through its own xenstore directory, /local/domain/<domid>/rig/: relative
-# xenstore paths resolve there, and the guest may read and write it.
+# A guest talks to dom0 through its own xenstore directory /local/domain/<domid>/data/rig/ (data/
+# is the part of its home a guest may write; libxl makes it so): relative
+# xenstore paths resolve to the home directory.
 
-say() { echo "rig-guest [$(cut -d' ' -f1 /proc/uptime)]: $*"; }
+say() { read -r _up _ </proc/uptime; echo "rig-guest [$_up]: $*"; }
+# now: whole seconds of uptime, without starting a process.
+now() { read -r _up _ </proc/uptime; echo "${_up%.*}"; }
 fail() { echo "RIG-GUEST-FAIL: $*"; exit 1; }
 
 # guest_set KEY VALUE / guest_get KEY: the guest's rig/KEY.
-guest_set() { xenstore-write "rig/$1" "$2"; }
-guest_get() { xenstore-read "rig/$1" 2>/dev/null; }
+guest_set() { xenstore-write "data/rig/$1" "$2"; }
+guest_get() { xenstore-read "data/rig/$1" 2>/dev/null; }
 
 # guest_wait_key KEY VALUE [SECONDS]: waits until dom0 sets rig/KEY to VALUE (default 60 s).
 guest_wait_key() {
-  _n=$(( ${3:-60} * 10 ))
+  _end=$(( $(now) + ${3:-60} ))
   while [ "$(guest_get "$1")" != "$2" ]; do
-    _n=$((_n - 1)); [ "$_n" -gt 0 ] || fail "timeout waiting for rig/$1=$2"
+    [ "$(now)" -lt $_end ] || fail "timeout waiting for rig/$1=$2"
     sleep 0.1
   done
 }
 
-# guest_wait_dev DEV [SECONDS]: waits until /dev/DEV exists (default 10 s).
+# guest_wait_dev DEV [SECONDS]: waits until /dev/DEV exists (default 30 s).
 guest_wait_dev() {
-  _n=$(( ${2:-10} * 10 ))
+  _end=$(( $(now) + ${2:-30} ))
   while [ ! -b "/dev/$1" ]; do
-    _n=$((_n - 1)); [ "$_n" -gt 0 ] || fail "/dev/$1 did not appear"
+    [ "$(now)" -lt $_end ] || fail "/dev/$1 did not appear"
     sleep 0.1
   done
 }
 
 # guest_wait_nodev DEV [SECONDS]: waits until /dev/DEV is gone (default 30 s).
 guest_wait_nodev() {
-  _n=$(( ${2:-30} * 10 ))
+  _end=$(( $(now) + ${2:-30} ))
   while [ -b "/dev/$1" ]; do
-    _n=$((_n - 1)); [ "$_n" -gt 0 ] || fail "/dev/$1 did not go away"
+    [ "$(now)" -lt $_end ] || fail "/dev/$1 did not go away"
     sleep 0.1
   done
 }
