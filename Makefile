@@ -56,6 +56,10 @@ vm-test: ## Real guests (QEMU, TCG) booting from Parallax forks over NBD
 	scripts/deps.sh vm
 	tests/vm/run.sh
 
+xen-test: ## Xen 4.17, PV dom0 + guests under QEMU (TCG): blkfront against the dom0 backend
+	scripts/deps.sh xen
+	tests/xen-rig/run.sh
+
 clean:
 	$(CARGO) clean
 	rm -rf var

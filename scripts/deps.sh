@@ -16,7 +16,8 @@ for g in "${groups[@]}"; do
     base) pkgs+=(libnbd-bin fio libxen-dev xen-utils-4.17 xenstore-utils e2fsprogs cpio
                  qemu-utils qemu-system-x86 busybox-static gcc make pkg-config) ;;
     vm) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs kmod xz-utils zstd python3) ;;
-    xen) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod) ;;
+    xen) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod xen-utils-4.17 xenstore-utils
+                e2fsprogs) ;;
     bench) pkgs+=(fio nbdkit nbd-server libnbd-bin gnuplot-nox qemu-utils qemu-system-x86) ;;
     fuzz) ;;
     *) echo "deps.sh: unknown group $g" >&2; exit 2 ;;
