@@ -84,6 +84,19 @@ pub enum ShimError {
 enum Backend {
     InProcess(Option<Device>),
     Daemon(Arc<UnixStream>),
+    /// Connected by the caller (e.g. through xenstore): see [`Frontend::external`].
+    External,
+}
+
+/// The backend's half of a frontend made by [`Frontend::external`]: what a control plane
+/// (xenbus) hands to the backend.
+pub struct ExternalRings {
+    /// The frontend's grant table; the backend maps its memfd ([`LocalGrantTable::open`]).
+    pub table: Arc<LocalGrantTable>,
+    pub ring_order: u32,
+    /// Per queue: the ring pages' grant references and the backend's end of its event
+    /// channel.
+    pub queues: Vec<(Vec<GrantRef>, LocalEvent)>,
 }
 
 /// A connected frontend: a grant table, its queues, and the backend it talks to.
@@ -205,6 +218,55 @@ impl Frontend {
             features,
             backend: Backend::InProcess(Some(device)),
         })
+    }
+
+    /// A frontend whose backend the caller connects (the xenbus handshake does it through
+    /// xenstore): lays out the grant table and initialises the rings for what the backend
+    /// offered, and returns the backend's half. Queues treat `gone` becoming readable as
+    /// "backend gone". Call [`Frontend::set_disk`] once the backend has said the disk's size.
+    pub fn external(
+        features: &Features,
+        cfg: &FrontendConfig,
+        gone: Arc<dyn AsFd + Send + Sync>,
+    ) -> Result<(Frontend, ExternalRings), ShimError> {
+        let features = features.clamped();
+        let p = plan(cfg, &features)?;
+        let table = Arc::new(LocalGrantTable::create(p.table_pages)?);
+        let mut front_events = Vec::new();
+        let mut back_events = Vec::new();
+        for _ in 0..p.queues {
+            let (b, f) = LocalEvent::pair()?;
+            back_events.push(b);
+            front_events.push(f);
+        }
+        let queues = Self::make_queues(&table, &p, front_events, gone)?;
+        let rings = ExternalRings {
+            table: table.clone(),
+            ring_order: p.order,
+            queues: p
+                .layouts
+                .iter()
+                .map(|l| l.ring_refs.clone())
+                .zip(back_events)
+                .collect(),
+        };
+        Ok((
+            Frontend {
+                table,
+                queues,
+                size: 0,
+                read_only: cfg.read_only,
+                features,
+                backend: Backend::External,
+            },
+            rings,
+        ))
+    }
+
+    /// Sets the disk's size and mode as the backend published them (external frontends).
+    pub fn set_disk(&mut self, size: u64, read_only: bool) {
+        self.size = size;
+        self.read_only = read_only;
     }
 
     /// Attaches to VDI `name` of the daemon holding the store at `store`.
@@ -355,7 +417,7 @@ impl Frontend {
     pub fn device(&self) -> Option<&Device> {
         match &self.backend {
             Backend::InProcess(d) => d.as_ref(),
-            Backend::Daemon(_) => None,
+            Backend::Daemon(_) | Backend::External => None,
         }
     }
 
@@ -370,6 +432,7 @@ impl Frontend {
                     parallax::blkif::DeviceEnd::Fault(f) => f,
                 })
             }
+            Backend::External => Ok("detached by the caller".into()),
             Backend::Daemon(stream) => {
                 // The daemon may have closed already (shutdown, fault): then only its last
                 // message is left to read.

@@ -1,2 +1,3 @@
 //! Shared helpers for the integration tests: temporary stores, running the `parallax` binary.
 pub mod nbd;
+pub mod xenstored;

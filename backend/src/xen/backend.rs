@@ -297,7 +297,27 @@ impl<S: XenStore> Driver<S> {
             if let Some(e) = fatal {
                 return Err(e);
             }
+            // Consecutive writes into the backend directory go in one transaction that
+            // checks the directory still exists.
+            let be_dir = slot.vbd.backend_dir().to_string();
+            let be_prefix = format!("{be_dir}/");
+            let mut batch: Vec<(String, String)> = Vec::new();
+            let flush = |batch: &mut Vec<(String, String)>| -> Result<(), XsError> {
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let r = store.write_if_exists(&be_dir, batch).map(|_| ());
+                batch.clear();
+                soft(r, "write", &be_dir)
+            };
             for a in actions {
+                if let Action::Write(p, v) = &a {
+                    if p.starts_with(&be_prefix) {
+                        batch.push((p.clone(), v.clone()));
+                        continue;
+                    }
+                }
+                flush(&mut batch)?;
                 match a {
                     Action::Write(p, v) => soft(store.write(&p, &v), "write", &p)?,
                     Action::Remove(p) => soft(store.rm(&p), "remove", &p)?,
@@ -363,6 +383,7 @@ impl<S: XenStore> Driver<S> {
                     Action::Forget => forget = true,
                 }
             }
+            flush(&mut batch)?;
         }
         if forget {
             if let Some(s) = self.devices.remove(id) {

@@ -8,8 +8,12 @@
 
 use std::{
     collections::VecDeque,
-    io::{Read, Write},
-    os::{fd::AsFd, unix::net::UnixStream},
+    fs::File,
+    io::{self, Read, Write},
+    os::{
+        fd::{AsFd, BorrowedFd},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -31,8 +35,47 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
+/// The xenbus device of a domain without a local xenstored (a driver domain).
+pub const XENBUS_DEVICE: &str = "/dev/xen/xenbus";
+
+/// Where the messages go: xenstored's socket, or the xenbus device (same framing).
+enum Chan {
+    Unix(UnixStream),
+    Dev(File),
+}
+
+impl Read for Chan {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Chan::Unix(s) => s.read(buf),
+            Chan::Dev(f) => f.read(buf),
+        }
+    }
+}
+
+impl Write for Chan {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Chan::Unix(s) => s.write(buf),
+            Chan::Dev(f) => f.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsFd for Chan {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Chan::Unix(s) => s.as_fd(),
+            Chan::Dev(f) => f.as_fd(),
+        }
+    }
+}
+
 struct Inner {
-    stream: UnixStream,
+    stream: Chan,
     next_req: u32,
     events: VecDeque<WatchEvent>,
 }
@@ -59,6 +102,10 @@ impl XsConn {
                 format!("connecting to xenstored at {}: {e}", path.display()),
             ))
         })?;
+        Self::over(Chan::Unix(stream))
+    }
+
+    fn over(stream: Chan) -> Result<XsConn, XsError> {
         Ok(XsConn {
             inner: Mutex::new(Inner {
                 stream,
@@ -69,12 +116,18 @@ impl XsConn {
         })
     }
 
-    /// Connects to [`default_socket`].
+    /// Connects the way Xen's tools do: [`default_socket`], else the xenbus device.
     pub fn connect_default() -> Result<XsConn, XsError> {
-        Self::connect(&default_socket())
+        match Self::connect(&default_socket()) {
+            Ok(c) => Ok(c),
+            Err(e) => match File::options().read(true).write(true).open(XENBUS_DEVICE) {
+                Ok(f) => Self::over(Chan::Dev(f)),
+                Err(_) => Err(e),
+            },
+        }
     }
 
-    fn read_message(stream: &mut UnixStream) -> Result<(Header, Vec<u8>), XsError> {
+    fn read_message(stream: &mut Chan) -> Result<(Header, Vec<u8>), XsError> {
         let mut h = [0u8; HEADER_LEN];
         stream.read_exact(&mut h)?;
         let h = Header::decode(&h)?;
@@ -249,6 +302,18 @@ impl Drop for Transaction<'_> {
 }
 
 impl XenStore for XsConn {
+    fn write_if_exists(&self, dir: &str, nodes: &[(String, String)]) -> Result<bool, XsError> {
+        self.in_transaction(|t| {
+            if t.read(dir)?.is_none() {
+                return Ok(false);
+            }
+            for (p, v) in nodes {
+                t.write(p, v)?;
+            }
+            Ok(true)
+        })
+    }
+
     fn read(&self, path: &str) -> Result<Option<String>, XsError> {
         self.read_tx(0, path)
     }

@@ -29,6 +29,10 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 pub trait XenStore: Send {
     fn read(&self, path: &str) -> Result<Option<String>, XsError>;
     fn write(&self, path: &str, value: &str) -> Result<(), XsError>;
+    /// Writes `nodes` (absolute path, value) atomically, and only if `dir` still exists (a
+    /// transaction, as Linux's `xenbus_switch_state` does): a backend must not re-create a
+    /// directory the toolstack has just removed. Returns whether it wrote.
+    fn write_if_exists(&self, dir: &str, nodes: &[(String, String)]) -> Result<bool, XsError>;
     fn directory(&self, path: &str) -> Result<Vec<String>, XsError>;
     /// Removes a node and everything below it.
     fn rm(&self, path: &str) -> Result<(), XsError>;
@@ -142,6 +146,17 @@ impl XenStore for MemStore {
     fn write(&self, path: &str, value: &str) -> Result<(), XsError> {
         self.inner.lock().write(path, value);
         Ok(())
+    }
+
+    fn write_if_exists(&self, dir: &str, nodes: &[(String, String)]) -> Result<bool, XsError> {
+        let mut inner = self.inner.lock();
+        if !inner.nodes.contains_key(dir) {
+            return Ok(false);
+        }
+        for (p, v) in nodes {
+            inner.write(p, v);
+        }
+        Ok(true)
     }
 
     fn directory(&self, path: &str) -> Result<Vec<String>, XsError> {

@@ -387,6 +387,25 @@ fn misbehaving_frontends_are_refused_and_others_carry_on() {
 }
 
 #[test]
+fn a_removed_directory_is_not_recreated() {
+    let mut r = Rig::new();
+    r.add("vbd", 14, 1, "vm1", &[]);
+    r.step();
+    r.guest_connect(14, 1, &[]);
+    // libxl asks for removal and removes everything before the backend looks.
+    r.s.write(&format!("{}/online", be("vbd", 14, 1)), "0")
+        .unwrap();
+    r.s.write(&format!("{}/state", be("vbd", 14, 1)), "5")
+        .unwrap();
+    r.s.write(&format!("{}/state", fe(14, 1)), "6").unwrap();
+    r.s.rm(&be("vbd", 14, 1)).unwrap();
+    r.s.rm(&fe(14, 1)).unwrap();
+    r.step();
+    assert_eq!(r.s.read(&be("vbd", 14, 1)).unwrap(), None);
+    assert!(r.d.devices().is_empty());
+}
+
+#[test]
 fn frontend_that_disappears() {
     let mut r = Rig::new();
     r.add("vbd", 11, 1, "vm1", &[]);

@@ -12,7 +12,8 @@
 //! `XsTokio` delivers watch events with a bounded `send().await` in the same task that
 //! delivers replies: an undrained watch would otherwise stall every later request.
 //! Connection: `$XENSTORED_PATH`, else `/run/xenstored/socket`, else `/dev/xen/xenbus`
-//! (`XsTokio::new`).
+//! (`XsTokio::new`). `xenstore-rs` 0.8 has no transactions, so guarded writes
+//! ([`XenStore::write_if_exists`]) go over a second, blocking connection ([`XsConn`]).
 
 use std::{collections::HashMap, io, pin::Pin, sync::Arc, time::Duration};
 
@@ -21,7 +22,10 @@ use parking_lot::Mutex;
 use tokio::{runtime::Runtime, sync::mpsc, task::JoinHandle};
 use xenstore_rs::{tokio::XsTokio, AsyncWatch, AsyncXs};
 
-use super::store::{Waker, WatchEvent, XenStore, XsError};
+use super::{
+    conn::XsConn,
+    store::{Waker, WatchEvent, XenStore, XsError},
+};
 
 enum Msg {
     Event(WatchEvent),
@@ -35,6 +39,8 @@ pub struct XsRsStore {
     tx: mpsc::UnboundedSender<Msg>,
     rx: Mutex<mpsc::UnboundedReceiver<Msg>>,
     watches: Mutex<HashMap<(String, String), JoinHandle<()>>>,
+    /// For transactions.
+    side: XsConn,
 }
 
 fn map_err(e: io::Error) -> XsError {
@@ -56,6 +62,7 @@ impl XsRsStore {
             .enable_all()
             .build()?;
         let xs = rt.block_on(XsTokio::new())?;
+        let side = XsConn::connect_default()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let store = XsRsStore {
             rt,
@@ -63,6 +70,7 @@ impl XsRsStore {
             tx,
             rx: Mutex::new(rx),
             watches: Mutex::new(HashMap::new()),
+            side,
         };
         // XsTokio connects lazily and reports a dead socket only on use: check it now.
         store.directory("/")?;
@@ -85,6 +93,10 @@ impl XenStore for XsRsStore {
         self.rt
             .block_on(self.xs.write(path, value))
             .map_err(map_err)
+    }
+
+    fn write_if_exists(&self, dir: &str, nodes: &[(String, String)]) -> Result<bool, XsError> {
+        self.side.write_if_exists(dir, nodes)
     }
 
     fn directory(&self, path: &str) -> Result<Vec<String>, XsError> {
