@@ -48,6 +48,8 @@ impl StoreError {
             StoreError::NoSpace => DiskError::NoSpace,
             StoreError::ReadOnly(_) => DiskError::ReadOnly,
             StoreError::Invalid(_) => DiskError::Invalid,
+            // The file system under a sparse store file is full.
+            StoreError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC) => DiskError::NoSpace,
             _ => DiskError::Io,
         }
     }

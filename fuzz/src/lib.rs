@@ -1,0 +1,45 @@
+//! The fuzz harnesses, apart from libFuzzer: each takes the fuzzer's bytes and panics only on a
+//! bug. The fuzz targets (`fuzz_targets/`) call them, and so does the workspace's
+//! `tests/fuzz_regressions.rs`, which replays the seed corpora and every input that once found
+//! a bug (`fuzz/regressions/<target>/`) in the ordinary test suite.
+
+mod blkif_ring;
+mod store_metadata;
+
+pub use blkif_ring::blkif_ring;
+pub use store_metadata::store_metadata;
+
+/// The NBD handshake (fixed newstyle) and option parser over arbitrary client bytes.
+pub fn nbd_handshake(data: &[u8]) {
+    parallax::nbd::handshake::fuzz_handshake(data);
+}
+
+/// Transmission-phase request headers (28 bytes each) through the server's request checks.
+pub fn nbd_requests(data: &[u8]) {
+    parallax::nbd::transmission::fuzz_requests(data);
+}
+
+/// The RON configuration loader (`parallax serve --config`): any text is a configuration or
+/// an error, and what parses prints and reads back the same.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(cfg) = parallax::daemon::config::Config::parse(text) {
+        let again = parallax::daemon::config::Config::parse(&cfg.to_ron())
+            .expect("a printed configuration parses");
+        assert_eq!(again, cfg, "a printed configuration reads back the same");
+    }
+}
+
+/// A harness: the fuzzer's bytes in, a panic only on a bug.
+pub type Harness = fn(&[u8]);
+
+/// Every harness by target name (for replaying inputs).
+pub const TARGETS: [(&str, Harness); 5] = [
+    ("nbd_handshake", nbd_handshake),
+    ("nbd_requests", nbd_requests),
+    ("blkif_ring", blkif_ring),
+    ("store_metadata", store_metadata),
+    ("config", config),
+];
