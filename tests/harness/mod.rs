@@ -1,3 +1,4 @@
 //! Shared helpers for the integration tests: temporary stores, running the `parallax` binary.
+pub mod daemon;
 pub mod nbd;
 pub mod xenstored;
