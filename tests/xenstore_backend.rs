@@ -302,7 +302,7 @@ fn unknown_vdis_and_misbehaving_frontends() {
     wait_node(&tool, &format!("{}/state", unknown.backend()), &["2"], STEP).unwrap();
     let e = backend_node(&tool, &unknown, "hotplug-error").unwrap();
     assert!(
-        e.contains("no-such-vdi") && e.contains("parallax list"),
+        e.contains("no-such-vdi") && e.contains("parallax vdi list"),
         "{e}"
     );
     libxl_request_remove(&tool, &unknown).unwrap();

@@ -79,7 +79,7 @@ pub struct Driver<S: XenStore> {
 fn open_message(e: &OpenError) -> String {
     match e {
         OpenError::NotFound(n) => {
-            format!("no VDI or snapshot named {n:?} in this store (`parallax list` shows them)")
+            format!("no VDI or snapshot named {n:?} in this store (`parallax vdi list` shows them)")
         }
         OpenError::Busy { name, why } => format!("VDI {name:?} is busy: {why}"),
         OpenError::ReadOnly(n) => format!("{n:?} is read-only (attach it with mode r)"),

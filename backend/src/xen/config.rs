@@ -140,6 +140,10 @@ pub fn start_from_config(
     };
     let (connector, local): (Arc<dyn Connector>, _) = match cfg.transport {
         XenTransportKind::Xen => {
+            if cfg.kinds.iter().any(|k| k == "vbd") && Path::new("/sys/module/xen_blkback").exists()
+            {
+                warn!("xen: the kernel's xen-blkback is loaded in this domain: it claims every backend/vbd device too (unload it, or use backendtype=tap on Xen 4.19+)");
+            }
             if !crate::blkif::xen::available() {
                 warn!("xen: /dev/xen/gntdev or /dev/xen/evtchn is missing: guests' rings cannot be mapped (load xen-gntdev and xen-evtchn)");
             }
@@ -167,6 +171,22 @@ pub fn start_from_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let c = crate::daemon::config::Config::parse(include_str!(
+            "../../../xen-configs/parallax-xen.ron"
+        ))
+        .unwrap();
+        assert_eq!(c.xen.enabled, Some(true));
+        assert_eq!(
+            c.xen,
+            XenConfig {
+                enabled: Some(true),
+                ..XenConfig::default()
+            }
+        );
+    }
 
     #[test]
     fn validation() {

@@ -1,6 +1,7 @@
 //! Reading what a blkfront published (`xen/io/blkif.h`): ring references, event channels,
-//! ring order, queues and ABI. Pure: a node lookup in, [`DeviceParams`]' transport half or a
-//! readable refusal out. Everything here comes from the guest and is checked.
+//! ring order, queues and ABI. Pure: a node lookup in, the transport half of
+//! [`crate::blkif::DeviceParams`] or a readable refusal out. Everything here comes from the
+//! guest and is checked.
 //!
 //! ```text
 //!  one queue:    ring-ref | ring-page-order + ring-ref0..ring-ref{2^order-1}, event-channel

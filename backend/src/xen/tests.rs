@@ -273,7 +273,7 @@ fn unknown_vdi_is_a_hotplug_error_not_a_hang() {
     );
     let e = r.be_node("vbd", 7, 51712, "hotplug-error").unwrap();
     assert!(
-        e.contains("no-such-vdi") && e.contains("parallax list"),
+        e.contains("no-such-vdi") && e.contains("parallax vdi list"),
         "{e}"
     );
     // A guest that tries anyway is told to go away.
