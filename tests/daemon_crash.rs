@@ -328,9 +328,12 @@ fn kill_9(rounds: &[Round], flushers: usize, fua: bool) {
                 thread::spawn(move || writer(load, id, region))
             })
             .collect();
+        // Waits for `n` acknowledged writes and at least one completed flush.
         let wait_for = |n: u64| {
             let until = Instant::now() + Duration::from_secs(60);
-            while load.progress.load(Ordering::Relaxed) < n {
+            while load.progress.load(Ordering::Relaxed) < n
+                || load.history.lock().unwrap().flushes_sent.is_empty()
+            {
                 assert!(Instant::now() < until, "the load stalled");
                 thread::sleep(Duration::from_millis(1));
             }
