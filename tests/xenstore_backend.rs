@@ -43,9 +43,6 @@ fn start_daemon(xs: &Xenstored, dir: &Path) -> Daemon {
     store.create_vdi("vm2", 16 * MIB).unwrap();
     store.close().unwrap();
     drop(store);
-    // The daemon's xenstore-rs finds xenstored like every Xen client: XENSTORED_PATH.
-    // (nextest runs each test in a process of its own.)
-    std::env::set_var("XENSTORED_PATH", xs.socket());
     let cfg = Config {
         store: Some(path),
         nbd: NbdSection {
@@ -60,7 +57,8 @@ fn start_daemon(xs: &Xenstored, dir: &Path) -> Daemon {
         },
         ..Config::default()
     };
-    Daemon::start(cfg).expect("daemon starts with the xen backend")
+    xs.start_daemon(cfg)
+        .expect("daemon starts with the xen backend")
 }
 
 fn local(d: &Daemon) -> LocalDomains {

@@ -10,10 +10,7 @@ use std::{
 use frontend_shim::{FrontendConfig, IoRequest};
 use parallax::{
     blkif::abi::BLKIF_RSP_OKAY,
-    daemon::{
-        config::{Config, NbdSection},
-        serve::Daemon,
-    },
+    daemon::config::{Config, NbdSection},
     store::{Store, StoreOptions},
     xen::{config::XenTransportKind, XenConfig, XenStore},
 };
@@ -134,22 +131,22 @@ fn libxl_sequence_with_the_daemon() {
     store.create_vdi("web", 32 << 20).unwrap();
     store.close().unwrap();
     drop(store);
-    std::env::set_var("XENSTORED_PATH", xs.socket());
-    let daemon = Daemon::start(Config {
-        store: Some(path),
-        nbd: NbdSection {
-            enabled: false,
-            ..NbdSection::default()
-        },
-        control_socket: Some(dir.path().join("control.sock")),
-        xen: XenConfig {
-            enabled: Some(true),
-            transport: XenTransportKind::Local,
-            ..XenConfig::default()
-        },
-        ..Config::default()
-    })
-    .unwrap();
+    let daemon = xs
+        .start_daemon(Config {
+            store: Some(path),
+            nbd: NbdSection {
+                enabled: false,
+                ..NbdSection::default()
+            },
+            control_socket: Some(dir.path().join("control.sock")),
+            xen: XenConfig {
+                enabled: Some(true),
+                transport: XenTransportKind::Local,
+                ..XenConfig::default()
+            },
+            ..Config::default()
+        })
+        .unwrap();
     let local = daemon.xen.as_ref().unwrap().local.clone().unwrap();
     let tool = xs.conn();
     let shell = &shells()[shells().len() - 1];

@@ -33,11 +33,17 @@ pub fn xenstored_bin() -> PathBuf {
 }
 
 /// A running xenstored in a temporary directory. Killed on drop.
+///
+/// One at a time per process: tests that run as threads of one process (`cargo test`) take
+/// turns (nextest runs each test in a process of its own, so they run side by side there).
 pub struct Xenstored {
     child: Child,
     dir: tempfile::TempDir,
     socket: PathBuf,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_PER_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Compiles the stub library into `dir`.
 fn build_stub(dir: &Path) -> anyhow::Result<PathBuf> {
@@ -72,6 +78,7 @@ impl Xenstored {
                 bin.display()
             );
         }
+        let turn = ONE_PER_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir()?;
         let stub = build_stub(dir.path())?;
         let rundir = dir.path().join("run");
@@ -82,6 +89,8 @@ impl Xenstored {
             .arg(dir.path().join("trace"))
             .env("LD_PRELOAD", &stub)
             .env("XENSTORED_RUNDIR", &rundir)
+            // xenstored takes its socket path from XENSTORED_PATH when set, as clients do.
+            .env("XENSTORED_PATH", rundir.join("socket"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -91,6 +100,7 @@ impl Xenstored {
             child,
             socket: rundir.join("socket"),
             dir,
+            _turn: turn,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -124,6 +134,17 @@ impl Xenstored {
     /// xenstored's own output.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("xenstored.log")).unwrap_or_default()
+    }
+
+    /// Starts an in-process daemon whose xenstore connection is this xenstored. The daemon
+    /// finds xenstored like every Xen client, through `XENSTORED_PATH` (one xenstored per
+    /// process at a time, so setting it is safe).
+    pub fn start_daemon(
+        &self,
+        cfg: parallax::daemon::config::Config,
+    ) -> anyhow::Result<parallax::daemon::serve::Daemon> {
+        std::env::set_var("XENSTORED_PATH", &self.socket);
+        parallax::daemon::serve::Daemon::start(cfg)
     }
 
     /// Whether xenstored still runs.

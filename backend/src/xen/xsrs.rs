@@ -72,8 +72,12 @@ impl XsRsStore {
             watches: Mutex::new(HashMap::new()),
             side,
         };
-        // XsTokio connects lazily and reports a dead socket only on use: check it now.
-        store.directory("/")?;
+        // XsTokio reports a dead connection only on use: check it now, with a read any domain
+        // may make (its own `domid`; "/" is dom0's only).
+        match store.read("domid") {
+            Err(e) if e.is_fatal() => return Err(e),
+            _ => {}
+        }
         Ok(store)
     }
 }
