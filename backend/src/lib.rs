@@ -10,8 +10,8 @@
 //!
 //! Each layer is a module: [`store`] is the crash-safe copy-on-write block store, [`disk`] the
 //! interface the protocol front ends use to reach a VDI, [`nbd`] the NBD server, [`blkif`] the
-//! Xen block-ring backend, [`daemon`] the long-running `parallax serve`, and [`cli`] the
-//! `parallax` command.
+//! Xen block-ring backend, [`xen`] its xenbus control plane (the vbd handshake in xenstore),
+//! [`daemon`] the long-running `parallax serve`, and [`cli`] the `parallax` command.
 
 pub mod blkif;
 pub mod cli;
