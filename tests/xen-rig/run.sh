@@ -95,10 +95,10 @@ mkfs.ext4 -q -F -d "$work/scratch-root" -E lazy_itable_init=1,lazy_journal_init=
 rm -rf "$work/scratch-root"
 
 # --- boot ---------------------------------------------------------------------------------------------
-xen_cmdline="console=com1 com1=115200,8n1 dom0_mem=512M,max:512M bootscrub=0 console_timestamps=boot"
+xen_cmdline="console=com1 com1=115200,8n1 dom0_mem=512M,max:512M bootscrub=0 spec-ctrl=eager-fpu console_timestamps=boot"
 dom0_cmdline="console=hvc0 loglevel=4 rig.scratch=1"
 [ $shell = 1 ] && dom0_cmdline+=" rig.shell=1"
-qemu=(qemu-system-x86_64 -accel tcg -cpu max,-svm,-vmx,-smap,-smep -m 1024 -smp 2
+qemu=(qemu-system-x86_64 -accel tcg,thread=single -cpu max,-svm,-vmx,-smap,-smep -m 1024 -smp 2
   -display none -no-reboot
   -kernel "$img/xen" -append "$xen_cmdline"
   -initrd "$img/vmlinuz $dom0_cmdline,$img/dom0.cpio.gz"

@@ -23,7 +23,7 @@
 RIG_BACKEND=${RIG_BACKEND:-blkback}
 RIG_TMP=/tmp/rig
 RIG_STORE=/scratch/rig-store
-RIG_GUEST_MEM=${RIG_GUEST_MEM:-128}
+RIG_GUEST_MEM=${RIG_GUEST_MEM:-160}
 RIG_GUEST_KERNEL=${RIG_GUEST_KERNEL:-/scratch/boot/domU-vmlinux}
 mkdir -p "$RIG_TMP" "$RIG_STORE"
 
@@ -147,7 +147,7 @@ rig_guest() {
     echo "type = \"pv\""
     echo "kernel = \"$RIG_GUEST_KERNEL\""
     echo "ramdisk = \"$_d/initrd\""
-    echo "memory = $RIG_GUEST_MEM"
+    case " $* " in *" memory ="*|*" memory="*) ;; *) echo "memory = $RIG_GUEST_MEM" ;; esac
     echo "on_poweroff = \"destroy\""
     echo "on_crash = \"destroy\""
     for _l in "$@"; do

@@ -44,7 +44,18 @@ pattern_check() {
           s = tmpl[k]; gsub(/XXXXXXXX/, sprintf("%08d", b), s)
           if ($0 == s) { count[k]++; ok = 1 }
         }
-        if (!ok) { bad++; if (bad <= 5) printf "bad block %d: %.40s...\n", b, $0 }
+        if (!ok) {
+          bad++
+          if (bad <= 5) {
+            # Where it first differs from the first seed block, and what is there instead.
+            s = tmpl[1]; gsub(/XXXXXXXX/, sprintf("%08d", b), s)
+            lo = 0; hi = length(s) + 1
+            while (hi - lo > 1) { m = int((lo + hi) / 2); if (substr($0, 1, m) == substr(s, 1, m)) lo = m; else hi = m }
+            got = substr($0, lo + 1, 32); want = substr(s, lo + 1, 32)
+            gsub(/[^ -~]/, "?", got)
+            printf "bad block %d: %d bytes, first difference at byte %d: got \"%s\", want \"%s\" (%s)\n", b, length($0) + 1, lo, got, want, seed[1]
+          }
+        }
       }
       END {
         if (NR != n) { printf "read %d blocks, wanted %d\n", NR, n; bad++ }

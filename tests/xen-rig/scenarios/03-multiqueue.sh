@@ -21,7 +21,7 @@ PATTERN_DD_FLAGS=direct pattern_check /dev/xvda 1024 mq 256 || fail "data read b
 guest_verify xvda 256 zero
 guest_verify xvda 768 zero 1280
 G
-rig_guest mq "$RIG_TMP/mq-guest.sh" "disk = [ '$(rig_disk mq xvda)' ]" "vcpus = 2" \
+rig_guest mq "$RIG_TMP/mq-guest.sh" "disk = [ '$(rig_disk mq xvda)' ]" "vcpus = 2" "memory = 256" \
   "extra = 'xen_blkfront.max_ring_page_order=2 xen_blkfront.max_indirect_segments=64 xen_blkfront.max_queues=2'"
 rig_guest_start mq
 rig_guest_wait_key mq ready 1 300
