@@ -506,13 +506,11 @@ fn fork_origin_follows_renames(mode: Mode) {
 }
 
 #[test]
-#[ignore = "bug: vdi info/list report a fork's origin by its name at fork time, stale after a rename"]
 fn fork_origin_follows_renames_direct() {
     fork_origin_follows_renames(Mode::Direct)
 }
 
 #[test]
-#[ignore = "bug: vdi info/list report a fork's origin by its name at fork time, stale after a rename"]
 fn fork_origin_follows_renames_via_daemon() {
     fork_origin_follows_renames(Mode::Daemon)
 }

@@ -247,8 +247,9 @@ const fn round(writes_before_kill: u64, flush_every: u64, commit_ms: u64) -> Rou
 }
 
 /// Three writers on separate connections; only the first flushes (its flushes cover the others'
-/// writes: multi-conn), and the daemon commits only when asked (flushes, the snapshot), so no
-/// flush arrives while another commit is being written (see the ignored variant below).
+/// writes: multi-conn), and the daemon commits only when asked (flushes, the snapshot). The
+/// variant below has every writer flush, FUA writes and periodic commits, so flushes overlap
+/// commits in flight.
 #[test]
 fn kill_9_under_write_load() {
     kill_9(
@@ -268,7 +269,6 @@ fn kill_9_under_write_load() {
 /// Every writer flushes, some writes carry FUA, and the daemon commits often on its own: flushes
 /// arrive while other commits are being written.
 #[test]
-#[ignore = "bug: Store::flush returns at once when nothing changed since the commit in progress was prepared, before that commit is durable"]
 fn kill_9_under_write_load_with_concurrent_commits() {
     kill_9(
         &[
@@ -471,7 +471,6 @@ fn sigterm_with_clients_connected() {
 /// A flush that arrives while a commit is being written, with nothing changed since that
 /// commit was prepared, must still wait for it: the writes it covers are in that commit.
 #[test]
-#[ignore = "bug: Store::flush returns at once when nothing changed since the commit in progress was prepared, before that commit is durable"]
 fn flush_during_a_commit_waits_for_it() {
     const BLOCKS: u64 = 16384;
     let store = TestStore::new("256M");

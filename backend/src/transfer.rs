@@ -83,8 +83,8 @@ pub fn foreign_format(head: &[u8]) -> Option<&'static str> {
 }
 
 /// Creates VDI `name` from the raw image in `src` and fills it. `size` (default: the image's,
-/// rounded up to 512 bytes) may be larger than the image. On failure the half-made VDI is
-/// deleted. Returns the VDI's size.
+/// rounded up to 512 bytes) may be larger than the image. A pipe is read front to back and
+/// needs `size`. On failure the half-made VDI is deleted. Returns the VDI's size.
 pub fn import(
     store: &Arc<Store>,
     name: &str,
@@ -92,44 +92,79 @@ pub fn import(
     size: Option<u64>,
     progress: Progress,
 ) -> StoreResult<u64> {
-    let src_size = file_size(src)?;
-    let mut head = [0u8; 512];
-    let n = read_full_at(src, &mut head, 0)?;
-    if let Some(fmt) = foreign_format(&head[..n]) {
+    let ft = src.metadata()?.file_type();
+    let seekable = ft.is_file() || ft.is_block_device();
+    let src_size = if seekable {
+        Some(file_size(src)?)
+    } else {
+        None
+    };
+    let vdi_size =
+        match (size, src_size) {
+            (Some(s), Some(n)) if s < n => {
+                return Err(StoreError::Invalid(format!(
+                    "--size {s} is smaller than the image ({n} bytes)"
+                )))
+            }
+            (Some(s), _) => s,
+            (None, Some(n)) => n.div_ceil(512).max(1) * 512,
+            (None, None) => return Err(StoreError::Invalid(
+                "importing from a pipe needs --size (the image's size cannot be known up front)"
+                    .into(),
+            )),
+        };
+    let mut buf = vec![0u8; CHUNK as usize];
+    // Look at the first bytes before creating anything.
+    let head_len = if seekable {
+        read_full_at(src, &mut buf[..512], 0)?
+    } else {
+        read_stream(src, &mut buf)?
+    };
+    if let Some(fmt) = foreign_format(&buf[..head_len.min(512)]) {
         return Err(StoreError::Invalid(format!(
             "the image is {fmt}, not raw; convert it first: qemu-img convert -O raw IMAGE IMAGE.raw"
         )));
     }
-    let vdi_size = match size {
-        Some(s) if s < src_size => {
-            return Err(StoreError::Invalid(format!(
-                "--size {s} is smaller than the image ({src_size} bytes)"
-            )))
-        }
-        Some(s) => s,
-        None => src_size.div_ceil(512).max(1) * 512,
-    };
     store.create_vdi(name, vdi_size)?;
     let result = (|| -> StoreResult<()> {
         let disk = store.open_vdi(name, true)?;
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut pos = 0u64;
-        progress(0, src_size);
-        while let Some((start, end)) = next_data(src, pos, src_size) {
-            let mut at = start;
-            while at < end {
-                let n = (end - at).min(CHUNK) as usize;
-                let got = read_full_at(src, &mut buf[..n], at)?;
-                if got == 0 {
-                    break;
+        match src_size {
+            Some(total) => {
+                progress(0, total);
+                let mut pos = 0u64;
+                while let Some((start, end)) = next_data(src, pos, total) {
+                    let mut at = start;
+                    while at < end {
+                        let n = (end - at).min(CHUNK) as usize;
+                        let got = read_full_at(src, &mut buf[..n], at)?;
+                        if got == 0 {
+                            break;
+                        }
+                        disk.write(&buf[..got], at, false)?;
+                        at += got as u64;
+                        progress(at, total);
+                    }
+                    pos = end.max(pos + 1);
                 }
-                disk.write(&buf[..got], at, false)?;
-                at += got as u64;
-                progress(at, src_size);
+                progress(total, total);
             }
-            pos = end.max(pos + 1);
+            None => {
+                // The chunk read to sniff the format is the first chunk of data.
+                let mut got = head_len;
+                let mut at = 0u64;
+                while got > 0 {
+                    if at + got as u64 > vdi_size {
+                        return Err(StoreError::Invalid(format!(
+                            "the image is larger than --size {vdi_size}"
+                        )));
+                    }
+                    disk.write(&buf[..got], at, false)?;
+                    at += got as u64;
+                    progress(at, vdi_size);
+                    got = read_stream(src, &mut buf)?;
+                }
+            }
         }
-        progress(src_size, src_size);
         store.flush()
     })();
     if let Err(e) = result {
@@ -138,6 +173,21 @@ pub fn import(
         return Err(e);
     }
     Ok(vdi_size)
+}
+
+/// Reads from a stream until `buf` is full or the stream ends; returns the bytes read.
+fn read_stream(mut f: &File, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 fn read_full_at(f: &File, buf: &mut [u8], mut off: u64) -> io::Result<usize> {

@@ -123,9 +123,9 @@ enum VdiCommand {
     /// Create a VDI from a raw image; all-zero blocks stay unallocated.
     Import {
         name: String,
-        /// A raw image (convert others with qemu-img convert -O raw).
+        /// A raw image (convert others with qemu-img convert -O raw), or `-` for stdin.
         file: PathBuf,
-        /// VDI size, if larger than the image.
+        /// VDI size, if larger than the image (required when reading a pipe).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
     },
@@ -470,7 +470,17 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             println!("created {name} ({})", format_size(size));
         }
         VdiCommand::Import { name, file, size } => {
-            let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+            let f = if file.as_os_str() == "-" {
+                // SAFETY: dup of our own stdin descriptor; the File owns the duplicate.
+                let fd = unsafe { libc::dup(0) };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error().into());
+                }
+                // SAFETY: `fd` is a freshly duplicated descriptor nobody else owns.
+                unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            } else {
+                File::open(&file).with_context(|| format!("cannot open {}", file.display()))?
+            };
             let bar = Bar::new(&format!("importing {name}"), true, false);
             let vsize: u64 = t.call(
                 Request::Import {

@@ -132,6 +132,22 @@ fn full_name(m: &mut Meta, rec: &Record) -> StoreResult<String> {
     })
 }
 
+/// What a fork's origin is called now (it may have been renamed since the fork), or the name
+/// it had at fork time if it has been deleted since.
+fn origin_name(m: &mut Meta, rec: &Record) -> Option<String> {
+    if rec.origin == 0 {
+        return None;
+    }
+    let current = match m.vdi(rec.origin) {
+        Ok(v) => {
+            let o = v.rec.clone();
+            full_name(m, &o).ok()
+        }
+        Err(_) => None,
+    };
+    Some(current.unwrap_or_else(|| rec.origin_name.clone()))
+}
+
 fn put_record(m: &mut Meta, rec: Record) -> StoreResult<()> {
     let enc = rec.encode();
     let id = rec.id;
@@ -469,26 +485,36 @@ impl Store {
         let mut m = self.meta.lock();
         let mut recs = Self::all_records(&mut m)?;
         recs.sort_by_key(|r| r.id);
-        let names: HashMap<u64, String> = recs
+        let vdi_names: HashMap<u64, &str> = recs
             .iter()
             .filter(|r| r.kind == Kind::Vdi)
-            .map(|r| (r.id, r.name.clone()))
+            .map(|r| (r.id, r.name.as_str()))
             .collect();
+        let full = |r: &Record| match r.kind {
+            Kind::Vdi => r.name.clone(),
+            Kind::Snapshot => {
+                format!(
+                    "{}@{}",
+                    vdi_names.get(&r.parent).copied().unwrap_or("?"),
+                    r.name
+                )
+            }
+        };
+        let names: HashMap<u64, String> = recs.iter().map(|r| (r.id, full(r))).collect();
         let mut out: Vec<VdiSummary> = recs
             .iter()
             .map(|r| VdiSummary {
-                name: match r.kind {
-                    Kind::Vdi => r.name.clone(),
-                    Kind::Snapshot => format!(
-                        "{}@{}",
-                        names.get(&r.parent).map(String::as_str).unwrap_or("?"),
-                        r.name
-                    ),
-                },
+                name: names[&r.id].clone(),
                 kind: r.kind,
                 size: r.size,
                 created: secs(r.created_ns),
-                origin: (r.origin != 0).then(|| r.origin_name.clone()),
+                // The origin's current name (forks outlive renames and deletions).
+                origin: (r.origin != 0).then(|| {
+                    names
+                        .get(&r.origin)
+                        .cloned()
+                        .unwrap_or_else(|| r.origin_name.clone())
+                }),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -505,7 +531,7 @@ impl Store {
             kind: rec.kind,
             size: rec.size,
             created: secs(rec.created_ns),
-            origin: (rec.origin != 0).then(|| rec.origin_name.clone()),
+            origin: origin_name(&mut m, &rec),
         })
     }
 
@@ -545,7 +571,7 @@ impl Store {
             unique: usage.unique * BLOCK_SIZE_U64,
             shared: (usage.data - usage.unique) * BLOCK_SIZE_U64,
             metadata: usage.nodes * BLOCK_SIZE_U64,
-            origin: (rec.origin != 0).then(|| rec.origin_name.clone()),
+            origin: origin_name(&mut m, &rec),
             snapshots,
             forks,
             open_handles: handles,

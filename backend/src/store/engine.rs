@@ -404,20 +404,20 @@ impl Store {
 
     /// Makes every change made so far durable.
     pub fn flush(&self) -> StoreResult<()> {
+        // Everything acknowledged so far is in the open transaction, or in one already
+        // collected by a commit that may still be writing: wait for the newest of them. (A
+        // commit drops the metadata lock while it writes, so "nothing changed since" does not
+        // mean "durable".)
         let target = {
             let m = self.meta.lock();
-            if !m.changed {
-                return self.check_writable().or_else(|e| {
-                    // Nothing to write, but a poisoned store cannot promise durability.
-                    if self.is_poisoned() {
-                        Err(e)
-                    } else {
-                        Ok(())
-                    }
-                });
+            if m.changed {
+                m.gen
+            } else {
+                m.gen - 1
             }
-            m.gen
         };
+        // A store that refuses writes cannot promise that anything is durable.
+        self.check_writable()?;
         self.commit_through(target, false)
     }
 

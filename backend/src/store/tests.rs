@@ -715,3 +715,79 @@ fn corruption_is_detected_and_never_panics() {
     }
     assert!(detected > 50, "only {detected} damaged blocks were live");
 }
+
+/// A device whose syncs wait until the test lets them through.
+struct GatedDevice {
+    inner: MemDevice,
+    gate: parking_lot::Mutex<bool>,
+    cv: parking_lot::Condvar,
+    syncs_waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Device for GatedDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.syncs_waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.gate.lock();
+        while !*open {
+            self.cv.wait(&mut open);
+        }
+        self.syncs_waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+}
+
+/// A flush that arrives while another flush's commit is writing must wait for that commit:
+/// the writes it covers are no longer "changed" in memory, but not yet durable either.
+#[test]
+fn flush_waits_for_a_commit_in_flight() {
+    use std::sync::atomic::Ordering;
+    let dev = Arc::new(GatedDevice {
+        inner: MemDevice::new(32 << 20),
+        gate: parking_lot::Mutex::new(true),
+        cv: parking_lot::Condvar::new(),
+        syncs_waiting: Default::default(),
+    });
+    Store::format(&*dev, 32 << 20).unwrap();
+    let s = Store::open_device(dev.clone(), small_opts()).unwrap();
+    s.create_vdi("v", 1 << 20).unwrap();
+    let d = s.open_vdi("v", true).unwrap();
+    d.write(&[1u8; 4096], 0, false).unwrap();
+    *dev.gate.lock() = false;
+    let first = {
+        let s = s.clone();
+        std::thread::spawn(move || s.flush().unwrap())
+    };
+    while dev.syncs_waiting.load(Ordering::SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    // The first flush's commit is now stuck in its sync, with the write collected.
+    let second_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let second = {
+        let (s, done) = (s.clone(), second_done.clone());
+        std::thread::spawn(move || {
+            s.flush().unwrap();
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !second_done.load(Ordering::SeqCst),
+        "a flush returned before the write was durable"
+    );
+    *dev.gate.lock() = true;
+    dev.cv.notify_all();
+    first.join().unwrap();
+    second.join().unwrap();
+    assert!(second_done.load(Ordering::SeqCst));
+}
