@@ -41,6 +41,23 @@ doc: ## API docs, warnings as errors
 
 check: fmt clippy doc test ## fmt + clippy + doc + tests
 
+FUZZ_SECONDS ?= 300
+SOAK_SECONDS ?= 600
+
+fuzz: ## Every fuzz target for FUZZ_SECONDS each (default 300), on stable Rust; fails on a crash
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+fuzz-short: ## Every fuzz target for 30 s, build included (CI runs this)
+	scripts/fuzz.sh 30
+
+soak: ## parallax serve under NBD + ring + admin load for SOAK_SECONDS (default 600)
+	$(CARGO) build -p parallax
+	# cargo test, not nextest: a long soak outlives the nextest profiles' slow-test timeout.
+	PARALLAX_SOAK_SECS=$(SOAK_SECONDS) $(CARGO) test -p parallax-integration --test soak -- --nocapture
+
+soak-short: ## The soak for 60 s (make test runs a 40 s one)
+	$(MAKE) soak SOAK_SECONDS=60
+
 run: release ## Build, create a demo store under ./var, and serve it over NBD
 	scripts/run-demo.sh
 

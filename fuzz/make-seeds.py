@@ -50,11 +50,12 @@ def indirect(op, rid, sector, nseg, pages):
     e = e.ljust(28, b"\0") + b"".join(struct.pack("<I", p) for p in pages)
     return e.ljust(112, b"\0")
 def ring(flags, entries, pages=()):
+    """Entries fill the ring (one page, or two with flags bit 0); pages[i] is data gref i."""
     body = b"".join(entries)
-    body = body.ljust(4096 - 64, b"\0") + b"".join(p.ljust(4096, b"\0") for p in pages)
+    body = body.ljust(4096 * (1 + (flags & 1)) - 64, b"\0") + b"".join(p.ljust(4096, b"\0") for p in pages)
     return struct.pack("<BII", flags, len(entries), 1) + body
 put("blkif_ring", "rw", ring(0, [rw(1, 1, 0, [seg(2), seg(3, 1, 3)]), rw(0, 2, 0, [seg(4), seg(5)]), rw(3, 3, 0, []), rw(3, 4, 8, [seg(6)])]))
-put("blkif_ring", "indirect", ring(0, [indirect(1, 10, 16, 3, [2]), indirect(0, 11, 16, 3, [2]), discard(12, 0, 64)],
+put("blkif_ring", "indirect", ring(0, [indirect(1, 10, 16, 3, [1]), indirect(0, 11, 16, 3, [1]), discard(12, 0, 64)],
                                    [b"", seg(3) + seg(4, 0, 3) + seg(5, 4, 7)]))
 put("blkif_ring", "order1", ring(1, [rw(0, i, i * 8, [seg(3)]) for i in range(40)]))
 put("blkif_ring", "bad", ring(0, [rw(9, 1, 0, [seg(2)]), rw(1, 2, 1 << 40, [seg(2)]), rw(0, 3, 0, [seg(99)]), discard(4, 0, 8, 1), rw(0, 4, 0, [seg(2, 5, 2)])]))

@@ -19,7 +19,8 @@ for g in "${groups[@]}"; do
     xen) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod xen-utils-4.17 xenstore-utils
                 e2fsprogs) ;;
     bench) pkgs+=(fio nbdkit nbd-server libnbd-bin gnuplot-nox qemu-utils qemu-system-x86) ;;
-    fuzz) ;;
+    # libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    fuzz) pkgs+=(g++) ;;
     *) echo "deps.sh: unknown group $g" >&2; exit 2 ;;
   esac
 done

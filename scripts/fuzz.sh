@@ -22,6 +22,8 @@ if [ $# -gt 0 ] && [[ $1 =~ ^[0-9]+$ ]]; then
 fi
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=(nbd_handshake nbd_requests blkif_ring store_metadata config)
+build=("${targets[@]}")
+[ $# -eq 0 ] && build=("")   # cargo fuzz build with no target builds them all in one go
 
 scripts/deps.sh fuzz >/dev/null
 target_dir=${CARGO_TARGET_DIR:-$root/target}/fuzz
@@ -30,7 +32,9 @@ export RUSTC_BOOTSTRAP=1
 
 start=$(date +%s)
 echo "fuzz: building ${targets[*]} (ASan, -O)"
-(cd fuzz && cargo fuzz build -O --target-dir "$target_dir" "${targets[@]}")
+for t in "${build[@]}"; do
+  (cd fuzz && cargo fuzz build -O --target-dir "$target_dir" ${t:+"$t"})
+done
 echo "fuzz: built in $(( $(date +%s) - start )) s"
 
 bin=$target_dir/x86_64-unknown-linux-gnu/release
