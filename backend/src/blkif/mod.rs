@@ -2,7 +2,7 @@
 //! carry it (Xen grant tables and event channels, or a local shared-memory stand-in).
 //!
 //! ```text
-//!   xenbus backend (later) ─┐                         ┌─ xen::XenTransport   (/dev/xen/gntdev, evtchn)
+//!   crate::xen (xenbus) ────┐                         ┌─ xen::XenTransport   (/dev/xen/gntdev, evtchn)
 //!   local::serve_attach ────┼─► engine::start_device ─┤
 //!   tests / frontend-shim ──┘     │ one thread/queue  └─ local::LocalTransport (memfd + eventfds)
 //!                                 ▼
