@@ -109,6 +109,7 @@ qemu=(qemu-system-x86_64 -accel tcg,thread=single -cpu max,-svm,-vmx,-smap,-smep
 if [ $shell = 1 ]; then
   log "interactive: dom0 shell on this terminal after the scenarios; 'poweroff -f' ends it"
   "${qemu[@]}" -serial mon:stdio
+  [ $keep = 1 ] || rm -rf "$work"
   exit 0
 fi
 

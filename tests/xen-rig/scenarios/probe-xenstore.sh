@@ -77,10 +77,11 @@ probe_case() {
   n=0
   while [ -z "$domid" ] && [ $n -lt 50 ]; do domid=$(rig_domid "probe-$name"); n=$((n + 1)); sleep 0.1; done
   if [ -n "$domid" ]; then watch "/local/domain/$domid/device" "$name.watch.txt"; fi
-  # Dump once the guest says it is ready, or 5 s into xl create (libxl gives a backend 10 s).
-  while [ $(( $(uptime_cs) - t0 )) -lt 500 ]; do
+  # Dump once the guest says it is ready (its disk connected, or it gave up on it), or, for cases
+  # expected to fail, 5 s into xl create (libxl gives a backend 10 s).
+  while [ $(( $(uptime_cs) - t0 )) -lt $((${wait_s:-5} * 100)) ]; do
     [ -n "$domid" ] && [ "$(xenstore-read "/local/domain/$domid/data/rig/ready" 2>/dev/null)" = 1 ] && break
-    kill -0 $xlpid 2>/dev/null || break
+    if ! kill -0 $xlpid 2>/dev/null; then grep -q 'exit status 0' "$N/$name.xl.txt" || break; fi
     sleep 0.1
   done
   if [ -n "$domid" ]; then
@@ -112,7 +113,9 @@ probe_case tap "format=raw, vdev=xvda, access=rw, backendtype=tap, target=/scrat
 probe_case standalone "format=raw, vdev=xvda, access=rw, backendtype=standalone, target=/scratch/probe.img"
 keep_fake=1
 fake_backend
+wait_s=120
 probe_case script-fakebackend "format=raw, vdev=xvda, access=rw, script=block-parallax, target=vdi-one"
+wait_s=5
 echo error >"$RIG_TMP/block-probe.mode"
 probe_case script-error "format=raw, vdev=xvda, access=rw, script=block-parallax, target=no-such-vdi"
 rm -f "$RIG_TMP/block-probe.mode"
@@ -123,9 +126,11 @@ cp "$N/fake-backend.log" "$N/script-fakebackend.fake-backend.txt" 2>/dev/null &&
 # --- part 2: the kernel's xen-blkback -------------------------------------------------------------
 rig_backend_start
 rig_vdi_new probe "/scratch/probe.img"
+wait_s=120
 probe_case blkback-default "$(rig_disk probe xvda)"
-probe_case blkback-mq "$(rig_disk probe xvda)" "vcpus = 2" \
+probe_case blkback-mq "$(rig_disk probe xvda)" "vcpus = 2" "memory = 256" \
   "extra = 'xen_blkfront.max_ring_page_order=2 xen_blkfront.max_indirect_segments=64 xen_blkfront.max_queues=2'"
+wait_s=5
 probe_case phy-default-script-missing "format=raw, vdev=xvda, access=rw, target=/scratch/no-such.img"
 grep -q 'xvda works' "$N/blkback-default.console.txt" || fail "blkback-default guest had no working disk"
 grep -q 'xvda works' "$N/blkback-mq.console.txt" || fail "blkback-mq guest had no working disk"
