@@ -54,7 +54,6 @@ fi
 [ -n "$kernel_pkg" ] || die "cannot resolve the kernel package behind linux-image-amd64"
 
 mkdir -p "$debs" "$out"
-fetched=()
 # fetch PKG[=VERSION]: downloads the .deb into the cache unless it is there; prints its path.
 fetch() {
   local spec=$1 name=${1%%=*} ver deb
@@ -67,7 +66,7 @@ fetch() {
     (cd "$debs" && apt-get download -q "$name=$ver" >/dev/null 2>"$debs/.apt.err") ||
       { cat "$debs/.apt.err" >&2; die "apt-get download $name=$ver failed"; }
     deb=$(ls "$debs/${name}_${ver//:/%3a}_"*.deb | head -n1)
-    fetched+=("$(basename "$deb") ($(du -h "$deb" | cut -f1))")
+    say "fetched $(basename "$deb") ($(du -h "$deb" | cut -f1))" >&2
   fi
   echo "$deb"
 }
@@ -77,7 +76,6 @@ kernel_deb=$(fetch "$kernel_pkg")
 for d in "$debs"/*.deb; do
   [ "$d" = "$xen_deb" ] || [ "$d" = "$kernel_deb" ] || { say "dropping stale $(basename "$d")"; rm -f "$d"; }
 done
-[ ${#fetched[@]} -gt 0 ] && say "fetched: ${fetched[*]}"
 
 # Everything the outputs depend on, so a change anywhere rebuilds and nothing else does.
 host_bins=(/usr/lib/xen-4.17/bin/xl /usr/lib/xen-4.17/bin/xenstored /usr/lib/xen-4.17/bin/xen-init-dom0
