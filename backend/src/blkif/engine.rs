@@ -468,22 +468,33 @@ impl<T: Transport> Queue<T> {
         let batch = std::mem::take(&mut self.batch);
         for entry in &batch {
             let rsp = self.execute(entry);
-            self.respond(&rsp)?;
+            self.respond(&rsp);
         }
         self.batch = batch;
+        // One publish (and at most one notification) per round, like
+        // RING_PUSH_RESPONSES_AND_CHECK_NOTIFY after a batch: publishing each response on its
+        // own woke the frontend once per request.
+        self.publish()?;
         Ok(pending as usize)
     }
 
-    /// Writes a response and publishes it; notifies the guest if it asked.
-    fn respond(&mut self, rsp: &BlkifResponse) -> Result<(), String> {
+    /// Writes a response into the ring, unpublished until [`Self::publish`].
+    fn respond(&mut self, rsp: &BlkifResponse) {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         if rsp.status != BLKIF_RSP_OKAY {
             self.shared.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.ring.write_response(self.rsp_prod_pvt, rsp);
         self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
+    }
+
+    /// Publishes the responses written so far; notifies the guest if it asked.
+    fn publish(&mut self) -> Result<(), String> {
         let old = self.rsp_published;
         let new = self.rsp_prod_pvt;
+        if new == old {
+            return Ok(());
+        }
         // Release store: the response is visible before the new producer index.
         self.ring.set_rsp_prod(new);
         self.rsp_published = new;
