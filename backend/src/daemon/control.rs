@@ -102,6 +102,10 @@ pub struct Hello {
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 64 << 10;
+/// Control connections served at once; more are told the daemon is busy.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request line.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads the first line of a connection one byte at a time, so nothing after the newline is
 /// consumed (a ring attach hands the rest of the stream to the blkif code), collecting any
@@ -165,10 +169,14 @@ pub struct ControlContext {
     /// Handles `ring-attach` connections (the blkif local attach), if rings are enabled.
     #[allow(clippy::type_complexity)]
     pub ring_attach: Option<Arc<dyn Fn(serde_json::Value, UnixStream) + Send + Sync>>,
+    /// How long a client may take to send its request line ([`REQUEST_TIMEOUT`]).
+    pub request_timeout: std::time::Duration,
 }
 
-/// Accepts control connections until the listener is shut down; each runs on its own thread.
+/// Accepts control connections until the listener is shut down; each runs on its own thread,
+/// at most [`MAX_CONNECTIONS`] at once.
 pub fn serve(listener: UnixListener, ctx: Arc<ControlContext>) {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for conn in listener.incoming() {
         let stream = match conn {
             Ok(s) => s,
@@ -179,11 +187,26 @@ pub fn serve(listener: UnixListener, ctx: Arc<ControlContext>) {
                 continue;
             }
         };
+        use std::sync::atomic::Ordering;
+        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::AcqRel);
+            let _ = send(
+                &stream,
+                &Reply::Error {
+                    kind: "busy".into(),
+                    message: format!(
+                        "the daemon is serving {MAX_CONNECTIONS} control connections; try again"
+                    ),
+                },
+            );
+            continue;
+        }
         let ctx = ctx.clone();
+        let slot = Slot(Some(active.clone()));
         let spawned = std::thread::Builder::new()
             .name("parallax-control".into())
             .spawn(move || {
-                if let Err(e) = handle(stream, &ctx) {
+                if let Err(e) = handle(stream, &ctx, slot) {
                     debug!("control connection: {e}");
                 }
             });
@@ -193,7 +216,24 @@ pub fn serve(listener: UnixListener, ctx: Arc<ControlContext>) {
     }
 }
 
-fn handle(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
+/// A counted place among the [`MAX_CONNECTIONS`]; given back when dropped or released.
+struct Slot(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl Slot {
+    fn release(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+fn handle(stream: UnixStream, ctx: &ControlContext, mut slot: Slot) -> io::Result<()> {
     if !peer_allowed(&stream) {
         warn!("control connection from another user refused");
         return send(
@@ -204,7 +244,10 @@ fn handle(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
             },
         );
     }
+    // A client that never finishes its request line does not keep a thread forever.
+    stream.set_read_timeout(Some(ctx.request_timeout))?;
     let (line, fds) = read_request_line(&stream)?;
+    stream.set_read_timeout(None)?;
     let value: serde_json::Value = match serde_json::from_slice(&line) {
         Ok(v) => v,
         Err(e) => {
@@ -220,6 +263,9 @@ fn handle(stream: UnixStream, ctx: &ControlContext) -> io::Result<()> {
     if value.get("op").and_then(|o| o.as_str()) == Some(crate::blkif::local::ATTACH_OP) {
         return match &ctx.ring_attach {
             Some(attach) => {
+                // An attached ring keeps its connection for as long as it lives; it is not
+                // one of the short control requests the cap is for.
+                slot.release();
                 attach(value, stream);
                 Ok(())
             }
@@ -378,5 +424,49 @@ impl ControlClient {
                 Reply::Error { kind, message } => return Ok(Err(RemoteError { kind, message })),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::device::MemDevice;
+
+    fn hello(path: &std::path::Path) -> Reply {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(b"{\"op\":\"hello\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn silent_clients_are_capped_and_timed_out() {
+        let dev = Arc::new(MemDevice::new(32 << 20));
+        Store::format(&*dev, 32 << 20).unwrap();
+        let store = Store::open_device(dev, Default::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl");
+        let listener = UnixListener::bind(&path).unwrap();
+        let ctx = Arc::new(ControlContext {
+            store,
+            store_path: "mem".into(),
+            ring_attach: None,
+            request_timeout: std::time::Duration::from_millis(300),
+        });
+        std::thread::spawn(move || serve(listener, ctx));
+        assert!(matches!(hello(&path), Reply::Ok(_)));
+        let silent: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        match hello(&path) {
+            Reply::Error { kind, .. } => assert_eq!(kind, "busy"),
+            other => panic!("expected busy, got {other:?}"),
+        }
+        // The silent ones time out and free their places.
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        assert!(matches!(hello(&path), Reply::Ok(_)));
+        drop(silent);
     }
 }

@@ -194,6 +194,7 @@ impl Daemon {
             store: store.clone(),
             store_path: store_path.display().to_string(),
             ring_attach,
+            request_timeout: control::REQUEST_TIMEOUT,
         });
         let control_fd = control_listener.as_raw_fd();
         let control_thread = std::thread::Builder::new()
