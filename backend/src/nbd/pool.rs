@@ -1,17 +1,24 @@
 //! Worker threads that run blocking disk and catalogue calls off the event loop. Each job
 //! carries the connection it belongs to; its completion goes back through a channel, and the
 //! loop is woken through a [`mio::Waker`] (at most one wake-up per drain).
+//!
+//! Jobs wait in a queue under a mutex. Waking a sleeping worker costs a context switch, which
+//! for a 4 KiB read from the page cache is more than the read itself, so the pool wakes as few
+//! as it can: a submit wakes a worker only if none is already on its way, and a worker that
+//! takes a job while more are queued wakes the next one (so slow disk calls still run in
+//! parallel). Idle workers sleep at once instead of spinning.
 
 use std::{
+    collections::VecDeque,
     panic::{catch_unwind, AssertUnwindSafe},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Condvar, Mutex, MutexGuard,
     },
     thread::JoinHandle,
 };
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
 /// A connection slot plus the generation that was in it when the job was made: slab keys are
 /// reused, so a completion whose generation no longer matches is dropped.
@@ -35,9 +42,63 @@ struct Notifier {
     pending: AtomicBool,
 }
 
+/// Jobs not yet taken by a worker, and who is asleep.
+struct State<T> {
+    jobs: VecDeque<Job<T>>,
+    /// No more jobs will come: workers finish the queue, then exit.
+    closed: bool,
+    /// Workers waiting on [`Queue::ready`].
+    sleeping: usize,
+    /// A worker has been woken and has not looked at the queue yet.
+    waking: bool,
+}
+
+struct Queue<T> {
+    state: Mutex<State<T>>,
+    ready: Condvar,
+}
+
+impl<T> Queue<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // Jobs run outside the lock and panics are caught, so poisoning cannot leave the
+        // state half-changed; carry on with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes one sleeping worker unless one is already on its way (called with the lock held).
+    fn wake_one(&self, st: &mut State<T>) {
+        if !st.waking && st.sleeping > 0 {
+            st.waking = true;
+            self.ready.notify_one();
+        }
+    }
+
+    /// The next job for a worker; `None` once the pool is closed and the queue is empty.
+    fn take(&self) -> Option<Job<T>> {
+        let mut st = self.lock();
+        loop {
+            if let Some(job) = st.jobs.pop_front() {
+                if !st.jobs.is_empty() {
+                    self.wake_one(&mut st);
+                }
+                return Some(job);
+            }
+            if st.closed {
+                return None;
+            }
+            st.sleeping += 1;
+            st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.sleeping -= 1;
+            // Whoever woke us (or a spurious wake-up) is handled now: let the next submit wake
+            // another worker if this one finds nothing.
+            st.waking = false;
+        }
+    }
+}
+
 /// The pool: submit jobs, drain completions.
 pub struct Pool<T: Send + 'static> {
-    jobs: Option<Sender<Job<T>>>,
+    queue: Arc<Queue<T>>,
     done: Receiver<(ConnId, T)>,
     notifier: Arc<Notifier>,
     threads: Vec<JoinHandle<()>>,
@@ -45,7 +106,15 @@ pub struct Pool<T: Send + 'static> {
 
 impl<T: Send + 'static> Pool<T> {
     pub fn new(workers: usize, waker: Arc<mio::Waker>) -> std::io::Result<Self> {
-        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job<T>>();
+        let queue = Arc::new(Queue {
+            state: Mutex::new(State {
+                jobs: VecDeque::new(),
+                closed: false,
+                sleeping: 0,
+                waking: false,
+            }),
+            ready: Condvar::new(),
+        });
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let notifier = Arc::new(Notifier {
             waker,
@@ -53,13 +122,13 @@ impl<T: Send + 'static> Pool<T> {
         });
         let mut threads = Vec::new();
         for i in 0..workers.max(1) {
-            let jobs = jobs_rx.clone();
+            let q = queue.clone();
             let done = done_tx.clone();
             let notifier = notifier.clone();
             let t = std::thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
                 .spawn(move || {
-                    for job in jobs.iter() {
+                    while let Some(job) = q.take() {
                         let Job {
                             conn,
                             work,
@@ -75,11 +144,17 @@ impl<T: Send + 'static> Pool<T> {
                             let _ = notifier.waker.wake();
                         }
                     }
-                })?;
-            threads.push(t);
+                });
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    close(&queue);
+                    return Err(e);
+                }
+            }
         }
         Ok(Pool {
-            jobs: Some(jobs_tx),
+            queue,
             done: done_rx,
             notifier,
             threads,
@@ -87,10 +162,12 @@ impl<T: Send + 'static> Pool<T> {
     }
 
     pub fn submit(&self, job: Job<T>) {
-        if let Some(tx) = &self.jobs {
-            // The receivers live as long as the threads, which outlive `jobs`.
-            let _ = tx.send(job);
+        let mut st = self.queue.lock();
+        if st.closed {
+            return;
         }
+        st.jobs.push_back(job);
+        self.queue.wake_one(&mut st);
     }
 
     /// Takes every completion that has arrived.
@@ -103,17 +180,23 @@ impl<T: Send + 'static> Pool<T> {
 
     /// Lets the workers finish the queued jobs, then joins them.
     pub fn join(mut self) {
-        self.jobs = None;
+        close(&self.queue);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
+/// No more jobs: wakes every worker so that each finishes the queue and exits.
+fn close<T>(queue: &Queue<T>) {
+    queue.lock().closed = true;
+    queue.ready.notify_all();
+}
+
 impl<T: Send + 'static> Drop for Pool<T> {
     /// Without [`Pool::join`], workers are left to finish their current job and exit on
     /// their own: a disk call that hangs must not hang the caller too.
     fn drop(&mut self) {
-        self.jobs = None;
+        close(&self.queue);
     }
 }
