@@ -618,7 +618,10 @@ impl Meta {
     ) -> StoreResult<bool> {
         let span = 1u64 << (FANOUT_BITS * level as u32);
         let s = start.max(base);
-        let e = end.min(base + span);
+        let e = end.min(base.saturating_add(span));
+        if e <= s {
+            return Ok(false);
+        }
         let state = match p.kind()? {
             PtrKind::Hole => ExtentState::Hole,
             PtrKind::Zero => ExtentState::Zero,

@@ -110,7 +110,10 @@ impl Meta {
         out: &mut Vec<Ptr>,
     ) -> StoreResult<()> {
         let s = start.max(base);
-        let e = end.min(base + span(level));
+        let e = end.min(base.saturating_add(span(level)));
+        if e <= s {
+            return Ok(());
+        }
         match p.kind()? {
             PtrKind::Hole => out.extend(std::iter::repeat_n(Ptr::HOLE, (e - s) as usize)),
             PtrKind::Zero => out.extend(std::iter::repeat_n(Ptr::ZERO, (e - s) as usize)),
@@ -248,6 +251,9 @@ impl Meta {
         fill: Ptr,
     ) -> StoreResult<()> {
         let sp = span(level);
+        if end <= start.max(base) || base.saturating_add(sp) <= start {
+            return Ok(());
+        }
         if start <= base && base + sp <= end {
             if *slot != fill {
                 let old = *slot;

@@ -3,7 +3,9 @@
 
 use super::{
     error::{StoreError, StoreResult},
-    format::{put_u16, put_u64, u16_at, u64_at, Ptr, MAX_HEIGHT, PTR_LEN},
+    format::{
+        height_for, put_u16, put_u64, u16_at, u64_at, Ptr, MAX_HEIGHT, MAX_VDI_BYTES, PTR_LEN,
+    },
 };
 
 /// Longest VDI or snapshot name, in bytes.
@@ -95,6 +97,12 @@ impl Record {
         if r.height == 0 || r.height > MAX_HEIGHT {
             return Err(bad(&format!("radix height {}", r.height)));
         }
+        if r.size > MAX_VDI_BYTES || r.height < height_for(r.size) {
+            return Err(bad(&format!(
+                "size {} does not fit a radix map of height {}",
+                r.size, r.height
+            )));
+        }
         Ok(r)
     }
 }
@@ -165,7 +173,7 @@ mod tests {
     fn record_round_trip_and_validation() {
         let r = Record {
             kind: Kind::Snapshot,
-            height: 3,
+            height: 4,
             id: 42,
             size: 10 << 30,
             root: Ptr::block(900, [5; 24]),
@@ -179,6 +187,10 @@ mod tests {
         let mut bad = r.encode();
         bad[0] = 9;
         assert!(Record::decode(&bad).is_err());
+        // A size the radix map cannot address (found by fuzzing: reads ran past the tree).
+        let mut big = r.clone();
+        big.size = 1 << 42;
+        assert!(Record::decode(&big.encode()).is_err());
         assert!(Record::decode(&r.encode()[..50]).is_err());
         assert!(validate_name("vm-01.disk", "VDI").is_ok());
         assert!(validate_name("a@b", "VDI").is_err());
