@@ -8,7 +8,7 @@
 //! have answered every posted request, in order, echoing each request's id.
 //!
 //! The ring pages live in a table of their own that requests cannot name (grant references
-//! from [`RING_REFS`] up reach only them, and only as the ring), so a guest READ into its own
+//! from [`RING_REFS`] up reach only them, and only once, as the ring), so a guest READ into its own
 //! ring page — legal, and the guest's own problem — cannot blur what the engine answered.
 //!
 //! Input: `[flags u8][req_prod u32 LE][rsp_event u32 LE][bytes...]`; the bytes fill the ring's
@@ -56,6 +56,9 @@ fn tables() -> &'static Tables {
 struct FuzzTransport {
     /// The backend's end of the one event channel (port 0), until bound.
     event: std::sync::Mutex<Option<LocalEvent>>,
+    /// The ring table is handed out once, as the ring; afterwards its references are not
+    /// granted (a request naming one would otherwise write into the ring it is answered on).
+    ring_mapped: std::sync::atomic::AtomicBool,
 }
 
 impl Transport for FuzzTransport {
@@ -64,7 +67,14 @@ impl Transport for FuzzTransport {
 
     fn map(&self, refs: &[GrantRef], writable: bool) -> Result<LocalPages, TransportError> {
         let t = tables();
-        if !refs.is_empty() && refs.iter().all(|&r| r >= RING_REFS) {
+        if let Some(&bad) = refs.iter().find(|&&r| r >= RING_REFS) {
+            if !refs.iter().all(|&r| r >= RING_REFS)
+                || self
+                    .ring_mapped
+                    .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                return Err(TransportError::BadGrant(bad));
+            }
             let local: Vec<GrantRef> = refs.iter().map(|&r| r - RING_REFS).collect();
             t.ring.pages_for(&local, writable)
         } else {
@@ -149,6 +159,7 @@ pub fn blkif_ring(data: &[u8]) {
     let (back, _front) = LocalEvent::pair().expect("eventfds");
     let transport = Arc::new(FuzzTransport {
         event: std::sync::Mutex::new(Some(back)),
+        ring_mapped: std::sync::atomic::AtomicBool::new(false),
     });
     let disk = Arc::new(MemDisk::new(DISK_BYTES));
     let device = start_device(transport, params, disk).expect("valid parameters start");
