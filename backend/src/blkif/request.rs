@@ -240,7 +240,14 @@ fn check_sectors(limits: &Limits, sector: u64, count: u64) -> Result<(), Reason>
 }
 
 /// Checks a data request's segments and range; returns the total sectors.
+///
+/// A request without segments (a flush or barrier carrying no data) touches no sector, so its
+/// `sector_number` means nothing and is not checked: Linux blkfront sends an empty flush with
+/// the block layer's "no position", `(sector_t)-1` (blkback skips the check the same way).
 pub fn plan(limits: &Limits, sector: u64, segments: &[BlkifRequestSegment]) -> Result<u64, Reason> {
+    if segments.is_empty() {
+        return Ok(0);
+    }
     let mut total = 0u64;
     for (index, s) in segments.iter().enumerate() {
         if s.first_sect > s.last_sect || s.last_sect >= SECTORS_PER_PAGE {
@@ -337,6 +344,17 @@ mod tests {
         assert_eq!((e.id, e.status), (7, BLKIF_RSP_ERROR));
         assert!(decode(&rw(BLKIF_OP_READ, 12, 0), &l).is_err());
         assert!(decode(&rw(BLKIF_OP_FLUSH_DISKCACHE, 0, 0), &l).is_ok());
+        // An empty flush as Linux blkfront sends it: sector (sector_t)-1, no segments.
+        let Ok(Request::Direct {
+            op: DataOp::Flush,
+            sector,
+            segments,
+            ..
+        }) = decode(&rw(BLKIF_OP_FLUSH_DISKCACHE, 0, u64::MAX), &l)
+        else {
+            panic!("empty flush refused")
+        };
+        assert_eq!(plan(&l, sector, &segments), Ok(0));
         let e = decode(&rw(4, 1, 0), &l).unwrap_err();
         assert_eq!((e.status, e.echo), (BLKIF_RSP_EOPNOTSUPP, 4));
         let e = decode(&rw(200, 1, 0), &l).unwrap_err();
@@ -463,7 +481,7 @@ mod tests {
 
     proptest::proptest! {
         /// Any 112 bytes decode to a request or a rejection, never a panic; planned ranges
-        /// always lie inside the disk.
+        /// always lie inside the disk (a plan of no sectors touches none, wherever it says).
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 112), ro in proptest::prelude::any::<bool>()) {
             let mut e = [0u8; 112];
@@ -471,7 +489,7 @@ mod tests {
             let l = Limits { read_only: ro, ..limits() };
             if let Ok(Request::Direct { sector, segments, .. }) = decode(&e, &l) {
                 if let Ok(n) = plan(&l, sector, &segments) {
-                    proptest::prop_assert!((sector + n) * SECTOR <= l.disk_bytes);
+                    proptest::prop_assert!(n == 0 || (sector + n) * SECTOR <= l.disk_bytes);
                 }
             }
         }
