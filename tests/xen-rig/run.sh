@@ -4,8 +4,10 @@
 # channels, and reports each scenario as PASS/FAIL with its time.
 #
 # Usage: tests/xen-rig/run.sh [options] [SCENARIO...]  (default: every scenarios/*.sh but probe-*)
-#   --backend blkback|parallax  storage backend in dom0 (default $XEN_RIG_BACKEND or blkback, the
-#                               kernel's xen-blkback as a stand-in; see dom0/lib.sh)
+#   --backend parallax|blkback  storage backend in dom0 (default $XEN_RIG_BACKEND or parallax:
+#                               `parallax serve`, the binary $PARALLAX_BIN or
+#                               $CARGO_TARGET_DIR/release/parallax, CARGO_TARGET_DIR defaulting
+#                               to ./target; blkback: the kernel's, for comparison; dom0/lib.sh)
 #   --timeout S                 whole run's limit (default 1800); QEMU is killed after it
 #   --scenario-timeout S        one scenario's limit inside dom0 (default 600)
 #   --save-notes                copy what scenarios saved with rig_note to tests/xen-rig/notes/
@@ -24,7 +26,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 img=${XEN_RIG_CACHE:-$root/images/.cache/xen}/out
 
-backend=${XEN_RIG_BACKEND:-blkback}
+backend=${XEN_RIG_BACKEND:-parallax}
 timeout=1800
 scen_timeout=600
 save_notes=0 keep=0 shell=0 run=1 verbose=0
@@ -76,8 +78,10 @@ printf '%s\n' "${scenarios[@]}" >"$share/scenarios.list"
   echo "RIG_SCENARIO_TIMEOUT=$scen_timeout"
 } >"$share/rig.env"
 if [ "$backend" = parallax ]; then
-  bin=${PARALLAX_BIN:-$root/target/release/parallax}
-  [ -x "$bin" ] || { echo "run.sh: no $bin (make release)" >&2; exit 1; }
+  bin=${PARALLAX_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/parallax}
+  [ -x "$bin" ] || { echo "run.sh: no $bin (make release, or PARALLAX_BIN=...)" >&2; exit 1; }
+  stale=$(find "$root/backend/src" "$root/backend/Cargo.toml" -newer "$bin" -print -quit)
+  [ -z "$stale" ] || log "WARNING: $bin is older than $stale (make release)"
   cp "$bin" "$share/bin/parallax"
   # dom0 has the host's glibc already; ship whatever else the binary links.
   for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3}'); do cp -L "$lib" "$share/bin/lib/"; done

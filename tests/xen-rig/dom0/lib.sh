@@ -2,14 +2,13 @@
 # scenario). The host share is /host: scenarios, this library and results live there.
 #
 # Storage backends, chosen by RIG_BACKEND (tests/xen-rig/run.sh --backend):
-#   blkback   STAND-IN, the default until Parallax serves the Xen ring: the kernel's xen-blkback
-#             serves raw image files on loop devices (hotplug script dom0/block-rig); snapshots
-#             and forks are copies. It proves the rig (Xen, grant tables, event channels,
-#             xenstore, xl, blkfront) and the scenarios' checks, not Parallax.
-#   parallax  the real thing: `parallax serve` with Xen enabled in dom0, the store on the scratch
-#             disk, xen-configs/block-parallax as the hotplug script. Its `serve` configuration
-#             and hotplug contract are assumptions until the xenbus control plane (issue 5) lands:
-#             see rig_px_* below, the only place that needs to change.
+#   parallax  the product (default): `parallax serve` with Xen enabled in dom0 (gntdev/evtchn),
+#             a fresh store on the scratch disk per scenario, xen-configs/block-parallax as the
+#             hotplug script; VDIs, snapshots and forks are Parallax's own (rig_px_* below).
+#   blkback   a COMPARISON: the kernel's xen-blkback serves raw image files on loop devices
+#             (hotplug script dom0/block-rig); snapshots and forks are file copies. It checks
+#             the rig (Xen, grant tables, event channels, xenstore, xl, blkfront) and the
+#             scenarios' checks without Parallax.
 # Every storage operation goes through these, so scenarios do not care which backend runs:
 #   rig_backend_start · rig_backend_stop · rig_vdi_new NAME FILE · rig_vdi_snapshot NAME SNAP
 #   rig_vdi_fork NAME@SNAP NEW · rig_vdi_export NAME[@SNAP] FILE · rig_disk NAME VDEV [ro]
@@ -20,7 +19,7 @@
 # Results: $RIG_RESULTS (this scenario's directory under /host/results); rig_note FILE copies a
 # file into $RIG_RESULTS/notes/, which `run.sh --save-notes` copies to tests/xen-rig/notes/.
 
-RIG_BACKEND=${RIG_BACKEND:-blkback}
+RIG_BACKEND=${RIG_BACKEND:-parallax}
 RIG_TMP=/tmp/rig
 RIG_STORE=/scratch/rig-store
 RIG_GUEST_MEM=${RIG_GUEST_MEM:-160}
@@ -81,32 +80,40 @@ _blkback_disk() {
 }
 
 # --- parallax ---------------------------------------------------------------------------------
-# ASSUMED until issue 5 (xenbus control plane) lands: the serve config's `xen` section, that
-# block-parallax takes the VDI name as the disk target, and that `vdi snapshot` on a served VDI
-# goes through the daemon's control socket. Change these functions, not the scenarios.
+# dom0 set up as xen-configs/README.md tells an admin to; the disk target is the VDI name, and
+# the CLI reaches the running daemon through its control socket (snapshots of a served VDI too).
 RIG_PX_BIN=/host/bin/parallax
 rig_px() { LD_LIBRARY_PATH=/host/bin/lib "$RIG_PX_BIN" --store "$RIG_STORE/store" "$@"; }
 rig_px_start() {
   [ -x "$RIG_PX_BIN" ] || fail "no $RIG_PX_BIN (run.sh copies target/release/parallax there)"
   [ -f /host/xen-configs/block-parallax ] || fail "no xen-configs/block-parallax"
+  # As xen-configs/README.md says for dom0: the user-space grant and event-channel devices, no
+  # kernel vbd backend, the hotplug script in /etc/xen/scripts.
+  must modprobe -a xen-gntdev xen-evtchn
+  lsmod | grep -q '^xen_blkback' && fail "xen-blkback is loaded: it would claim backend/vbd too"
   cp /host/xen-configs/block-parallax /etc/xen/scripts/ && chmod 0755 /etc/xen/scripts/block-parallax
-  [ -d "$RIG_STORE/store" ] || must rig_px init
+  # A store of its own for each scenario (they reuse VDI names).
+  rm -f "$RIG_STORE/store"
+  must rig_px init --size 2G
+  # No NBD (dom0 has no network); the CLI reaches the daemon through its control socket.
   cat >"$RIG_TMP/serve.ron" <<EOF
 (
     store: "$RIG_STORE/store",
+    nbd: (enabled: false),
     xen: (enabled: true),
 )
 EOF
   LD_LIBRARY_PATH=/host/bin/lib RUST_LOG=${RUST_LOG:-info} \
     "$RIG_PX_BIN" serve --config "$RIG_TMP/serve.ron" >>"$RIG_RESULTS/serve.log" 2>&1 &
   echo $! >/run/rig-serve.pid
-  # Serving means watching backend/vbd: wait until it says it is up (or died).
-  _n=300
-  until grep -q -i 'xen' "$RIG_RESULTS/serve.log" 2>/dev/null; do
+  # Up once it says it serves vbds (it watches backend/vbd by then), or dead.
+  _n=600
+  until grep -q 'xen: serving vbds' "$RIG_RESULTS/serve.log" 2>/dev/null; do
     kill -0 "$(cat /run/rig-serve.pid)" 2>/dev/null || { cat "$RIG_RESULTS/serve.log"; fail "parallax serve died"; }
-    _n=$((_n - 1)); [ $_n -gt 0 ] || fail "parallax serve did not come up"
+    _n=$((_n - 1)); [ $_n -gt 0 ] || { cat "$RIG_RESULTS/serve.log"; fail "parallax serve did not come up in 60s"; }
     sleep 0.1
   done
+  say "parallax serve is up (pid $(cat /run/rig-serve.pid))"
 }
 rig_px_stop() {
   [ -f /run/rig-serve.pid ] || return 0
@@ -119,7 +126,8 @@ rig_px_stop() {
 _parallax_vdi_new() { must rig_px vdi import "$1" "$2"; }
 _parallax_vdi_snapshot() { must rig_px vdi snapshot "$1" "$2"; }
 _parallax_vdi_fork() { must rig_px vdi fork "$1" "$2"; }
-_parallax_vdi_export() { must rig_px vdi export "$1" "$2"; }
+# --force: like cp, overwrite the previous check file.
+_parallax_vdi_export() { must rig_px vdi export --force "$1" "$2"; }
 _parallax_snapshot_live() { _parallax_vdi_snapshot "$@"; }
 _parallax_disk() {
   echo "format=raw, vdev=$2, access=${3:-rw}, script=block-parallax, target=$1"
