@@ -77,6 +77,16 @@ xen-test: ## Xen 4.17, PV dom0 + guests under QEMU (TCG): blkfront against the d
 	scripts/deps.sh xen
 	tests/xen-rig/run.sh
 
+bench: ## Parallax against qemu-nbd, nbdkit, nbd-server (~35 min); results in bench/results/<date>/
+	scripts/deps.sh bench
+	$(CARGO) build --release -p parallax -p frontend-shim
+	python3 bench/run.py
+
+bench-quick: ## One-minute subset of make bench (tmpfs, small VDI, one run each)
+	scripts/deps.sh bench
+	$(CARGO) build --release -p parallax -p frontend-shim
+	python3 bench/run.py --quick
+
 clean:
 	$(CARGO) clean
 	rm -rf var

@@ -18,7 +18,8 @@ for g in "${groups[@]}"; do
     vm) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs kmod xz-utils zstd python3) ;;
     xen) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod xen-utils-4.17 xenstore-utils
                 e2fsprogs) ;;
-    bench) pkgs+=(fio nbdkit nbd-server libnbd-bin gnuplot-nox qemu-utils qemu-system-x86) ;;
+    # The bench harness is Python 3 (standard library only); gnuplot draws its plots.
+    bench) pkgs+=(fio nbdkit nbd-server libnbd-bin gnuplot-nox qemu-utils qemu-system-x86 python3) ;;
     # libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
     fuzz) pkgs+=(g++) ;;
     *) echo "deps.sh: unknown group $g" >&2; exit 2 ;;

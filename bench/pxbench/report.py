@@ -1,0 +1,395 @@
+"""The Markdown summary (medians, ratios, each target met or not) and the gnuplot plots, made
+from the raw records of one run. `bench/run.py --report DIR` remakes them from results.json."""
+
+import json
+import os
+import re
+import statistics
+import subprocess
+from collections import defaultdict
+
+from .util import human, median
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIMITS = os.path.join(HERE, "limits.md")
+
+
+def _fmt(x, unit=""):
+    if x is None:
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:,.0f}{unit}"
+    if abs(x) >= 10:
+        return f"{x:.1f}{unit}"
+    return f"{x:.2f}{unit}"
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _met(ok):
+    return "–" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def _ms(us):
+    return None if us is None else us / 1000
+
+
+def _group(records, section, *keys, value="iops"):
+    """Median of `value` over reps, keyed by the tuple of `keys`."""
+    acc = defaultdict(list)
+    for r in records:
+        if r["section"] == section and r.get(value) is not None:
+            acc[tuple(r[k] for k in keys)].append(r[value])
+    return {k: median(v) for k, v in acc.items()}
+
+
+class Summary:
+    def __init__(self, data, out):
+        self.d = data
+        self.s = data["settings"]
+        self.r = data["records"]
+        self.out = out
+        self.lines = []
+        self.targets = []
+        self.fss = [site["name"] for site in self.s.get("sites", [])]
+
+    def p(self, line=""):
+        self.lines.append(line)
+
+    def table(self, head, rows):
+        self.p("| " + " | ".join(head) + " |")
+        self.p("|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|")
+        for row in rows:
+            self.p("| " + " | ".join(str(c) for c in row) + " |")
+        self.p()
+
+    def target(self, name, fs, measured, ok):
+        self.targets.append((name, fs, measured, _met(ok)))
+
+    # -- sections -------------------------------------------------------------------------------
+
+    def header(self):
+        s = self.s
+        m = s["machine"]
+        loads = [x["load"][0] for x in self.d["load_samples"]] + [r["load"][0] for r in self.r]
+        self.p(f"# Parallax benchmark, {s['date']}{' (quick subset)' if s.get('quick') else ''}")
+        self.p()
+        self.p(f"Commit `{s['git']}`; {m['cpus']} CPUs ({m['cpu']}), {human(m['mem_bytes'])} RAM, "
+               f"Linux {m['kernel']}. {'; '.join(m['tools'].values())}.")
+        self.p()
+        if loads:
+            self.p(f"**Machine load** (1-minute load average, sampled at every measurement): "
+                   f"min {min(loads):.1f}, median {statistics.median(loads):.1f}, max {max(loads):.1f} "
+                   f"on {m['cpus']} CPUs. The machine was shared with other work, so single numbers are "
+                   f"noisy: every figure is the median of {s['reps']} interleaved run(s), and the raw "
+                   f"records (`results.json`, `raw/`) keep each run with the load at its time.")
+            self.p()
+        sites = ", ".join(f"{x['name']} = `{x['dir']}` ({x['fstype']}, O_DIRECT "
+                          f"{'accepted' if x['odirect'] else 'refused'})" for x in s.get("sites", []))
+        self.p(f"Data: a {human(s['size'])} VDI of random data; a raw file, a qcow2 file and a Parallax "
+               f"store holding the same bytes side by side on each file system: {sites}. "
+               f"fio runs: {s['runtime']} s each (no ramp time, so that the server's CPU time "
+               f"covers exactly the requests fio counted).")
+        self.p()
+
+    def nbd(self):
+        med = _group(self.r, "nbd", "fs", "workload", "server")
+        mbs = _group(self.r, "nbd", "fs", "workload", "server", value="mb_s")
+        cpu = _group(self.r, "nbd", "fs", "workload", "server", value="server_cpu_us_per_op")
+        if not med:
+            return
+        self.p("## 1. fio over NBD")
+        self.p()
+        self.p("4K jobs in IOPS, 1 MiB jobs in MB/s; `2xqd32` is two fio jobs (two NBD connections) at "
+               "QD32 each. The ratio is Parallax over the best peer in that row.")
+        self.p()
+        for fs in self.fss:
+            wls = [w for w in self.s["nbd_workloads"] if any(k[0] == fs and k[1] == w for k in med)]
+            if not wls:
+                continue
+            servers = []
+            for k in med:
+                if k[0] == fs and k[2] not in servers:
+                    servers.append(k[2])
+            servers.sort(key=lambda x: (x != "parallax", x))
+            rows, r4k, rseq = [], [], []
+            for w in wls:
+                src = mbs if w.startswith("1m") else med
+                vals = {sv: src.get((fs, w, sv)) for sv in servers}
+                peers = {sv: v for sv, v in vals.items() if sv != "parallax" and v is not None}
+                best = max(peers, key=peers.get) if peers else None
+                ratio = _ratio(vals.get("parallax"), peers.get(best)) if best else None
+                (r4k if w.startswith("4k") else rseq).append((w, ratio))
+                rows.append([w] + [_fmt(vals[sv]) for sv in servers] + [best or "–", f"**{_fmt(ratio)}×**"])
+            self.p(f"### {fs}")
+            self.p()
+            self.table(["workload"] + servers + ["best peer", "Parallax / best"], rows)
+            cpu_rows = []
+            for w in wls:
+                vals = {sv: cpu.get((fs, w, sv)) for sv in servers}
+                peers = {sv: v for sv, v in vals.items() if sv != "parallax" and v}
+                best = min(peers, key=peers.get) if peers else None
+                cpu_rows.append([w] + [_fmt(vals[sv]) for sv in servers] +
+                                [best or "–", f"{_fmt(_ratio(vals.get('parallax'), peers.get(best)))}×" if best else "–"])
+            if any(v for k, v in cpu.items() if k[0] == fs):
+                self.p(f"Server CPU time per request (µs, all threads; lower is better) on {fs} — less "
+                       "sensitive to the machine's load than throughput:")
+                self.p()
+                self.table(["workload"] + servers + ["leanest peer", "Parallax / leanest"], cpu_rows)
+            for name, rs, goal in (("NBD 4K random ≥ 1.2× best peer", r4k, 1.2),
+                                   ("NBD 1 MiB sequential ≥ 1.0× best peer", rseq, 1.0)):
+                rs = [(w, x) for w, x in rs if x is not None]
+                if rs:
+                    worst = min(x for _, x in rs)
+                    self.target(name, fs, ", ".join(f"{w} {x:.2f}×" for w, x in rs), worst >= goal)
+
+    def cow(self):
+        med = _group(self.r, "cow", "fs", "system", "phase")
+        first = _group(self.r, "cow", "fs", "system", "phase", value="first_s_iops")
+        if not med:
+            return
+        self.p("## 2. Copy-on-write: 4K random writes (QD16) before and right after a snapshot")
+        self.p()
+        self.p(f"Each phase is a {self.s['cow_runtime']} s run started right after the snapshot, fork "
+               "or overlay was made (first-second IOPS in brackets). Ratios are to the same system's "
+               "rate before the snapshot. Peers: a qcow2 internal snapshot (`qemu-img snapshot -c`) "
+               "and a fresh qcow2 overlay backed by the same file.")
+        self.p()
+        for fs in self.fss:
+            systems = []
+            for k in med:
+                if k[0] == fs and k[1] not in systems:
+                    systems.append(k[1])
+            if not systems:
+                continue
+            rows = []
+            for sy in systems:
+                b = med.get((fs, sy, "before"))
+                cells = [sy, _fmt(b)]
+                for ph in ("snapshot", "fork" if sy == "parallax" else "overlay"):
+                    v = med.get((fs, sy, ph))
+                    cells.append(f"{_fmt(v)} ({_fmt(first.get((fs, sy, ph)))}) = **{_fmt(_ratio(v, b))}×**")
+                    if sy == "parallax" and v is not None:
+                        # Judged on the whole window and on its first second, whichever is worse.
+                        f1 = _ratio(first.get((fs, sy, ph)), b)
+                        worst = min(x for x in (_ratio(v, b), f1) if x is not None)
+                        self.target(f"writes after a {ph} ≥ 0.5× before", fs,
+                                    f"{_ratio(v, b):.2f}×" + (f" (first second {f1:.2f}×)" if f1 else ""),
+                                    worst >= 0.5)
+                rows.append(cells)
+            self.p(f"### {fs}")
+            self.p()
+            self.table(["system", "before (IOPS)", "after snapshot", "on a fork / overlay"], rows)
+
+    def depth(self):
+        med = _group(self.r, "depth", "fs", "system", "depth")
+        cpu = _group(self.r, "depth", "fs", "system", "depth", value="server_cpu_us_per_op")
+        if not med:
+            return
+        self.p("## 3. Random reads (4K, QD16) against snapshot depth")
+        self.p()
+        self.p("Parallax: a chain of snapshot → fork generations, each fork with 16 random 4K writes of "
+               "its own; the VDI read is the last of the chain. qcow2: a backing chain of overlays, "
+               "each with 16 random 4K writes, served by qemu-nbd (writeback). Ratio to depth 0.")
+        self.p()
+        rows = []
+        plot = defaultdict(list)
+        for (fs, sy, d), v in sorted(med.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+            base = med.get((fs, sy, 0))
+            rows.append([fs, sy, d, _fmt(v), f"{_fmt(_ratio(v, base))}×", _fmt(cpu.get((fs, sy, d))),
+                         f"{_fmt(_ratio(cpu.get((fs, sy, d)), cpu.get((fs, sy, 0))))}×"])
+            plot[f"{sy} ({fs})"].append((d, v))
+            if sy == "parallax" and d == max(self.s["depths"]) and base:
+                c = _ratio(cpu.get((fs, sy, 0)), cpu.get((fs, sy, d)))
+                self.target(f"reads at depth {d} within 5% of depth 0", fs,
+                            f"{_ratio(v, base):.2f}× IOPS" + (f" ({c:.2f}× by CPU per read)" if c else ""),
+                            _ratio(v, base) >= 0.95)
+        self.table(["fs", "system", "depth", "IOPS", "vs depth 0", "server CPU µs/read", "vs depth 0"], rows)
+        if self._plot("depth", "Random 4K reads against snapshot depth", "snapshot / backing-chain depth",
+                      "IOPS (median)", plot, logx=True):
+            self.p("![throughput against depth](depth.png)")
+            self.p()
+
+    def meta(self):
+        recs = [r for r in self.r if r["section"] == "meta-latency"]
+        if recs:
+            self.p("## 4. Snapshot and fork latency against VDI size")
+            self.p()
+            self.p(f"{self.s['meta_ops']} snapshots of the VDI, then as many forks of its first "
+                   "snapshot, each timed on the control socket (connect to reply; a snapshot is durable "
+                   "when it returns, so each includes a commit with two fsyncs). The VDIs are sparse, "
+                   "with 4096 4K blocks spread evenly over them. `live`: while fio writes 4K random "
+                   "at QD16 to the same VDI.")
+            self.p()
+            rows = []
+            plot = defaultdict(list)
+            worst = defaultdict(lambda: (0, None))
+            for r in sorted(recs, key=lambda r: (r["fs"], r["op"], r["during"], r["vdi_size"])):
+                rows.append([r["fs"], human(r["vdi_size"]), r["op"], r["during"], _fmt(_ms(r["p50_us"])),
+                             _fmt(_ms(r["p99_us"])), _fmt(_ms(r["max_us"])), r["n"],
+                             _fmt(r.get("live_write_iops"))])
+                if r["p99_us"] is not None:
+                    plot[f"{r['op']} p99, {r['during']} ({r['fs']})"].append((r["vdi_size"] >> 30, r["p99_us"]))
+                    key = (r["fs"], r["during"])
+                    if r["p99_us"] >= worst[key][0]:
+                        worst[key] = (r["p99_us"], f"{r['op']} {human(r['vdi_size'])}")
+            self.table(["fs", "VDI size", "op", "during", "p50 ms", "p99 ms", "max ms", "n",
+                        "live write IOPS"], rows)
+            hello = [r for r in self.r if r["section"] == "control-floor"]
+            if hello:
+                self.p("The control socket's own round trip (a `hello` request, same loop): " + "; ".join(
+                    f"{r['fs']}: p50 {_fmt(_ms(r['p50_us']))} ms, p99 {_fmt(_ms(r['p99_us']))} ms"
+                    for r in hello) + ".")
+                self.p()
+            floors = [r for r in self.r if r["section"] == "fsync-floor"]
+            if floors:
+                self.p("The floor: one `fdatasync` after a 4K write on each file system (fio); a durable "
+                       "snapshot or fork needs two. " + "; ".join(
+                           f"{r['fs']}: p50 {_fmt(_ms(r['p50_us']))} ms, p99 {_fmt(_ms(r['p99_us']))} ms"
+                           for r in floors) + ".")
+                self.p()
+            for (fs, load), (p99, where) in sorted(worst.items()):
+                self.target(f"snapshot and fork p99 < 1 ms at every size ({load})", fs,
+                            f"worst p99 {p99 / 1000:.2f} ms ({where})", p99 < 1000)
+            if self._plot("latency", "Snapshot and fork latency (p99) against VDI size", "VDI size (GiB)",
+                          "p99 latency (µs)", plot, logx=True, logy=True):
+                self.p("![latency against VDI size](latency.png)")
+                self.p()
+        storms = [r for r in self.r if r["section"] == "fork-storm"]
+        if storms:
+            self.p("### Many forks of one template")
+            self.p()
+            self.table(["fs", "forks", "total s", "mean ms", "p50 ms", "p99 ms", "store bytes per fork"],
+                       [[r["fs"], r["forks"], _fmt(r["seconds"]), _fmt(_ms(r["mean_us"])), _fmt(_ms(r["p50_us"])),
+                         _fmt(_ms(r["p99_us"])), _fmt(r["bytes_per_fork"])] for r in storms])
+
+    def ring(self):
+        med = _group(self.r, "ring", "fs", "workload", "system")
+        mbs = _group(self.r, "ring", "fs", "workload", "system", value="mb_s")
+        if not med:
+            return
+        self.p("## 5. The block-ring path: frontend-shim against local libaio")
+        self.p()
+        self.p("`frontend-shim bench` attached to the daemon (4K: 2 queues × depth 32; 1 MiB: 1 queue × "
+               "depth 8 with 256-segment indirect requests) against fio libaio on the raw file of the "
+               "same file system with the same jobs × depth. 4K in IOPS, 1 MiB in MB/s.")
+        self.p()
+        zero = {(r["fs"], r["workload"]) for r in self.r if r["section"] == "ring" and r.get("zero_pages")}
+        if zero:
+            self.p("**The ring write rows are not comparable**: `frontend-shim bench` wrote zero-filled "
+                   "pages (the VDI's allocated blocks fell during the run), which Parallax stores as "
+                   "holes without writing data. They are shown but not counted against the target.")
+            self.p()
+        rows = []
+        for fs in self.fss:
+            for w in self.s["ring_workloads"]:
+                src = mbs if w.startswith("1m") else med
+                ring = src.get((fs, w, "frontend-shim ring"))
+                lim_key = [k for k in src if k[0] == fs and k[1] == w and k[2].startswith("fio libaio")]
+                if ring is None and not lim_key:
+                    continue
+                lim = src.get(lim_key[0]) if lim_key else None
+                ratio = _ratio(ring, lim)
+                zp = (fs, w) in zero
+                rows.append([fs, w + (" (zero pages)" if zp else ""), _fmt(ring), _fmt(lim),
+                             lim_key[0][2] if lim_key else "–", f"**{_fmt(ratio)}×**"])
+                if zp:
+                    self.target("ring path ≥ 0.6× local libaio", fs, f"{w}: not measurable (shim writes zeros)", None)
+                elif ratio is not None:
+                    self.target("ring path ≥ 0.6× local libaio", fs, f"{w} {ratio:.2f}×", ratio >= 0.6)
+        self.table(["fs", "workload", "ring", "local limit", "limit job", "ring / limit"], rows)
+
+    def memory(self):
+        recs = [r for r in self.r if r["section"] == "memory"]
+        if not recs:
+            return
+        self.p("## 6. Daemon memory against open VDIs")
+        self.p()
+        self.p("A freshly started daemon; each open VDI is one NBD connection to its own fork of a 1 GiB "
+               "template, all under a light round robin of 4K reads (one write in ten).")
+        self.p()
+        self.table(["fs", "VDIs open", "RSS MiB", "peak RSS MiB", "requests"],
+                   [[r["fs"], r["vdis"], _fmt(r["VmRSS"] / 1024), _fmt(r["VmHWM"] / 1024), r["requests"]]
+                    for r in recs])
+        top = max(self.s["mem_vdis"])
+        for r in recs:
+            if r["vdis"] == top:
+                self.target(f"{top} open VDIs < 256 MiB RSS", r["fs"], f"{r['VmRSS'] / 1024:.0f} MiB",
+                            r["VmRSS"] < 256 * 1024 if top >= 1000 else None)
+
+    def _plot(self, name, title, xlabel, ylabel, series, logx=False, logy=False):
+        if not series:
+            return False
+        gp = [f"set terminal pngcairo size 900,560 font 'sans,10'", f"set output '{name}.png'",
+              f"set title '{title}'", f"set xlabel '{xlabel}'", f"set ylabel '{ylabel}'", "set key outside below",
+              "set grid"]
+        if logx:
+            gp.append("set logscale x 2" if name == "latency" else "set logscale x 10")
+        if logy:
+            gp.append("set logscale y 10")
+        plots = []
+        for i, (label, pts) in enumerate(sorted(series.items())):
+            dat = f"{name}-{i}.dat"
+            with open(os.path.join(self.out, dat), "w") as f:
+                f.write(f"# {label}\n")
+                for x, y in sorted(pts):
+                    # depth 0 cannot sit on a log axis: it is drawn at 0.5
+                    f.write(f"{x if x > 0 or not logx else 0.5} {y}\n")
+            plots.append(f"'{dat}' using 1:2 with linespoints lw 2 title '{label}'")
+        gp.append("plot " + ", ".join(plots))
+        with open(os.path.join(self.out, f"{name}.gp"), "w") as f:
+            f.write("\n".join(gp) + "\n")
+        r = subprocess.run(["gnuplot", f"{name}.gp"], cwd=self.out, capture_output=True, text=True)
+        if r.returncode != 0:
+            self.d["notes"].append(f"gnuplot {name}: {r.stderr.strip()[-300:]}")
+            return False
+        return True
+
+    def build(self):
+        self.header()
+        body_start = len(self.lines)
+        self.nbd()
+        self.cow()
+        self.depth()
+        self.meta()
+        self.ring()
+        self.memory()
+        body = self.lines[body_start:]
+        self.lines = self.lines[:body_start]
+        self.p("## Targets")
+        self.p()
+        self.table(["target", "fs", "measured", "status"], self.targets)
+        self.lines += body
+        if self.d["notes"]:
+            self.p("## Notes from this run")
+            self.p()
+            for n in self.d["notes"]:
+                self.p(f"* {n}")
+            self.p()
+        if os.path.exists(LIMITS):
+            with open(LIMITS) as f:
+                text = f.read().strip()
+            self.p(re.sub(r"^# ", "## ", text, flags=re.M))
+            self.p()
+        self.p("---")
+        self.p("Made by `make bench` (`bench/run.py`; see `bench/README.md`). Raw records: "
+               "`results.json` (every run, with the load average at its time) and `raw/` (fio's and "
+               "frontend-shim's own JSON).")
+        return "\n".join(self.lines) + "\n"
+
+
+def write(run):
+    """Writes summary.md and the plots into the run's directory, and bench/results/LATEST.md."""
+    with open(os.path.join(run.out, "results.json")) as f:
+        data = json.load(f)
+    text = Summary(data, run.out).build()
+    with open(os.path.join(run.out, "summary.md"), "w") as f:
+        f.write(text)
+    results = os.path.join(HERE, "results")
+    if os.path.dirname(os.path.abspath(run.out)) == results and not data["settings"].get("quick"):
+        rel = os.path.basename(run.out)
+        linked = re.sub(r"\]\(([^)#:]+\.png)\)", rf"]({rel}/\1)", text)
+        with open(os.path.join(results, "LATEST.md"), "w") as f:
+            f.write(f"<!-- copy of {rel}/summary.md, written by bench/run.py -->\n{linked}")

@@ -1,0 +1,165 @@
+"""Section 4: snapshot and fork latency against VDI size, idle and under live writes, and the
+time and metadata space of many forks of one template.
+
+Runs on a store of its own (`meta.px`), since its VDIs are big and sparse. Latency is the
+wall-clock time of one request on the daemon's control socket, connect to reply, which is what
+`parallax vdi snapshot` costs minus process start-up; a snapshot is durable when it returns, so
+it includes a commit (two fsyncs)."""
+
+import json
+import os
+import random
+import time
+
+from . import fio, nbd
+from .servers import HOST, ControlError
+from .util import human, log, quantile, sh
+
+SPREAD_BLOCKS = 4096
+
+
+def meta_store(site):
+    return os.path.join(site.dir, "meta.px")
+
+
+def _spread(px, name, size, seed):
+    """Writes SPREAD_BLOCKS 4K blocks spread evenly (with jitter) over the whole VDI."""
+    rng = random.Random(seed)
+    blocks = size // 4096
+    stride = blocks // SPREAD_BLOCKS
+    c = nbd.Client(HOST, px.port, name)
+    for i in range(SPREAD_BLOCKS):
+        c.write((i * stride + rng.randrange(stride)) * 4096, rng.randbytes(4096))
+    c.flush()
+    c.close()
+
+
+def _stats(lat_us):
+    return {"n": len(lat_us), "p50_us": quantile(lat_us, 0.5), "p99_us": quantile(lat_us, 0.99),
+            "max_us": max(lat_us) if lat_us else None}
+
+
+def _measure(run, site, cfg, px, name, size, live):
+    """`cfg.meta_ops` snapshots of `name`, then as many forks of its first one."""
+    tag = "live" if live else "idle"
+    bg = None
+    if live:
+        out = os.path.join(run.raw_dir, f"meta-{site.name}-{name}-livewrites.json")
+        bg = fio.Background(px.uri(name), "randwrite", "4k", 16, cfg.meta_ops // 5 + 30, out, size=size)
+        time.sleep(1.0)
+    snaps, forks = [], []
+    for i in range(cfg.meta_ops):
+        if bg and not bg.running():
+            break
+        snaps.append(px.control.timed("snapshot", vdi=name, snap=f"{tag}{i}"))
+        time.sleep(0.005)
+    for i in range(len(snaps)):
+        if bg and not bg.running():
+            break
+        forks.append(px.control.timed("fork", src=f"{name}@{tag}0", new=f"{name}-{tag}-f{i}"))
+        time.sleep(0.005)
+    writes = None
+    if bg:
+        try:
+            writes = bg.stop()
+        except fio.FioError as e:
+            run.note(f"{site.name}: background writes for {name}: {e}")
+    for op, lat in (("snapshot", snaps), ("fork", forks)):
+        rec = run.record("meta-latency", fs=site.name, vdi_size=size, op=op, during=tag, samples_us=lat,
+                         live_write_iops=writes["iops"] if writes else None, **_stats(lat))
+        log(f"meta {site.name} {human(size):>7s} {op:8s} {tag}: p50 {rec['p50_us'] or 0:8.0f} us  "
+            f"p99 {rec['p99_us'] or 0:8.0f} us  (n={len(lat)})")
+
+
+def ensure_store(site):
+    """Creates the section's store unless an earlier section did."""
+    store = meta_store(site)
+    if not os.path.exists(store):
+        sh([site.bin, "--store", store, "init", "--size", "8G"])
+    return store
+
+
+def fsync_floor(run, site):
+    """What one fdatasync costs on this file system (fio, 4K writes each followed by
+    fdatasync): a durable snapshot or fork needs two, so this is the floor under their latency."""
+    out = os.path.join(run.raw_dir, f"meta-{site.name}-fdatasync.json")
+    args = ["fio", "--name=fsync", f"--filename={os.path.join(site.dir, 'fsync.probe')}", "--rw=write", "--bs=4k",
+            "--size=16m", "--fdatasync=1", "--time_based", "--runtime=3", "--output-format=json", f"--output={out}"]
+    sh(args)
+    with open(out) as f:
+        j = json.load(f)
+    pct = j["jobs"][0]["sync"]["lat_ns"].get("percentile", {})
+    rec = run.record("fsync-floor", fs=site.name, p50_us=pct.get("50.000000", 0) / 1e3,
+                     p99_us=pct.get("99.000000", 0) / 1e3, n=j["jobs"][0]["sync"]["lat_ns"].get("N"))
+    os.unlink(os.path.join(site.dir, "fsync.probe"))
+    log(f"meta {site.name}: fdatasync p50 {rec['p50_us']:.0f} us, p99 {rec['p99_us']:.0f} us")
+
+
+def latency(run, site, cfg):
+    fsync_floor(run, site)
+    store = ensure_store(site)
+    px = site.parallax(label="parallax-meta", store=store)
+    with px:
+        # The control socket's own floor: a request that does nothing (connect, a thread in the
+        # daemon, one JSON line each way).
+        hello = []
+        for _ in range(cfg.meta_ops):
+            hello.append(px.control.timed("hello"))
+            time.sleep(0.005)
+        rec = run.record("control-floor", fs=site.name, samples_us=hello, **_stats(hello))
+        log(f"meta {site.name}: control-socket round trip p50 {rec['p50_us']:.0f} us, p99 {rec['p99_us']:.0f} us")
+        for k, size in enumerate(cfg.meta_sizes):
+            name = f"sz{k}"
+            px.call("create", name=name, size=size)
+            _spread(px, name, size, k)
+            _measure(run, site, cfg, px, name, size, live=False)
+            _measure(run, site, cfg, px, name, size, live=True)
+
+
+def make_template(px):
+    """The 1 GiB template `tpl` with data spread over it, and its snapshot `tpl@gold`."""
+    px.call("create", name="tpl", size=1 << 30)
+    _spread(px, "tpl", 1 << 30, 99)
+    px.call("snapshot", vdi="tpl", snap="gold")
+    px.call("flush")
+
+
+def ensure_forks(px, n):
+    """Makes sure forks vm00000 … of `tpl@gold` exist up to `n` (when section `forks` did not run)."""
+    try:
+        px.call("info", name=f"vm{n - 1:05d}")
+        return
+    except ControlError:
+        pass
+    try:
+        px.call("info", name="tpl@gold")
+    except ControlError:
+        make_template(px)
+    for i in range(n):
+        try:
+            px.call("fork", src="tpl@gold", new=f"vm{i:05d}")
+        except ControlError:
+            pass  # exists already
+    px.call("flush")
+
+
+def forks(run, site, cfg):
+    """`cfg.forks` forks of one template snapshot: time per fork and store bytes per fork."""
+    store = meta_store(site)
+    px = site.parallax(label="parallax-meta", store=store)
+    with px:
+        make_template(px)
+        before = px.call("df")
+        lat = []
+        t0 = time.monotonic()
+        for i in range(cfg.forks):
+            lat.append(px.control.timed("fork", src="tpl@gold", new=f"vm{i:05d}"))
+        total = time.monotonic() - t0
+        px.call("flush")
+        after = px.call("df")
+    used = after["used_bytes"] - before["used_bytes"]
+    rec = run.record("fork-storm", fs=site.name, forks=cfg.forks, seconds=total, bytes_per_fork=used / cfg.forks,
+                     df_before=before, df_after=after, mean_us=total * 1e6 / cfg.forks, samples_us=lat,
+                     **_stats(lat))
+    log(f"forks {site.name}: {cfg.forks} in {total:.1f}s, p50 {rec['p50_us']:.0f} us p99 {rec['p99_us']:.0f} us, "
+        f"{rec['bytes_per_fork']:.0f} bytes/fork")
