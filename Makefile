@@ -25,6 +25,8 @@ test: deps ## The whole test suite, as CI runs it
 	$(CARGO) test --workspace --doc
 	scripts/deps.sh vm
 	tests/vm/run.sh
+	scripts/deps.sh xen
+	tests/xen-rig/run.sh
 
 unit-test: ## Just the Rust tests (no package installs)
 	$(CARGO) build --workspace
@@ -73,7 +75,8 @@ vm-test: ## Real guests (QEMU, TCG) booting from Parallax forks over NBD
 	scripts/deps.sh vm
 	tests/vm/run.sh
 
-xen-test: ## Xen 4.17, PV dom0 + guests under QEMU (TCG): blkfront against the dom0 backend
+xen-test: ## Xen 4.17 under QEMU (TCG): PV guests' disks served by parallax serve in dom0 (~4 min)
+	$(CARGO) build --release -p parallax
 	scripts/deps.sh xen
 	tests/xen-rig/run.sh
 
