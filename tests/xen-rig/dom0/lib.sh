@@ -50,7 +50,7 @@ rig_backend_start() {
     *) fail "unknown RIG_BACKEND $RIG_BACKEND" ;;
   esac
 }
-rig_backend_stop() { [ "$RIG_BACKEND" = parallax ] && rig_px_stop; return 0; }
+rig_backend_stop() { [ "$RIG_BACKEND" != parallax ] || rig_px_stop; }
 # rig_vdi_new NAME FILE: a VDI whose content is FILE (a raw image).
 rig_vdi_new() { "_${RIG_BACKEND}_vdi_new" "$@"; }
 rig_vdi_snapshot() { "_${RIG_BACKEND}_vdi_snapshot" "$@"; }
@@ -109,19 +109,33 @@ EOF
   # Up once it says it serves vbds (it watches backend/vbd by then), or dead.
   _n=600
   until grep -q 'xen: serving vbds' "$RIG_RESULTS/serve.log" 2>/dev/null; do
-    kill -0 "$(cat /run/rig-serve.pid)" 2>/dev/null || { cat "$RIG_RESULTS/serve.log"; fail "parallax serve died"; }
+    _px_running "$(cat /run/rig-serve.pid)" || { cat "$RIG_RESULTS/serve.log"; fail "parallax serve died"; }
     _n=$((_n - 1)); [ $_n -gt 0 ] || { cat "$RIG_RESULTS/serve.log"; fail "parallax serve did not come up in 60s"; }
     sleep 0.1
   done
   say "parallax serve is up (pid $(cat /run/rig-serve.pid))"
 }
+# _px_running PID: the process exists and is not a zombie (its parent, the scenario's shell, is
+# gone, and /init reaps orphans only when it gets to it).
+_px_running() { read -r _ _ _st _ 2>/dev/null <"/proc/$1/stat" && [ "$_st" != Z ]; }
+# rig_px_stop: SIGTERM, as systemd stops it; fails unless serve stops within 30 s saying it
+# closed the store cleanly and the store then checks clean.
 rig_px_stop() {
   [ -f /run/rig-serve.pid ] || return 0
   _pid=$(cat /run/rig-serve.pid)
-  kill -TERM "$_pid" 2>/dev/null
-  _n=100
-  while kill -0 "$_pid" 2>/dev/null; do _n=$((_n - 1)); [ $_n -gt 0 ] || kill -KILL "$_pid"; sleep 0.1; done
   rm -f /run/rig-serve.pid
+  _px_running "$_pid" || { tail -n 5 "$RIG_RESULTS/serve.log"; fail "parallax serve (pid $_pid) died before it was stopped"; }
+  kill -TERM "$_pid"
+  _n=300
+  while _px_running "$_pid"; do
+    _n=$((_n - 1))
+    [ $_n -gt 0 ] || { kill -KILL "$_pid"; fail "parallax serve did not stop within 30s of SIGTERM"; }
+    sleep 0.1
+  done
+  grep -q 'store closed cleanly' "$RIG_RESULTS/serve.log" ||
+    { tail -n 5 "$RIG_RESULTS/serve.log"; fail "parallax serve did not close the store cleanly"; }
+  must rig_px check
+  say "parallax serve stopped; the store checks clean"
 }
 _parallax_vdi_new() { must rig_px vdi import "$1" "$2"; }
 _parallax_vdi_snapshot() { must rig_px vdi snapshot "$1" "$2"; }

@@ -26,19 +26,24 @@ for name in $(cat /host/scenarios.list); do
   pid=$!
   while kill -0 $pid 2>/dev/null && [ $(( $(uptime_cs) - t0 )) -lt $((limit * 100)) ]; do sleep 0.2; done
   if kill -0 $pid 2>/dev/null; then
-    kill -KILL -$pid 2>/dev/null
+    kill -KILL $pid 2>/dev/null
     wait $pid
     rc=137
     echo "RIG-FAIL: scenario $name killed after ${limit}s" >>"$dir/log"
   else
     wait $pid
     rc=$?
-    kill -KILL -$pid 2>/dev/null
     [ $rc = 0 ] || grep -q 'RIG-FAIL' "$dir/log" ||
       echo "RIG-FAIL: scenario $name exited with status $rc" >>"$dir/log"
   fi
-  # Leave nothing behind for the next scenario.
-  RIG_RESULTS=$dir sh -c '. /host/rig/lib.sh; rig_cleanup; rig_backend_stop' >>"$dir/log" 2>&1
+  # Leave nothing behind for the next scenario: the guests first, while the backend still serves
+  # them; then the backend, stopped as an admin would (it fails the scenario unless it stops
+  # cleanly); then whatever else the scenario left running in its process group.
+  RIG_RESULTS=$dir sh -c '. /host/rig/lib.sh; rig_cleanup; rig_backend_stop' >>"$dir/log" 2>&1 || {
+    [ $rc != 0 ] || rc=1
+    grep -q 'RIG-FAIL' "$dir/log" || echo "RIG-FAIL: the backend did not stop cleanly" >>"$dir/log"
+  }
+  kill -KILL -$pid 2>/dev/null
   sleep 0.3
   kill $tailpid
   t1=$(uptime_cs)
