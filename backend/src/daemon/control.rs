@@ -22,7 +22,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     blkif::local::{recv_with_fds, send_with_fds},
@@ -292,12 +292,33 @@ fn handle(stream: UnixStream, ctx: &ControlContext, mut slot: Slot) -> io::Resul
     };
     info!(?req, "control request");
     let mut fds = fds.into_iter();
-    let reply = match execute(&req, fds.next(), ctx, &stream) {
-        Ok(v) => Reply::Ok(v),
-        Err(e) => Reply::Error {
+    // A panic here is a bug; it must not leave the client without an answer, nor the store
+    // taking writes on in-memory state the panic may have left half changed.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        execute(&req, fds.next(), ctx, &stream)
+    }));
+    let reply = match outcome {
+        Ok(Ok(v)) => Reply::Ok(v),
+        Ok(Err(e)) => Reply::Error {
             kind: e.kind().into(),
             message: e.to_string(),
         },
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            error!(?req, panic = %what, "control request panicked (a bug)");
+            ctx.store
+                .poison(&format_args!("a control request panicked: {what}"));
+            Reply::Error {
+                kind: "internal".into(),
+                message: format!(
+                    "internal error (a bug, please report it): {what}; the store refuses writes until the daemon is restarted"
+                ),
+            }
+        }
     };
     send(&stream, &reply)
 }
