@@ -157,7 +157,14 @@ def main():
                 if sec in ("forks", "mem"):
                     sec_meta.ensure_store(site)
                 log(f"== {name}: {sec}")
-                fn(run, site, cfg)
+                try:
+                    fn(run, site, cfg)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as e:  # one broken section must not lose the others
+                    run.note(f"{name}: section {sec} failed: {type(e).__name__}: {e} "
+                             f"(server logs in raw/logs-{name}/)")
+                    log(f"{name}: section {sec} FAILED: {e}")
                 run.sample_load(f"{name} {sec} done")
                 run.save()
             if not a.keep:

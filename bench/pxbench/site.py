@@ -70,7 +70,9 @@ class Site:
         return s
 
     def cleanup(self, keep=()):
-        """Removes the work directory, or everything in it but the paths in `keep`."""
+        """Removes the work directory, or everything in it but the paths in `keep`. The
+        servers' logs are kept first, in the run's `raw/logs-<site>/`."""
+        self.save_logs()
         if not keep:
             shutil.rmtree(self.dir, ignore_errors=True)
             return
@@ -78,3 +80,15 @@ class Site:
             p = os.path.join(self.dir, entry)
             if p not in keep:
                 shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+
+    def save_logs(self):
+        """Copies the servers' logs (`*.log` in the work directory) into the raw results."""
+        if not os.path.isdir(self.dir):
+            return
+        logs = [e for e in os.listdir(self.dir) if e.endswith(".log")]
+        if not logs:
+            return
+        dest = os.path.join(self.run.raw_dir, f"logs-{self.name}")
+        os.makedirs(dest, exist_ok=True)
+        for e in logs:
+            shutil.copyfile(os.path.join(self.dir, e), os.path.join(dest, e))
