@@ -371,7 +371,7 @@ class Summary:
         if os.path.exists(LIMITS):
             with open(LIMITS) as f:
                 text = f.read().strip()
-            self.p(re.sub(r"^# ", "## ", text, flags=re.M))
+            self.p(re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M))  # one level down
             self.p()
         self.p("---")
         self.p("Made by `make bench` (`bench/run.py`; see `bench/README.md`). Raw records: "
