@@ -206,6 +206,15 @@ fn run_queue(
     } else {
         IoKind::Read
     };
+    // What a guest writes: data, not zeros (Parallax stores a zero block as a hole and
+    // writes nothing, which would flatter the write figures), and every sector of a request
+    // stamped with a counter, so that no two writes carry the same bytes.
+    let mut payload = Vec::new();
+    if kind == IoKind::Write {
+        payload = vec![0u8; cfg.block_size as usize];
+        rng.fill(&mut payload[..]);
+    }
+    let mut stamp = 0u64;
     let depth = cfg.depth.min(q.depth());
     let mut res = QueueResult {
         interrupted: false,
@@ -218,11 +227,17 @@ fn run_queue(
     loop {
         let running = Instant::now() < end;
         while running && q.in_flight() < depth && q.can_submit() {
+            if !payload.is_empty() {
+                stamp += 1;
+                for block in payload.chunks_mut(512) {
+                    block[..8].copy_from_slice(&stamp.to_le_bytes());
+                }
+            }
             let req = IoRequest {
                 kind,
                 sector: next_block(&mut rng) * sectors_per_block,
                 len: cfg.block_size,
-                data: None,
+                data: (!payload.is_empty()).then_some(&payload[..]),
                 first_sect: 0,
                 force_indirect: false,
                 want_data: false,
