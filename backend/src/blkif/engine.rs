@@ -14,6 +14,12 @@
 //! `req_event = req_cons + 1`, fence, and look again (`RING_FINAL_CHECK_FOR_REQUESTS`).
 //! Each round takes at most one ring's worth of requests and checks for a stop request
 //! between rounds. Requests of one queue are served in order; queues are independent.
+//!
+//! A large READ or WRITE (at least [`SPLIT_BYTES`]) is split at block boundaries between the
+//! queue thread and a shared pool (rayon's, threads named `blkif-split-N`), since one thread
+//! reading a 1 MiB request (store read, every block's checksum verified) leaves the other CPUs
+//! idle when the guest has only a few large requests in flight. The request completes when
+//! every part has. (Starting a thread per part instead cost as much as it saved.)
 
 use std::{
     collections::HashSet,
@@ -35,7 +41,7 @@ use super::{
     },
     event::{poll_readable, StopSignal},
     features::Features,
-    mem::{coalesce, copy_from_guest, with_guest_slice_mut, GuestRange},
+    mem::{coalesce, copy_from_guest, with_guest_slice_mut, GuestPages, GuestRange},
     ratelimit::RateLimit,
     request::{self, DataOp, Limits, Request},
     ring::{need_notify, SharedRing},
@@ -204,6 +210,11 @@ pub fn start_device<T: Transport>(
     params: DeviceParams,
     disk: Arc<dyn Disk>,
 ) -> Result<Device, EngineError> {
+    // Name the pool that large requests are split on, for `top -H` and profiles. Fails
+    // harmlessly if the pool already exists.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("blkif-split-{i}"))
+        .build_global();
     let features = params.features.clamped();
     if params.ring_order > features.max_ring_page_order || params.ring_order > MAX_RING_PAGE_ORDER {
         return Err(EngineError::Params(format!(
@@ -282,6 +293,119 @@ pub fn start_device<T: Transport>(
     Ok(device)
 }
 
+/// Requests of at least this many bytes are split between threads (see the module docs).
+pub const SPLIT_BYTES: usize = 256 * 1024;
+/// Alignment of the split points on the disk: whole store blocks, so that no block is read
+/// or written by two parts.
+const SPLIT_ALIGN: u64 = 4096;
+
+/// How many threads a large request is split between: the CPUs, up to 4.
+fn split_parts() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// Where to cut `len` bytes that start at disk offset `start` into about `parts` pieces:
+/// the lengths of the pieces, each ending on a [`SPLIT_ALIGN`] boundary except the last.
+fn split_lengths(start: u64, len: usize, parts: usize) -> Vec<usize> {
+    if parts <= 1 || len < SPLIT_BYTES {
+        return vec![len];
+    }
+    let want = (len / parts).max(1) as u64;
+    let end = start + len as u64;
+    let mut cuts = Vec::with_capacity(parts);
+    let mut at = start;
+    while at < end {
+        let mut next = (at + want).div_ceil(SPLIT_ALIGN) * SPLIT_ALIGN;
+        if next >= end || cuts.len() + 1 == parts {
+            next = end;
+        }
+        cuts.push((next - at) as usize);
+        at = next;
+    }
+    cuts
+}
+
+/// Reads disk bytes from `offset` on into the guest `runs` (from [`coalesce`]), split between
+/// threads when large.
+fn read_into_guest(
+    disk: &dyn Disk,
+    pages: &dyn GuestPages,
+    runs: &[GuestRange],
+    offset: u64,
+    parts: usize,
+) -> Result<(), DiskError> {
+    let total: usize = runs.iter().map(|r| r.len).sum();
+    let lengths = split_lengths(offset, total, parts);
+    // The pieces as (guest range, disk offset) lists: cut the runs at the lengths above.
+    let mut pieces: Vec<Vec<(GuestRange, u64)>> = Vec::with_capacity(lengths.len());
+    let mut runs = runs.iter().copied();
+    let mut cur: Option<GuestRange> = None;
+    let mut disk_at = offset;
+    for want in lengths {
+        let mut piece = Vec::new();
+        let mut left = want;
+        while left > 0 {
+            let Some(r) = cur.take().or_else(|| runs.next()) else {
+                break;
+            };
+            let take = r.len.min(left);
+            piece.push((
+                GuestRange {
+                    page: r.page,
+                    offset: r.offset,
+                    len: take,
+                },
+                disk_at,
+            ));
+            if take < r.len {
+                // The rest of the run continues in the adjacent pages of the same mapping.
+                let rest = r.offset + take;
+                cur = Some(GuestRange {
+                    page: r.page + rest / PAGE_SIZE,
+                    offset: rest % PAGE_SIZE,
+                    len: r.len - take,
+                });
+            }
+            disk_at += take as u64;
+            left -= take;
+        }
+        pieces.push(piece);
+    }
+    let read_piece = |piece: &Vec<(GuestRange, u64)>| -> Result<(), DiskError> {
+        for &(range, at) in piece {
+            // Straight into the granted pages (see `mem` for why this is the one place a
+            // reference to guest memory is formed). Pieces cover disjoint guest bytes.
+            with_guest_slice_mut(pages, range, |buf| disk.read_at(buf, at))?;
+        }
+        Ok(())
+    };
+    run_parts(&pieces, read_piece)
+}
+
+/// Runs `f` on every piece, the first on this thread and the others on rayon's pool (kept
+/// warm, so a part costs a wake-up rather than a thread start); the first error wins.
+fn run_parts<P: Sync>(
+    pieces: &[P],
+    f: impl Fn(&P) -> Result<(), DiskError> + Sync,
+) -> Result<(), DiskError> {
+    let Some((first, rest)) = pieces.split_first() else {
+        return Ok(());
+    };
+    if rest.is_empty() {
+        return f(first);
+    }
+    let mut results: Vec<Result<(), DiskError>> = vec![Ok(()); rest.len()];
+    let mut result = Ok(());
+    rayon::in_place_scope(|s| {
+        let f = &f;
+        for (p, r) in rest.iter().zip(results.iter_mut()) {
+            s.spawn(move |_| *r = f(p));
+        }
+        result = f(first);
+    });
+    result.and(results.into_iter().collect())
+}
+
 /// How a request failed: the status to answer, and what to log.
 struct Failure {
     status: i16,
@@ -346,6 +470,8 @@ struct Queue<T: Transport> {
     ranges: Vec<GuestRange>,
     runs: Vec<GuestRange>,
     bounce: Vec<u8>,
+    /// Threads a large request is split between.
+    parts: usize,
     log: RateLimit,
 }
 
@@ -379,6 +505,7 @@ impl<T: Transport> Queue<T> {
             ranges: Vec::new(),
             runs: Vec::new(),
             bounce: Vec::new(),
+            parts: split_parts(),
             log: RateLimit::default(),
         }
     }
@@ -623,16 +750,11 @@ impl<T: Transport> Queue<T> {
                 offset: usize::from(s.first_sect) * SECTOR as usize,
                 len: usize::from(s.last_sect - s.first_sect + 1) * SECTOR as usize,
             }));
-        let mut offset = sector * SECTOR;
+        let offset = sector * SECTOR;
         if op == DataOp::Read {
             let pages = self.transport.map(&self.grefs, true)?;
             coalesce(&pages, &self.ranges, &mut self.runs);
-            for run in &self.runs {
-                // Straight into the granted pages (see `mem` for why this is the one place a
-                // reference to guest memory is formed).
-                with_guest_slice_mut(&pages, *run, |buf| self.disk.read_at(buf, offset))?;
-                offset += run.len as u64;
-            }
+            read_into_guest(&*self.disk, &pages, &self.runs, offset, self.parts)?;
             return Ok(());
         }
         // WRITE data is copied out of guest memory before the store sees it: the store hashes
@@ -648,7 +770,124 @@ impl<T: Transport> Queue<T> {
         }
         drop(pages);
         let fua = matches!(op, DataOp::Flush | DataOp::Barrier);
-        self.disk.write_at(&self.bounce[..len], offset, fua)?;
+        let mut pieces = Vec::new();
+        let mut rest = &self.bounce[..len];
+        let mut at = offset;
+        for n in split_lengths(offset, len, self.parts) {
+            let (piece, tail) = rest.split_at(n);
+            pieces.push((piece, at));
+            rest = tail;
+            at += n as u64;
+        }
+        let disk = &*self.disk;
+        run_parts(&pieces, |&(data, at)| disk.write_at(data, at, fua))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{blkif::mem::HeapPages, disk::MemDisk};
+
+    #[test]
+    fn split_lengths_cut_on_block_boundaries() {
+        for start in [0u64, 512, 4096, 7 * 512, 1 << 30] {
+            for len in [
+                0usize,
+                4096,
+                SPLIT_BYTES - 512,
+                SPLIT_BYTES,
+                1 << 20,
+                (1 << 20) + 1536,
+            ] {
+                for parts in 1..=4 {
+                    let l = split_lengths(start, len, parts);
+                    assert_eq!(l.iter().sum::<usize>(), len, "{start} {len} {parts}");
+                    assert!(l.len() <= parts.max(1));
+                    if len < SPLIT_BYTES || parts == 1 {
+                        assert_eq!(l, vec![len]);
+                    }
+                    let mut at = start;
+                    for (i, n) in l.iter().enumerate() {
+                        at += *n as u64;
+                        assert!(*n > 0 || len == 0);
+                        if i + 1 < l.len() {
+                            assert_eq!(at % SPLIT_ALIGN, 0, "{start} {len} {parts}: {l:?}");
+                        }
+                    }
+                }
+            }
+        }
+        // A 1 MiB request on 2 CPUs: two halves.
+        assert_eq!(split_lengths(0, 1 << 20, 2), vec![1 << 19, 1 << 19]);
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4096) as u8 | 1).collect()
+    }
+
+    #[test]
+    fn split_reads_fill_the_guest_pages_like_one_read() {
+        let disk = MemDisk::new(8 << 20);
+        disk.write_at(&pattern(8 << 20), 0, false).unwrap();
+        let pages = HeapPages::new(600);
+        // A request starting half-way into its first page, then whole pages, some adjacent
+        // (coalesced into one run) and some not, as a guest's scattered buffers would be.
+        let mut ranges = vec![GuestRange {
+            page: 0,
+            offset: 1024,
+            len: 3072,
+        }];
+        let mut page = 1;
+        for i in 0..300 {
+            ranges.push(GuestRange {
+                page,
+                offset: 0,
+                len: PAGE_SIZE,
+            });
+            page += if i % 7 == 0 { 2 } else { 1 };
+        }
+        let total: usize = ranges.iter().map(|r| r.len).sum();
+        let disk_offset = 3 * 4096 + 1024;
+        let mut runs = Vec::new();
+        coalesce(&pages, &ranges, &mut runs);
+        for parts in [1, 2, 3, 4] {
+            read_into_guest(&disk, &pages, &runs, disk_offset, parts).unwrap();
+            let mut got = vec![0u8; total];
+            let mut pos = 0;
+            for r in &ranges {
+                copy_from_guest(&pages, r.page, r.offset, &mut got[pos..pos + r.len]);
+                pos += r.len;
+            }
+            let mut want = vec![0u8; total];
+            disk.read_at(&mut want, disk_offset).unwrap();
+            assert!(got == want, "{parts} parts");
+            // Clear the pages for the next round.
+            let zeros = vec![0u8; PAGE_SIZE];
+            for p in 0..pages.count() {
+                crate::blkif::mem::copy_to_guest(&pages, p, 0, &zeros);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_part_fails_the_request() {
+        let disk = MemDisk::new(1 << 20);
+        let pages = HeapPages::new(300);
+        let ranges: Vec<GuestRange> = (0..256)
+            .map(|p| GuestRange {
+                page: p,
+                offset: 0,
+                len: PAGE_SIZE,
+            })
+            .collect();
+        let mut runs = Vec::new();
+        coalesce(&pages, &ranges, &mut runs);
+        // The second half runs past the end of the disk.
+        assert_eq!(
+            read_into_guest(&disk, &pages, &runs, 512 << 10, 2),
+            Err(DiskError::OutOfRange)
+        );
     }
 }
