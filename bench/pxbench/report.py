@@ -82,8 +82,8 @@ class Summary:
         if loads:
             self.p(f"**Machine load** (1-minute load average, sampled at every measurement): "
                    f"min {min(loads):.1f}, median {statistics.median(loads):.1f}, max {max(loads):.1f} "
-                   f"on {m['cpus']} CPUs. The machine was shared with other work, so single numbers are "
-                   f"noisy: every figure is the median of {s['reps']} interleaved run(s), and the raw "
+                   f"on {m['cpus']} CPUs, counting the benchmark's own client and server threads (anything "
+                   f"else running shows as load above that). Single numbers are noisy: every figure is the median of {s['reps']} interleaved run(s), and the raw "
                    f"records (`results.json`, `raw/`) keep each run with the load at its time.")
             self.p()
         sites = ", ".join(f"{x['name']} = `{x['dir']}` ({x['fstype']}, O_DIRECT "
