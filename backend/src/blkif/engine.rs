@@ -304,10 +304,16 @@ fn split_parts() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
+/// Whether a request of `len` bytes is split between `parts` threads. Callers check this
+/// first, so that small requests (the common case) allocate nothing for the split.
+fn worth_splitting(len: usize, parts: usize) -> bool {
+    parts > 1 && len >= SPLIT_BYTES
+}
+
 /// Where to cut `len` bytes that start at disk offset `start` into about `parts` pieces:
 /// the lengths of the pieces, each ending on a [`SPLIT_ALIGN`] boundary except the last.
 fn split_lengths(start: u64, len: usize, parts: usize) -> Vec<usize> {
-    if parts <= 1 || len < SPLIT_BYTES {
+    if !worth_splitting(len, parts) {
         return vec![len];
     }
     let want = (len / parts).max(1) as u64;
@@ -334,7 +340,20 @@ fn read_into_guest(
     offset: u64,
     parts: usize,
 ) -> Result<(), DiskError> {
+    // Straight into the granted pages (see `mem` for why this is the one place a reference
+    // to guest memory is formed). Pieces cover disjoint guest bytes.
+    let read = |range: GuestRange, at: u64| {
+        with_guest_slice_mut(pages, range, |buf| disk.read_at(buf, at))
+    };
     let total: usize = runs.iter().map(|r| r.len).sum();
+    if !worth_splitting(total, parts) {
+        let mut at = offset;
+        for &run in runs {
+            read(run, at)?;
+            at += run.len as u64;
+        }
+        return Ok(());
+    }
     let lengths = split_lengths(offset, total, parts);
     // The pieces as (guest range, disk offset) lists: cut the runs at the lengths above.
     let mut pieces: Vec<Vec<(GuestRange, u64)>> = Vec::with_capacity(lengths.len());
@@ -372,12 +391,7 @@ fn read_into_guest(
         pieces.push(piece);
     }
     let read_piece = |piece: &Vec<(GuestRange, u64)>| -> Result<(), DiskError> {
-        for &(range, at) in piece {
-            // Straight into the granted pages (see `mem` for why this is the one place a
-            // reference to guest memory is formed). Pieces cover disjoint guest bytes.
-            with_guest_slice_mut(pages, range, |buf| disk.read_at(buf, at))?;
-        }
-        Ok(())
+        piece.iter().try_for_each(|&(range, at)| read(range, at))
     };
     run_parts(&pieces, read_piece)
 }
@@ -770,6 +784,10 @@ impl<T: Transport> Queue<T> {
         }
         drop(pages);
         let fua = matches!(op, DataOp::Flush | DataOp::Barrier);
+        if !worth_splitting(len, self.parts) {
+            self.disk.write_at(&self.bounce[..len], offset, fua)?;
+            return Ok(());
+        }
         let mut pieces = Vec::new();
         let mut rest = &self.bounce[..len];
         let mut at = offset;
