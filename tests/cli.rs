@@ -681,19 +681,26 @@ fn second_opener_is_told_who_holds_the_store() {
     // A direct CLI holds the store while it waits for its import source (a FIFO).
     let fifo = store.file("src.fifo");
     run_ok(Command::new("mkfifo").arg(&fifo));
-    let importer = store
-        .cmd(&["vdi", "import", "v", fifo.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = importer.id();
+    let spawn = || {
+        store
+            .cmd(&["vdi", "import", "v", fifo.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut importer = spawn();
     // The importer opens the store before the FIFO; wait until it holds the lock.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let msg = loop {
+        // If a probe below held the store just when the importer opened it, the importer
+        // was told so and gave up: start it again.
+        if importer.try_wait().unwrap().is_some() {
+            importer = spawn();
+        }
         let out = store.cmd(&["vdi", "list"]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        if err.contains("in use") {
+        if err.contains(&format!("in use by PID {}", importer.id())) {
             assert!(!out.status.success());
             break err;
         }
@@ -708,7 +715,7 @@ fn second_opener_is_told_who_holds_the_store() {
         stdout: String::new(),
         stderr: msg,
     };
-    f.assert_one_line(1, &format!("in use by PID {pid}"));
+    f.assert_one_line(1, &format!("in use by PID {}", importer.id()));
     // Let the importer go on. Importing from a pipe may be unsupported (the import reads
     // with pread); then it must fail cleanly and leave nothing behind.
     let data = random_bytes(9, MIB);

@@ -42,6 +42,7 @@ fn options() -> StoreOptions {
         rc_cache_pages: 8,
         orphans_per_commit: 64,
         max_dirty_nodes: 200,
+        checkpoint_interval: None,
     }
 }
 

@@ -1,9 +1,10 @@
 //! Opening and using a store whose metadata blocks hold fuzzer-chosen bytes.
 //!
 //! A small valid store is built once (VDIs with data, snapshots, a fork, a sparse 1 TiB VDI,
-//! enough VDIs for a two-level registry, a deleted VDI whose nodes wait on the orphan list).
+//! enough VDIs for a two-level registry, a deleted VDI whose nodes wait on the orphan list,
+//! and changes after the last checkpoint that only the intent log holds).
 //! Each input then overwrites bytes of its metadata blocks — superblock, commit slots, group
-//! headers, refcount pages, map nodes, registry nodes, orphan blocks — and the store is opened
+//! headers, refcount pages, map nodes, registry nodes, orphan blocks, log blocks — and the store is opened
 //! and used: list, stat, info, tree, df, reads and block status of every VDI, check, and
 //! (if the input asks) writes, a snapshot, a delete, gc and a reopen. Errors are fine; a panic,
 //! a hang or an absurd allocation is a bug.
@@ -52,6 +53,7 @@ fn options() -> StoreOptions {
         rc_cache_pages: 4,
         orphans_per_commit: 1,
         max_dirty_nodes: 64,
+        checkpoint_interval: None,
     }
 }
 
@@ -102,6 +104,19 @@ fn build() -> Image {
     s.delete("doomed", false).unwrap();
     s.close().unwrap();
     drop(s);
+    // A live intent log: changes flushed after the last checkpoint, then a crash (no close),
+    // so that opening the image replays them.
+    let s = Store::open_device(dev.clone(), options()).unwrap();
+    s.flush().unwrap();
+    let b = s.open_vdi("b", true).unwrap();
+    b.write(&tagged(500), 6 * BLOCK_SIZE_U64, false).unwrap();
+    s.flush().unwrap();
+    s.snapshot("b", "s2").unwrap();
+    b.write(&tagged(501), 7 * BLOCK_SIZE_U64, false).unwrap();
+    b.discard(0, BLOCK_SIZE_U64).unwrap();
+    drop(b);
+    s.rename("big", "huge").unwrap();
+    drop(s);
 
     let mut blocks = BTreeMap::new();
     for addr in 0..STORE_BYTES / BLOCK_SIZE_U64 {
@@ -114,7 +129,7 @@ fn build() -> Image {
     let fixed_end = GROUP_BASE + GROUP_DATA_OFFSET;
     let framed: BTreeSet<u64> = blocks
         .iter()
-        .filter(|(&a, b)| a < fixed_end || &b[..8] == b"PXORPHAN")
+        .filter(|(&a, b)| a < fixed_end || &b[..8] == b"PXORPHAN" || &b[..8] == b"PXLOGBLK")
         .map(|(&a, _)| a)
         .collect();
     let meta: Vec<u64> = blocks

@@ -146,6 +146,23 @@ impl TestStore {
         s
     }
 
+    /// A store unpacked from a gzip-compressed image in `tests/fixtures/`.
+    pub fn from_fixture(name: &str) -> TestStore {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("test.store");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name);
+        let out = Command::new("gzip")
+            .arg("-dc")
+            .arg(&src)
+            .output()
+            .expect("run gzip");
+        assert!(out.status.success(), "gzip -dc {}", src.display());
+        std::fs::write(&path, out.stdout).expect("write the store");
+        TestStore { dir, path }
+    }
+
     /// A path for a scratch file next to the store.
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

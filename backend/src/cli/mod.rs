@@ -91,6 +91,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a store made by an older parallax to the current format (format 1 → 2: the intent
+    /// log that makes flushes and snapshots fast). Crash-safe; only with no daemon serving
+    /// the store. Older parallax versions cannot open the store afterwards.
+    Upgrade {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the daemon: serve VDIs over NBD and the block ring, and take CLI requests.
     Serve(ServeArgs),
 }
@@ -437,6 +444,30 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     r.orphan_nodes_processed,
                     format_size(r.free_bytes)
                 );
+            }
+            Ok(0)
+        }
+        Command::Upgrade { json } => {
+            let path = store_path(&cli.store)?;
+            let t = target(path)?;
+            let Target::Direct(s) = &t else {
+                bail!(
+                    "stop the daemon serving {} first: `upgrade` works on a closed store",
+                    path.display()
+                );
+            };
+            let from = s.format_version();
+            let changed = s.upgrade().context("upgrade failed")?;
+            let to = s.format_version();
+            if json {
+                print_json(&serde_json::json!({ "from": from, "to": to, "upgraded": changed }))?;
+            } else if changed {
+                println!(
+                    "upgraded {} from format {from} to format {to}",
+                    path.display()
+                );
+            } else {
+                println!("{} is already format {to}", path.display());
             }
             Ok(0)
         }

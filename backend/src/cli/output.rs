@@ -96,15 +96,21 @@ pub fn info(v: &VdiInfo) {
 
 pub fn df(path: &Path, r: &DfReport) {
     println!(
-        "store:      {} ({}, generation {})",
+        "store:      {} ({}, format {}, generation {})",
         path.display(),
         format_size(r.store_bytes),
+        r.format_version,
         r.generation
     );
+    if r.format_version < crate::store::format::FORMAT_VERSION {
+        println!(
+            "            (an older format: flushes wait for checkpoints; `parallax upgrade` adds the intent log)"
+        );
+    }
     println!("capacity:   {}", format_size(r.capacity_bytes));
     println!("used:       {}", format_size(r.used_bytes));
     println!(
-        "free:       {} (+ {} kept back for commits)",
+        "free:       {} (+ {} kept back for checkpoints)",
         format_size(r.free_bytes),
         format_size(r.reserved_bytes)
     );

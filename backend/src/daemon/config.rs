@@ -171,6 +171,7 @@ impl Config {
         StoreOptions {
             node_cache_nodes: self.cache.map_nodes,
             rc_cache_pages: self.cache.refcount_pages,
+            checkpoint_interval: Some(Duration::from_millis(self.commit_interval_ms)),
             ..StoreOptions::default()
         }
     }

@@ -4,9 +4,8 @@
 //!  main thread ── waits for SIGTERM/SIGINT, then shuts down in order:
 //!   ├─ NBD server thread (mio loop + workers)   1. stop accepting, answer in-flight, close
 //!   ├─ ring devices (one thread per queue)      2. answer what they saw, detach
-//!   ├─ committer thread (every commit_interval) 3. stop
-//!   ├─ control socket thread (+1 per request)   4. stop accepting
-//!   └─ store                                    5. final commit, marked closed cleanly
+//!   ├─ control socket thread (+1 per request)   3. stop accepting
+//!   └─ store (its checkpoint thread)            4. final checkpoint, marked closed cleanly
 //! ```
 
 use std::{
@@ -19,7 +18,6 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context};
-use parking_lot::{Condvar, Mutex};
 use tracing::{info, warn};
 
 use super::{
@@ -108,9 +106,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     daemon.stop()
 }
 
-/// The committer thread's stop flag and wake-up, and the thread.
-type Committer = (Arc<(Mutex<bool>, Condvar)>, std::thread::JoinHandle<()>);
-
 /// A running daemon (also used in-process by tests).
 pub struct Daemon {
     pub store: Arc<Store>,
@@ -120,7 +115,6 @@ pub struct Daemon {
     rings: RingRegistry,
     /// The Xen vbd backend, when serving Xen (see [`crate::xen::config`]).
     pub xen: Option<crate::xen::config::RunningXen>,
-    committer: Option<Committer>,
     control_fd: i32,
     control_thread: Option<std::thread::JoinHandle<()>>,
     control_path: Option<PathBuf>,
@@ -201,29 +195,6 @@ impl Daemon {
             .name("parallax-control".into())
             .spawn(move || control::serve(control_listener, ctx))?;
 
-        let wake = Arc::new((Mutex::new(false), Condvar::new()));
-        let committer = {
-            let wake = wake.clone();
-            let store = store.clone();
-            let every = Duration::from_millis(cfg.commit_interval_ms);
-            std::thread::Builder::new()
-                .name("parallax-commit".into())
-                .spawn(move || {
-                    let (lock, cv) = &*wake;
-                    let mut stop = lock.lock();
-                    while !*stop {
-                        cv.wait_for(&mut stop, every);
-                        if *stop {
-                            break;
-                        }
-                        drop(stop);
-                        if let Err(e) = store.commit_if_changed() {
-                            warn!("periodic commit failed: {e}");
-                        }
-                        stop = lock.lock();
-                    }
-                })?
-        };
         info!(store = %store_path.display(), "parallax serve started");
         Ok(Daemon {
             store,
@@ -236,7 +207,6 @@ impl Daemon {
             nbd_thread,
             rings,
             xen,
-            committer: Some((wake, committer)),
             control_fd,
             control_thread: Some(control_thread),
             control_path: match control_addr {
@@ -265,11 +235,6 @@ impl Daemon {
         let left = self.rings.shutdown_all(Duration::from_secs(30));
         if left > 0 {
             warn!("{left} ring device(s) did not detach in time");
-        }
-        if let Some((wake, t)) = self.committer.take() {
-            *wake.0.lock() = true;
-            wake.1.notify_all();
-            let _ = t.join();
         }
         // SAFETY: shutting down a listening socket we own wakes its accept() with EINVAL; the
         // descriptor stays open until the listener is dropped by the control thread.

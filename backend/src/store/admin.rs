@@ -10,15 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    engine::{now_ns, Meta, Store, VdiState},
+    catalog::Catalog,
     error::{StoreError, StoreResult},
-    format::{height_for, Ptr, BLOCK_SIZE_U64, FANOUT, MAX_VDI_BYTES},
-    node::Node,
-    refcount::Cursor,
-    registry::{
-        decode_id, name_key, record_key, snapshot_key, snapshot_prefix, split_name, validate_name,
-        Kind, Record,
-    },
+    format::{Ptr, BLOCK_SIZE_U64, FANOUT, MAX_VDI_BYTES},
+    registry::{decode_id, snapshot_key, snapshot_prefix, split_name, validate_name, Kind, Record},
+    store::{now_ns, Store},
 };
 
 /// One line of `vdi list`.
@@ -81,6 +77,9 @@ pub struct DfReport {
     /// logical / stored: what sharing (snapshots, forks, dedup) saves.
     pub sharing_ratio: f64,
     pub generation: u64,
+    /// The store's on-disk format version (`parallax upgrade` moves old ones forward).
+    #[serde(default)]
+    pub format_version: u64,
 }
 
 /// One node of `vdi tree`.
@@ -108,72 +107,6 @@ pub struct DeleteReport {
     pub deleted: Vec<String>,
 }
 
-/// Finds the id of `NAME` or `NAME@SNAP`.
-pub fn resolve(m: &mut Meta, full: &str) -> StoreResult<u64> {
-    let (vdi, snap) = split_name(full)?;
-    let dev = m.dev.clone();
-    let id = match m.registry.get(&*dev, &name_key(vdi))? {
-        Some(v) => decode_id(&v)?,
-        None => return Err(StoreError::NotFound(full.to_string())),
-    };
-    match snap {
-        None => Ok(id),
-        Some(s) => match m.registry.get(&*dev, &snapshot_key(id, s))? {
-            Some(v) => decode_id(&v),
-            None => Err(StoreError::NotFound(full.to_string())),
-        },
-    }
-}
-
-fn full_name(m: &mut Meta, rec: &Record) -> StoreResult<String> {
-    Ok(match rec.kind {
-        Kind::Vdi => rec.name.clone(),
-        Kind::Snapshot => format!("{}@{}", m.vdi(rec.parent)?.rec.name, rec.name),
-    })
-}
-
-/// What a fork's origin is called now (it may have been renamed since the fork), or the name
-/// it had at fork time if it has been deleted since.
-fn origin_name(m: &mut Meta, rec: &Record) -> Option<String> {
-    if rec.origin == 0 {
-        return None;
-    }
-    let current = match m.vdi(rec.origin) {
-        Ok(v) => {
-            let o = v.rec.clone();
-            full_name(m, &o).ok()
-        }
-        Err(_) => None,
-    };
-    Some(current.unwrap_or_else(|| rec.origin_name.clone()))
-}
-
-fn put_record(m: &mut Meta, rec: Record) -> StoreResult<()> {
-    let enc = rec.encode();
-    let id = rec.id;
-    let (tree, mut ctx) = m.btree_ctx();
-    tree.insert(&mut ctx, &record_key(id), &enc)?;
-    match m.vdis.get_mut(&id) {
-        Some(v) => {
-            v.rec = rec;
-            v.dirty = true;
-        }
-        None => {
-            m.vdis.insert(
-                id,
-                VdiState {
-                    rec,
-                    dirty: true,
-                    cursor: Cursor::default(),
-                    handles: 0,
-                },
-            );
-        }
-    }
-    m.changed = true;
-    Ok(())
-}
-
 fn check_size(size: u64) -> StoreResult<()> {
     if size == 0 || size % 512 != 0 {
         return Err(StoreError::Invalid(format!(
@@ -195,15 +128,55 @@ fn secs(ns: u64) -> u64 {
 }
 
 impl Store {
-    fn all_records(m: &mut Meta) -> StoreResult<Vec<Record>> {
-        let dev = m.dev.clone();
-        let mut out = Vec::new();
-        for (_, v) in m.registry.scan(&*dev, b"R")? {
-            let rec = Record::decode(&v)?;
-            // The in-memory record is newer (its root may have moved since the last commit).
-            out.push(m.vdis.get(&rec.id).map(|s| s.rec.clone()).unwrap_or(rec));
+    /// The current record of `id`: the loaded VDI's, else the catalog's.
+    fn record_of(&self, cat: &mut Catalog, id: u64) -> StoreResult<Record> {
+        if let Some(v) = self.vdis.get(id) {
+            let st = v.state.read();
+            if st.deleted {
+                return Err(StoreError::NotFound(format!("id {id}")));
+            }
+            return Ok(st.rec.clone());
         }
-        Ok(out)
+        cat.record(&*self.dev, id)?
+            .ok_or_else(|| StoreError::NotFound(format!("id {id}")))
+    }
+
+    fn full_name(&self, cat: &mut Catalog, rec: &Record) -> StoreResult<String> {
+        Ok(match rec.kind {
+            Kind::Vdi => rec.name.clone(),
+            Kind::Snapshot => format!("{}@{}", self.record_of(cat, rec.parent)?.name, rec.name),
+        })
+    }
+
+    /// What a fork's origin is called now (it may have been renamed since the fork), or the
+    /// name it had at fork time if it has been deleted since.
+    fn origin_name(&self, cat: &mut Catalog, rec: &Record) -> Option<String> {
+        if rec.origin == 0 {
+            return None;
+        }
+        let current = self
+            .record_of(cat, rec.origin)
+            .ok()
+            .and_then(|o| self.full_name(cat, &o).ok());
+        Some(current.unwrap_or_else(|| rec.origin_name.clone()))
+    }
+
+    /// Every live record: the catalog's as of the last cut, with loaded VDIs' changes.
+    fn all_records(&self, cat: &mut Catalog) -> StoreResult<Vec<Record>> {
+        let mut by_id: BTreeMap<u64, Record> = cat
+            .records(&*self.dev)?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        for v in self.vdis.all() {
+            let st = v.state.read();
+            if st.deleted {
+                by_id.remove(&v.id);
+            } else {
+                by_id.insert(v.id, st.rec.clone());
+            }
+        }
+        Ok(by_id.into_values().collect())
     }
 
     /// Creates an empty VDI.
@@ -212,27 +185,13 @@ impl Store {
         check_size(size)?;
         self.check_writable()?;
         {
-            let mut m = self.meta.lock();
-            if resolve(&mut m, name).is_ok() {
+            let _change = self.change();
+            let mut cat = self.catalog.lock();
+            if cat.resolve(&*self.dev, name).is_ok() {
                 return Err(StoreError::Exists(format!("VDI {name}")));
             }
-            let id = m.next_id;
-            m.next_id += 1;
-            let rec = Record {
-                kind: Kind::Vdi,
-                height: height_for(size),
-                id,
-                size,
-                root: Ptr::HOLE,
-                created_ns: now_ns(),
-                parent: 0,
-                origin: 0,
-                name: name.to_string(),
-                origin_name: String::new(),
-            };
-            let (tree, mut ctx) = m.btree_ctx();
-            tree.insert(&mut ctx, &name_key(name), &id.to_le_bytes())?;
-            put_record(&mut m, rec)?;
+            let id = cat.allocate_id();
+            self.apply_create(&mut cat, id, name, size, now_ns())?;
         }
         self.flush()
     }
@@ -242,37 +201,19 @@ impl Store {
         validate_name(snap, "snapshot")?;
         self.check_writable()?;
         {
-            let mut m = self.meta.lock();
-            let (_, s) = split_name(vdi)?;
-            if s.is_some() {
+            let _change = self.change();
+            let mut cat = self.catalog.lock();
+            if split_name(vdi)?.1.is_some() {
                 return Err(StoreError::Invalid(format!(
                     "{vdi} is a snapshot; fork it (`vdi fork {vdi} NEW`) and snapshot the fork"
                 )));
             }
-            let id = resolve(&mut m, vdi)?;
-            let dev = m.dev.clone();
-            if m.registry.get(&*dev, &snapshot_key(id, snap))?.is_some() {
+            let id = cat.resolve(&*self.dev, vdi)?;
+            if cat.get_name(&*self.dev, &snapshot_key(id, snap))?.is_some() {
                 return Err(StoreError::Exists(format!("snapshot {vdi}@{snap}")));
             }
-            let src = m.vdi(id)?.rec.clone();
-            let sid = m.next_id;
-            m.next_id += 1;
-            if src.root.is_block() {
-                m.rc.incr(&*dev, src.root.addr())?;
-            }
-            let rec = Record {
-                kind: Kind::Snapshot,
-                id: sid,
-                parent: id,
-                origin: 0,
-                created_ns: now_ns(),
-                name: snap.to_string(),
-                origin_name: String::new(),
-                ..src
-            };
-            let (tree, mut ctx) = m.btree_ctx();
-            tree.insert(&mut ctx, &snapshot_key(id, snap), &sid.to_le_bytes())?;
-            put_record(&mut m, rec)?;
+            let sid = cat.allocate_id();
+            self.apply_snapshot(&mut cat, id, sid, snap, now_ns())?;
         }
         self.flush()
     }
@@ -282,36 +223,19 @@ impl Store {
         validate_name(new, "VDI")?;
         self.check_writable()?;
         {
-            let mut m = self.meta.lock();
+            let _change = self.change();
+            let mut cat = self.catalog.lock();
             if split_name(src)?.1.is_none() {
                 return Err(StoreError::Invalid(format!(
                     "forks are made from snapshots: take one first (`vdi snapshot {src} SNAP`), then `vdi fork {src}@SNAP {new}`"
                 )));
             }
-            let sid = resolve(&mut m, src)?;
-            if resolve(&mut m, new).is_ok() {
+            let sid = cat.resolve(&*self.dev, src)?;
+            if cat.resolve(&*self.dev, new).is_ok() {
                 return Err(StoreError::Exists(format!("VDI {new}")));
             }
-            let snap = m.vdi(sid)?.rec.clone();
-            let id = m.next_id;
-            m.next_id += 1;
-            let dev = m.dev.clone();
-            if snap.root.is_block() {
-                m.rc.incr(&*dev, snap.root.addr())?;
-            }
-            let rec = Record {
-                kind: Kind::Vdi,
-                id,
-                parent: 0,
-                origin: sid,
-                created_ns: now_ns(),
-                name: new.to_string(),
-                origin_name: src.to_string(),
-                ..snap
-            };
-            let (tree, mut ctx) = m.btree_ctx();
-            tree.insert(&mut ctx, &name_key(new), &id.to_le_bytes())?;
-            put_record(&mut m, rec)?;
+            let id = cat.allocate_id();
+            self.apply_fork(&mut cat, sid, id, new, src, now_ns())?;
         }
         self.flush()
     }
@@ -320,37 +244,19 @@ impl Store {
     pub fn rename(&self, old: &str, new: &str) -> StoreResult<()> {
         self.check_writable()?;
         {
-            let mut m = self.meta.lock();
-            let id = resolve(&mut m, old)?;
-            let mut rec = m.vdi(id)?.rec.clone();
-            match (split_name(old)?, split_name(new)?) {
-                ((_, None), (nv, None)) => {
-                    validate_name(nv, "VDI")?;
-                    if resolve(&mut m, nv).is_ok() {
-                        return Err(StoreError::Exists(format!("VDI {nv}")));
-                    }
-                    let (tree, mut ctx) = m.btree_ctx();
-                    tree.remove(&mut ctx, &name_key(&rec.name))?;
-                    tree.insert(&mut ctx, &name_key(nv), &id.to_le_bytes())?;
-                    rec.name = nv.to_string();
-                }
-                ((ov, Some(_)), (nv, Some(ns))) if ov == nv => {
-                    validate_name(ns, "snapshot")?;
-                    if resolve(&mut m, new).is_ok() {
-                        return Err(StoreError::Exists(format!("snapshot {new}")));
-                    }
-                    let (tree, mut ctx) = m.btree_ctx();
-                    tree.remove(&mut ctx, &snapshot_key(rec.parent, &rec.name))?;
-                    tree.insert(&mut ctx, &snapshot_key(rec.parent, ns), &id.to_le_bytes())?;
-                    rec.name = ns.to_string();
-                }
+            let _change = self.change();
+            let mut cat = self.catalog.lock();
+            let id = cat.resolve(&*self.dev, old)?;
+            let name = match (split_name(old)?, split_name(new)?) {
+                ((_, None), (nv, None)) => nv,
+                ((ov, Some(_)), (nv, Some(ns))) if ov == nv => ns,
                 _ => {
                     return Err(StoreError::Invalid(format!(
                     "cannot rename {old} to {new}: rename a VDI to a VDI name, or NAME@A to NAME@B"
                 )))
                 }
-            }
-            put_record(&mut m, rec)?;
+            };
+            self.apply_rename(&mut cat, id, name)?;
         }
         self.flush()
     }
@@ -360,50 +266,36 @@ impl Store {
         check_size(size)?;
         self.check_writable()?;
         {
-            let mut m = self.meta.lock();
+            let change = self.change();
+            let mut cat = self.catalog.lock();
             if split_name(name)?.1.is_some() {
                 return Err(StoreError::ReadOnly(format!("snapshot {name}")));
             }
-            let id = resolve(&mut m, name)?;
-            let mut rec = m.vdi(id)?.rec.clone();
-            if size < rec.size {
+            let id = cat.resolve(&*self.dev, name)?;
+            let current = self.record_of(&mut cat, id)?.size;
+            if size < current {
                 return Err(StoreError::Invalid(format!(
-                    "{name} is {} bytes; VDIs only grow (shrinking could cut off a guest's data)",
-                    rec.size
+                    "{name} is {current} bytes; VDIs only grow (shrinking could cut off a guest's data)"
                 )));
             }
-            let height = height_for(size);
-            while rec.height < height {
-                if !rec.root.is_hole() {
-                    // A new root whose first entry is the old root (its reference moves there).
-                    let addr = m.alloc_meta()?;
-                    let mut node = Node::filled(Ptr::HOLE);
-                    node.set(0, rec.root);
-                    m.nodes.dirty.insert(addr, node);
-                    rec.root = Ptr::block(addr, [0; 24]);
-                }
-                rec.height += 1;
-            }
-            rec.size = size;
-            put_record(&mut m, rec)?;
+            self.apply_resize(&mut cat, id, size, change.gen)?;
         }
         self.flush()
     }
 
     /// Deletes a VDI (with `recursive`, its snapshots too) or a snapshot. Forks of a deleted
     /// snapshot keep everything they share with it. Space is reclaimed by the orphan worker
-    /// (the daemon, each commit) or `gc`.
+    /// (each checkpoint) or `gc`.
     pub fn delete(&self, full: &str, recursive: bool) -> StoreResult<DeleteReport> {
         self.check_writable()?;
-        let mut deleted = Vec::new();
-        {
-            let mut m = self.meta.lock();
-            let id = resolve(&mut m, full)?;
-            let rec = m.vdi(id)?.rec.clone();
+        let deleted = {
+            let change = self.change();
+            let mut cat = self.catalog.lock();
+            let id = cat.resolve(&*self.dev, full)?;
+            let rec = self.record_of(&mut cat, id)?;
             let mut victims = Vec::new();
             if rec.kind == Kind::Vdi {
-                let dev = m.dev.clone();
-                let snaps = m.registry.scan(&*dev, &snapshot_prefix(id))?;
+                let snaps = cat.scan_names(&*self.dev, &snapshot_prefix(id))?;
                 if !snaps.is_empty() && !recursive {
                     let names: Vec<String> = snaps
                         .iter()
@@ -419,61 +311,43 @@ impl Store {
                 }
             }
             victims.push(id);
-            for &v in &victims {
-                let s = m.vdi(v)?;
-                if s.handles > 0 {
-                    let n = s.handles;
-                    let rec = s.rec.clone();
-                    let what = full_name(&mut m, &rec)?;
+            for &vid in &victims {
+                let v = self.vdi_locked(&mut cat, vid)?;
+                let n = v.handles();
+                if n > 0 {
+                    let r = v.state.read().rec.clone();
+                    let what = self.full_name(&mut cat, &r)?;
                     return Err(StoreError::Busy(format!(
                         "{what} is in use ({n} open handle(s)); disconnect its clients first"
                     )));
                 }
             }
-            for v in victims {
-                let r = m.vdi(v)?.rec.clone();
-                let name = full_name(&mut m, &r)?;
-                let (tree, mut ctx) = m.btree_ctx();
-                match r.kind {
-                    Kind::Vdi => tree.remove(&mut ctx, &name_key(&r.name))?,
-                    Kind::Snapshot => tree.remove(&mut ctx, &snapshot_key(r.parent, &r.name))?,
-                };
-                tree.remove(&mut ctx, &record_key(v))?;
-                m.vdis.remove(&v);
-                m.drop_ref(r.root, r.height)?;
-                m.changed = true;
-                deleted.push(name);
-            }
-        }
+            self.apply_delete(&mut cat, &victims, change.gen)?
+        };
         self.flush()?;
         Ok(DeleteReport { deleted })
     }
 
     /// Reclaims everything deleted or discarded: takes every queued orphan node apart and
-    /// commits. `progress` is told how many orphans are left after each round.
+    /// checkpoints. `progress` is told how many orphans are left after each round.
     pub fn gc(&self, progress: &mut dyn FnMut(u64)) -> StoreResult<GcReport> {
         self.check_writable()?;
-        let before = self.meta.lock().rc.free();
+        let before = self.space.lock().rc.free();
         let mut processed = 0u64;
         loop {
-            let (n, left) = {
-                let mut m = self.meta.lock();
-                let n = m.process_orphans(4096)?;
-                if n > 0 {
-                    m.changed = true;
-                }
-                (n, m.orphans.len() as u64)
-            };
+            let n = self.take_orphans_apart(4096)?;
+            let left = self.space.lock().orphans.list.len() as u64;
             processed += n as u64;
             progress(left);
-            self.commit_if_changed()?;
+            self.checkpoint()?;
             if n == 0 || left == 0 {
                 break;
             }
         }
-        // One more commit releases what the last round freed.
-        self.commit_if_changed()?;
-        let after = self.meta.lock().rc.free();
+        // What the last round freed is released by the checkpoint that cut it; one more
+        // checkpoint writes the list as it ended.
+        self.checkpoint()?;
+        let after = self.space.lock().rc.free();
         Ok(GcReport {
             orphan_nodes_processed: processed,
             freed_bytes: after.saturating_sub(before) * BLOCK_SIZE_U64,
@@ -482,8 +356,9 @@ impl Store {
     }
 
     pub fn list(&self) -> StoreResult<Vec<VdiSummary>> {
-        let mut m = self.meta.lock();
-        let mut recs = Self::all_records(&mut m)?;
+        let mut cat = self.catalog.lock();
+        let mut recs = self.all_records(&mut cat)?;
+        drop(cat);
         recs.sort_by_key(|r| r.id);
         let vdi_names: HashMap<u64, &str> = recs
             .iter()
@@ -523,46 +398,48 @@ impl Store {
 
     /// Name, kind, size, origin of one VDI or snapshot, without walking its map.
     pub fn stat(&self, full: &str) -> StoreResult<VdiSummary> {
-        let mut m = self.meta.lock();
-        let id = resolve(&mut m, full)?;
-        let rec = m.vdi(id)?.rec.clone();
+        let mut cat = self.catalog.lock();
+        let id = cat.resolve(&*self.dev, full)?;
+        let rec = self.record_of(&mut cat, id)?;
         Ok(VdiSummary {
-            name: full_name(&mut m, &rec)?,
+            name: self.full_name(&mut cat, &rec)?,
             kind: rec.kind,
             size: rec.size,
             created: secs(rec.created_ns),
-            origin: origin_name(&mut m, &rec),
+            origin: self.origin_name(&mut cat, &rec),
         })
     }
 
     pub fn info(&self, full: &str) -> StoreResult<VdiInfo> {
-        let mut m = self.meta.lock();
-        let id = resolve(&mut m, full)?;
-        let v = m.vdi(id)?;
-        let rec = v.rec.clone();
-        let handles = v.handles;
-        let usage = usage(&mut m, rec.root, rec.height)?;
-        let dev = m.dev.clone();
-        let snapshots = if rec.kind == Kind::Vdi {
-            m.registry
-                .scan(&*dev, &snapshot_prefix(id))?
-                .into_iter()
-                .map(|(k, _)| format!("{full}@{}", String::from_utf8_lossy(&k[9..])))
-                .collect()
-        } else {
-            Vec::new()
+        let (id, rec, handles, snapshots, forks, name, origin) = {
+            let mut cat = self.catalog.lock();
+            let id = cat.resolve(&*self.dev, full)?;
+            let rec = self.record_of(&mut cat, id)?;
+            let handles = self.vdis.get(id).map_or(0, |v| v.handles());
+            let snapshots = if rec.kind == Kind::Vdi {
+                cat.scan_names(&*self.dev, &snapshot_prefix(id))?
+                    .into_iter()
+                    .map(|(k, _)| format!("{full}@{}", String::from_utf8_lossy(&k[9..])))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let forks = if rec.kind == Kind::Snapshot {
+                self.all_records(&mut cat)?
+                    .into_iter()
+                    .filter(|r| r.origin == id)
+                    .map(|r| r.name)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let name = self.full_name(&mut cat, &rec)?;
+            let origin = self.origin_name(&mut cat, &rec);
+            (id, rec, handles, snapshots, forks, name, origin)
         };
-        let forks = if rec.kind == Kind::Snapshot {
-            Self::all_records(&mut m)?
-                .into_iter()
-                .filter(|r| r.origin == id)
-                .map(|r| r.name)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let usage = self.usage(rec.root, rec.height)?;
         Ok(VdiInfo {
-            name: full_name(&mut m, &rec)?,
+            name,
             kind: rec.kind,
             id,
             size: rec.size,
@@ -571,7 +448,7 @@ impl Store {
             unique: usage.unique * BLOCK_SIZE_U64,
             shared: (usage.data - usage.unique) * BLOCK_SIZE_U64,
             metadata: usage.nodes * BLOCK_SIZE_U64,
-            origin: origin_name(&mut m, &rec),
+            origin,
             snapshots,
             forks,
             open_handles: handles,
@@ -579,8 +456,10 @@ impl Store {
     }
 
     pub fn tree(&self) -> StoreResult<Vec<TreeNode>> {
-        let mut m = self.meta.lock();
-        let recs = Self::all_records(&mut m)?;
+        let recs = {
+            let mut cat = self.catalog.lock();
+            self.all_records(&mut cat)?
+        };
         let by_id: HashMap<u64, &Record> = recs.iter().map(|r| (r.id, r)).collect();
         let mut snaps_of: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
         let mut forks_of: BTreeMap<u64, Vec<&Record>> = BTreeMap::new();
@@ -656,29 +535,35 @@ impl Store {
 
     pub fn df(&self) -> StoreResult<DfReport> {
         let generation = self.durable_generation();
-        let mut m = self.meta.lock();
-        let recs = Self::all_records(&mut m)?;
-        let geo = m.geo;
+        let (recs, registry_blocks) = {
+            let mut cat = self.catalog.lock();
+            let recs = self.all_records(&mut cat)?;
+            (recs, cat.tree.blocks(&*self.dev)?.len() as u64)
+        };
+        let geo = self.geometry();
         let mut memo: HashMap<u64, u64> = HashMap::new();
         let mut logical = 0u64;
         for r in &recs {
-            logical += count_data(&mut m, r.root, r.height, &mut memo)?;
+            logical += self.count_data(r.root, r.height, &mut memo)?;
         }
         let vdis = recs.iter().filter(|r| r.kind == Kind::Vdi).count() as u64;
+        let space = self.space.lock();
         // Every allocated block is a map node, a registry node, an orphan-list block, or data
         // (including data still held by queued orphans).
-        let dev = m.dev.clone();
-        let registry_blocks = m.registry.blocks(&*dev)?.len() as u64;
-        let meta_blocks = memo.len() as u64 + registry_blocks + m.orphan_chain.len() as u64;
-        let stored_bytes = m.rc.allocated().saturating_sub(meta_blocks) * BLOCK_SIZE_U64;
+        let meta_blocks = memo.len() as u64 + registry_blocks + space.orphans.chain.len() as u64;
+        let allocated = space.rc.allocated();
+        let stored_bytes = allocated.saturating_sub(meta_blocks) * BLOCK_SIZE_U64;
         Ok(DfReport {
             store_bytes: geo.total_blocks * BLOCK_SIZE_U64,
             capacity_bytes: geo.data_blocks() * BLOCK_SIZE_U64,
-            used_bytes: m.rc.allocated() * BLOCK_SIZE_U64,
-            free_bytes: m.rc.free().saturating_sub(m.reserve) * BLOCK_SIZE_U64,
-            reserved_bytes: m.reserve.min(m.rc.free()) * BLOCK_SIZE_U64,
-            pending_bytes: m.rc.held() * BLOCK_SIZE_U64,
-            orphan_nodes: m.orphans.len() as u64,
+            used_bytes: allocated * BLOCK_SIZE_U64,
+            // Blocks reserved for imminent writes count as free: the store takes them back
+            // when it runs short.
+            free_bytes: (space.rc.free() + space.rc.reserved()).saturating_sub(space.reserve)
+                * BLOCK_SIZE_U64,
+            reserved_bytes: space.reserve.min(space.rc.free()) * BLOCK_SIZE_U64,
+            pending_bytes: space.rc.pending() * BLOCK_SIZE_U64,
+            orphan_nodes: space.orphans.list.len() as u64,
             vdis,
             snapshots: recs.len() as u64 - vdis,
             logical_bytes: logical * BLOCK_SIZE_U64,
@@ -689,7 +574,68 @@ impl Store {
                 (logical * BLOCK_SIZE_U64) as f64 / stored_bytes as f64
             },
             generation,
+            format_version: self.format_version(),
         })
+    }
+
+    fn refs(&self, addr: u64) -> StoreResult<u32> {
+        self.space.lock().rc.get(&*self.dev, addr)
+    }
+
+    /// Data blocks under `root`, and how many of them only this tree references (every
+    /// pointer on the path has refcount 1).
+    fn usage(&self, root: Ptr, height: u8) -> StoreResult<Usage> {
+        let mut u = Usage {
+            data: 0,
+            unique: 0,
+            nodes: 0,
+        };
+        self.usage_rec(root, height, true, &mut u)?;
+        Ok(u)
+    }
+
+    fn usage_rec(&self, p: Ptr, level: u8, exclusive: bool, u: &mut Usage) -> StoreResult<()> {
+        if !p.is_block() {
+            return Ok(());
+        }
+        let exclusive = exclusive && self.refs(p.addr())? == 1;
+        if level == 0 {
+            u.data += 1;
+            u.unique += exclusive as u64;
+            return Ok(());
+        }
+        u.nodes += 1;
+        let node = self.nodes.fetch(&*self.dev, p)?;
+        if level == 1 && !exclusive {
+            u.data += node.entries().filter(|c| c.is_block()).count() as u64;
+            return Ok(());
+        }
+        for c in node.entries() {
+            self.usage_rec(c, level - 1, exclusive, u)?;
+        }
+        Ok(())
+    }
+
+    /// Data blocks mapped under `p`, memoised per node (so `memo` ends up holding every
+    /// distinct map node).
+    fn count_data(&self, p: Ptr, level: u8, memo: &mut HashMap<u64, u64>) -> StoreResult<u64> {
+        if !p.is_block() {
+            return Ok(0);
+        }
+        if level == 0 {
+            return Ok(1);
+        }
+        if let Some(&n) = memo.get(&p.addr()) {
+            return Ok(n);
+        }
+        let node = self.nodes.fetch(&*self.dev, p)?;
+        let mut n = 0;
+        debug_assert_eq!(node.entries().count(), FANOUT);
+        for c in node.entries() {
+            n += self.count_data(c, level - 1, memo)?;
+        }
+        memo.insert(p.addr(), n);
+        Ok(n)
     }
 }
 
@@ -697,62 +643,4 @@ struct Usage {
     data: u64,
     unique: u64,
     nodes: u64,
-}
-
-/// Data blocks under `root`, and how many of them only this tree references (every pointer on
-/// the path has refcount 1).
-fn usage(m: &mut Meta, root: Ptr, height: u8) -> StoreResult<Usage> {
-    let mut u = Usage {
-        data: 0,
-        unique: 0,
-        nodes: 0,
-    };
-    usage_rec(m, root, height, true, &mut u)?;
-    Ok(u)
-}
-
-fn usage_rec(m: &mut Meta, p: Ptr, level: u8, exclusive: bool, u: &mut Usage) -> StoreResult<()> {
-    if !p.is_block() {
-        return Ok(());
-    }
-    let dev = m.dev.clone();
-    let exclusive = exclusive && m.rc.get(&*dev, p.addr())? == 1;
-    if level == 0 {
-        u.data += 1;
-        u.unique += exclusive as u64;
-        return Ok(());
-    }
-    u.nodes += 1;
-    let children: Vec<Ptr> = m.nodes.get(&*dev, p)?.entries().collect();
-    if level == 1 && !exclusive {
-        u.data += children.iter().filter(|c| c.is_block()).count() as u64;
-        return Ok(());
-    }
-    for c in children {
-        usage_rec(m, c, level - 1, exclusive, u)?;
-    }
-    Ok(())
-}
-
-/// Data blocks mapped under `p`, memoised per node (so `memo` ends up holding every distinct
-/// map node).
-fn count_data(m: &mut Meta, p: Ptr, level: u8, memo: &mut HashMap<u64, u64>) -> StoreResult<u64> {
-    if !p.is_block() {
-        return Ok(0);
-    }
-    if level == 0 {
-        return Ok(1);
-    }
-    if let Some(&n) = memo.get(&p.addr()) {
-        return Ok(n);
-    }
-    let dev = m.dev.clone();
-    let children: Vec<Ptr> = m.nodes.get(&*dev, p)?.entries().collect();
-    let mut n = 0;
-    debug_assert_eq!(children.len(), FANOUT);
-    for c in children {
-        n += count_data(m, c, level - 1, memo)?;
-    }
-    memo.insert(p.addr(), n);
-    Ok(n)
 }

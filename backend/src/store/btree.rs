@@ -12,12 +12,15 @@ use std::{collections::HashMap, sync::Arc};
 use super::{
     device::Device,
     error::{StoreError, StoreResult},
-    format::{hash24, u16_at, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64, PTR_LEN},
+    format::{hash24, put_u16, u16_at, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64, PTR_LEN},
     refcount::{Cursor, RcTable},
 };
 
 const LEAF: u8 = 1;
 const BRANCH: u8 = 2;
+/// Node header: kind at 0, entry count (u16) at 2; entries from 4 (FORMAT.md §6).
+const KIND_AT: usize = 0;
+const COUNT_AT: usize = 2;
 const NODE_HEADER: usize = 4;
 /// Longest key and value the tree takes (a leaf must hold at least two entries).
 pub const MAX_KEY: usize = 512;
@@ -44,8 +47,8 @@ impl BNode {
         let mut at = NODE_HEADER;
         match self {
             BNode::Leaf(es) => {
-                b[0] = LEAF;
-                b[2..4].copy_from_slice(&(es.len() as u16).to_le_bytes());
+                b[KIND_AT] = LEAF;
+                put_u16(&mut b[..], COUNT_AT, es.len() as u16);
                 for (k, v) in es {
                     b[at..at + 2].copy_from_slice(&(k.len() as u16).to_le_bytes());
                     b[at + 2..at + 4].copy_from_slice(&(v.len() as u16).to_le_bytes());
@@ -57,8 +60,8 @@ impl BNode {
                 }
             }
             BNode::Branch(es) => {
-                b[0] = BRANCH;
-                b[2..4].copy_from_slice(&(es.len() as u16).to_le_bytes());
+                b[KIND_AT] = BRANCH;
+                put_u16(&mut b[..], COUNT_AT, es.len() as u16);
                 for (k, p) in es {
                     b[at..at + 2].copy_from_slice(&(k.len() as u16).to_le_bytes());
                     at += 2;
@@ -75,7 +78,7 @@ impl BNode {
     /// Decodes a node, checking every length against the block.
     pub fn decode(b: &[u8]) -> StoreResult<BNode> {
         let bad = |why: &str| StoreError::Corrupt(format!("registry node: {why}"));
-        let count = u16_at(b, 2) as usize;
+        let count = u16_at(b, COUNT_AT) as usize;
         let mut at = NODE_HEADER;
         let take = |at: &mut usize, n: usize| -> StoreResult<std::ops::Range<usize>> {
             let r = *at..at
@@ -85,7 +88,7 @@ impl BNode {
             *at = r.end;
             Ok(r)
         };
-        match b[0] {
+        match b[KIND_AT] {
             LEAF => {
                 let mut es = Vec::with_capacity(count);
                 for _ in 0..count {

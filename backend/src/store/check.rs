@@ -6,8 +6,9 @@
 //! against the references actually found — a count too high is a leak, one too low means the
 //! block could be freed while still in use (double ownership).
 //!
-//! The check holds the commit lock, not the metadata lock: clients keep reading and writing
-//! into the open transaction meanwhile; only flushes wait until it is done.
+//! A check first checkpoints what the log holds (so that what is on disk is what a restart
+//! would see), then holds the commit lock: clients keep reading and writing meanwhile; only
+//! checkpoints wait until it is done.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,14 +16,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     btree::BTree,
-    engine::Store,
     error::{StoreError, StoreResult},
     format::{
         decode_rc_page, hash24, rc_page_index, Geometry, GroupHeader, Ptr, PtrKind, BLOCK_SIZE,
         BLOCK_SIZE_U64, RC_PER_PAGE,
     },
-    node::read_node,
+    nodes::read_node,
     registry::{decode_id, Kind, Record},
+    store::Store,
 };
 
 /// Errors listed in full in a report; the rest are only counted.
@@ -179,6 +180,11 @@ impl Store {
         verify_data: bool,
         progress: &mut dyn FnMut(CheckProgress),
     ) -> StoreResult<CheckReport> {
+        // What a restart would see: the last checkpoint plus the log. Checkpoint the log's
+        // changes first, so that the checkpoint on disk is all of it.
+        if !self.is_poisoned() && self.has_changes() {
+            self.checkpoint_through(self.open_generation(), false)?;
+        }
         let cs = self.commit.lock();
         let last = cs.last.clone();
         let geo = self.geometry();
@@ -322,7 +328,7 @@ impl Store {
                 (r.root, r.height, label)
             })
             .collect();
-        match super::engine::read_orphan_chain(dev, last.orphan_head, last.orphan_count) {
+        match super::orphans::read_chain(dev, last.orphan_head, last.orphan_count) {
             Ok((orphans, chain)) => {
                 for b in chain {
                     ck.reference(b, "orphan list");

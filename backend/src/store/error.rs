@@ -17,7 +17,7 @@ pub enum StoreError {
     Checksum(String),
     #[error("not a Parallax store: {0}")]
     NotAStore(String),
-    #[error("unsupported store format version {0} (this parallax reads version 1)")]
+    #[error("unsupported store format version {0} (this parallax reads versions 1 and 2)")]
     Version(u64),
     #[error("store is truncated: it should be {expected} bytes, the device has {found}")]
     Truncated { expected: u64, found: u64 },

@@ -11,18 +11,24 @@ use super::error::{StoreError, StoreResult};
 /// Bytes per block.
 pub const BLOCK_SIZE: usize = 4096;
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
-/// The format this code writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// The format this code writes. Version 1 stores (no intent log) are read and written in
+/// their own format until `parallax upgrade` moves them to version 2.
+pub const FORMAT_VERSION: u64 = 2;
+/// The oldest format this code opens.
+pub const OLDEST_VERSION: u64 = 1;
 
 pub const SUPERBLOCK_ADDR: u64 = 0;
 pub const COMMIT_SLOTS: [u64; 2] = [1, 2];
 /// First block of group 0.
 pub const GROUP_BASE: u64 = 3;
 
+/// A block's bytes, owned (what the encoders return).
+pub type BlockBuf = Box<[u8; BLOCK_SIZE]>;
+
 /// Header of a framed block; the payload follows.
 pub const FRAME_HEADER: usize = 64;
 pub const FRAME_PAYLOAD: usize = BLOCK_SIZE - FRAME_HEADER;
-const FRAME_CHECKSUM: std::ops::Range<usize> = 32..64;
+const FRAME_CHECKSUM: std::ops::Range<usize> = frame_at::CHECKSUM..FRAME_HEADER;
 
 /// Refcounts (u32) in one refcount page.
 pub const RC_PER_PAGE: u64 = (FRAME_PAYLOAD / 4) as u64; // 1008
@@ -34,10 +40,10 @@ pub const GROUP_DATA_OFFSET: u64 = GROUP_HEADER_BLOCKS + GROUP_RC_BLOCKS;
 pub const GROUP_DATA_BLOCKS: u64 = RC_PAGES_PER_GROUP * RC_PER_PAGE; // 516096
 pub const GROUP_BLOCKS: u64 = GROUP_DATA_OFFSET + GROUP_DATA_BLOCKS; // 517122
 
-/// Commit-record payload offset of the group selector bits.
-const COMMIT_SELECTORS_AT: usize = 128;
 /// Groups whose selector bits fit in a commit record.
-pub const MAX_GROUPS: u64 = ((FRAME_PAYLOAD - COMMIT_SELECTORS_AT) * 4) as u64; // 15616
+pub const MAX_GROUPS: u64 = ((FRAME_PAYLOAD - commit_at::SELECTORS) * 4) as u64; // 15360
+/// The same in format version 1.
+pub const MAX_GROUPS_V1: u64 = ((FRAME_PAYLOAD - commit_at::SELECTORS_V1) * 4) as u64; // 15616
 /// A data region smaller than this is not worth a group.
 const MIN_GROUP_DATA: u64 = 256;
 /// Smallest store `init` accepts.
@@ -77,6 +83,78 @@ pub fn is_zero(buf: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
+/// Byte offsets within a framed block's header (FORMAT.md §3).
+pub mod frame_at {
+    pub const MAGIC: usize = 0;
+    pub const GEN: usize = 8;
+    pub const SELF: usize = 16;
+    pub const AUX: usize = 24;
+    pub const CHECKSUM: usize = 32;
+}
+
+/// Superblock payload offsets (FORMAT.md §3.1).
+pub mod superblock_at {
+    pub const VERSION: usize = 0;
+    pub const BLOCK_SIZE: usize = 4;
+    pub const UUID: usize = 8;
+    pub const CREATED: usize = 24;
+    pub const TOTAL_BLOCKS: usize = 32;
+    pub const GROUP_BLOCKS: usize = 40;
+    pub const RC_PAGES: usize = 44;
+    pub const RC_PER_PAGE: usize = 48;
+    pub const GROUPS: usize = 52;
+}
+
+/// Commit record payload offsets (FORMAT.md §3.2).
+pub mod commit_at {
+    pub const REGISTRY_ROOT: usize = 0;
+    pub const REGISTRY_HEIGHT: usize = 32;
+    pub const NEXT_ID: usize = 40;
+    pub const ALLOCATED: usize = 48;
+    pub const ORPHAN_HEAD: usize = 56;
+    pub const ORPHAN_COUNT: usize = 88;
+    pub const TIME: usize = 96;
+    pub const FLAGS: usize = 104;
+    pub const GROUPS: usize = 108;
+    /// Version 2: where recovery starts reading the intent log (FORMAT.md §9).
+    pub const LOG_HEAD: usize = 112;
+    pub const LOG_SEQ: usize = 120;
+    pub const LOG_LSN: usize = 128;
+    pub const LOG_CHAIN: usize = 136;
+    /// Group selectors: at 128 in version 1, at 192 in version 2 (room for the log fields
+    /// and what later versions add).
+    pub const SELECTORS_V1: usize = 128;
+    pub const SELECTORS: usize = 192;
+}
+const _: () = assert!(commit_at::LOG_CHAIN + 8 <= commit_at::SELECTORS);
+
+/// Log block payload offsets (FORMAT.md §9); entries follow.
+pub mod log_at {
+    pub const NEXT: usize = 0;
+    pub const FIRST_LSN: usize = 8;
+    pub const CHAIN: usize = 16;
+    pub const ENTRIES: usize = 24;
+}
+/// Entry bytes one log block holds.
+pub const LOG_BLOCK_ENTRIES: usize = FRAME_PAYLOAD - log_at::ENTRIES;
+
+/// Group header payload offsets (FORMAT.md §3.3).
+pub mod group_at {
+    pub const FREE: usize = 0;
+    pub const DATA_BLOCKS: usize = 4;
+    pub const PAGE_SELECTORS: usize = 64;
+    pub const PAGE_FREE: usize = 192;
+}
+
+/// Orphan-list block payload layout (FORMAT.md §7): entries of a pointer and a level, and
+/// the pointer to the next block.
+pub const ORPHANS_PER_BLOCK: usize = 100;
+pub const ORPHAN_ENTRY_LEN: usize = 40;
+pub const ORPHAN_LEVEL_AT: usize = PTR_LEN;
+pub const ORPHAN_NEXT_AT: usize = 4000;
+const _: () = assert!(ORPHANS_PER_BLOCK * ORPHAN_ENTRY_LEN <= ORPHAN_NEXT_AT);
+const _: () = assert!(ORPHAN_NEXT_AT + PTR_LEN <= FRAME_PAYLOAD);
+
 /// Magic numbers of framed blocks.
 pub mod magic {
     pub const SUPERBLOCK: [u8; 8] = *b"PARALLAX";
@@ -84,6 +162,7 @@ pub mod magic {
     pub const GROUP: [u8; 8] = *b"PXGROUPH";
     pub const RCPAGE: [u8; 8] = *b"PXRCPAGE";
     pub const ORPHAN: [u8; 8] = *b"PXORPHAN";
+    pub const LOG: [u8; 8] = *b"PXLOGBLK";
 }
 
 fn magic_name(m: &[u8]) -> String {
@@ -106,10 +185,10 @@ pub struct Frame {
 /// Writes the header and checksum of a framed block whose payload is already in place.
 pub fn seal_frame(block: &mut [u8], f: Frame) {
     debug_assert_eq!(block.len(), BLOCK_SIZE);
-    block[0..8].copy_from_slice(&f.magic);
-    block[8..16].copy_from_slice(&f.gen.to_le_bytes());
-    block[16..24].copy_from_slice(&f.addr.to_le_bytes());
-    block[24..32].copy_from_slice(&f.aux.to_le_bytes());
+    block[frame_at::MAGIC..frame_at::MAGIC + 8].copy_from_slice(&f.magic);
+    put_u64(block, frame_at::GEN, f.gen);
+    put_u64(block, frame_at::SELF, f.addr);
+    put_u64(block, frame_at::AUX, f.aux);
     block[FRAME_CHECKSUM].fill(0);
     let sum = blake3::hash(block);
     block[FRAME_CHECKSUM].copy_from_slice(sum.as_bytes());
@@ -118,10 +197,12 @@ pub fn seal_frame(block: &mut [u8], f: Frame) {
 /// Checks a framed block read from `addr`: magic, self address, checksum. Returns its header.
 pub fn open_frame(block: &[u8], want_magic: [u8; 8], addr: u64) -> StoreResult<Frame> {
     let f = Frame {
-        magic: block[0..8].try_into().expect("8 bytes"),
-        gen: u64_at(block, 8),
-        addr: u64_at(block, 16),
-        aux: u64_at(block, 24),
+        magic: block[frame_at::MAGIC..frame_at::MAGIC + 8]
+            .try_into()
+            .expect("8 bytes"),
+        gen: u64_at(block, frame_at::GEN),
+        addr: u64_at(block, frame_at::SELF),
+        aux: u64_at(block, frame_at::AUX),
     };
     if f.magic != want_magic {
         return Err(StoreError::Corrupt(format!(
@@ -272,8 +353,18 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// The geometry of a store of `bytes` bytes (rounded down to whole blocks).
+    /// The geometry of a new store of `bytes` bytes (rounded down to whole blocks).
     pub fn for_size(bytes: u64) -> StoreResult<Geometry> {
+        Self::for_version(bytes, FORMAT_VERSION)
+    }
+
+    /// The geometry of a store of `bytes` bytes in format `version`.
+    pub fn for_version(bytes: u64, version: u64) -> StoreResult<Geometry> {
+        let max_groups = if version == 1 {
+            MAX_GROUPS_V1
+        } else {
+            MAX_GROUPS
+        };
         if bytes < MIN_STORE_BYTES {
             return Err(StoreError::Invalid(format!(
                 "a store must be at least {} MiB",
@@ -286,10 +377,10 @@ impl Geometry {
         if avail % GROUP_BLOCKS >= GROUP_DATA_OFFSET + MIN_GROUP_DATA {
             groups += 1;
         }
-        if groups > MAX_GROUPS {
+        if groups > max_groups {
             return Err(StoreError::Invalid(format!(
-                "a format-{FORMAT_VERSION} store holds at most {MAX_GROUPS} groups (about {} TiB)",
-                (MAX_GROUPS * GROUP_DATA_BLOCKS * BLOCK_SIZE_U64) >> 40
+                "a format-{version} store holds at most {max_groups} groups (about {} TiB)",
+                (max_groups * GROUP_DATA_BLOCKS * BLOCK_SIZE_U64) >> 40
             )));
         }
         Ok(Geometry {
@@ -363,6 +454,8 @@ pub fn height_for(bytes: u64) -> u8 {
 /// The superblock's payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
+    /// The format version (1 or 2).
+    pub version: u64,
     pub uuid: [u8; 16],
     pub created_ns: u64,
     pub geometry: Geometry,
@@ -372,22 +465,23 @@ impl Superblock {
     pub fn encode(&self) -> Box<[u8; BLOCK_SIZE]> {
         let mut b = Box::new([0u8; BLOCK_SIZE]);
         let p = &mut b[FRAME_HEADER..];
-        put_u32(p, 0, FORMAT_VERSION as u32);
-        put_u32(p, 4, BLOCK_SIZE as u32);
-        p[8..24].copy_from_slice(&self.uuid);
-        put_u64(p, 24, self.created_ns);
-        put_u64(p, 32, self.geometry.total_blocks);
-        put_u32(p, 40, GROUP_BLOCKS as u32);
-        put_u32(p, 44, RC_PAGES_PER_GROUP as u32);
-        put_u32(p, 48, RC_PER_PAGE as u32);
-        put_u32(p, 52, self.geometry.groups as u32);
+        use superblock_at as at;
+        put_u32(p, at::VERSION, self.version as u32);
+        put_u32(p, at::BLOCK_SIZE, BLOCK_SIZE as u32);
+        p[at::UUID..at::UUID + 16].copy_from_slice(&self.uuid);
+        put_u64(p, at::CREATED, self.created_ns);
+        put_u64(p, at::TOTAL_BLOCKS, self.geometry.total_blocks);
+        put_u32(p, at::GROUP_BLOCKS, GROUP_BLOCKS as u32);
+        put_u32(p, at::RC_PAGES, RC_PAGES_PER_GROUP as u32);
+        put_u32(p, at::RC_PER_PAGE, RC_PER_PAGE as u32);
+        put_u32(p, at::GROUPS, self.geometry.groups as u32);
         seal_frame(
             &mut b[..],
             Frame {
                 magic: magic::SUPERBLOCK,
                 gen: 0,
                 addr: SUPERBLOCK_ADDR,
-                aux: FORMAT_VERSION,
+                aux: self.version,
             },
         );
         b
@@ -402,26 +496,39 @@ impl Superblock {
                 format!("it starts with {:02x?}", &b[0..8])
             }));
         }
-        let version = u64_at(b, 24);
-        if version != FORMAT_VERSION {
+        let version = u64_at(b, frame_at::AUX);
+        if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(StoreError::Version(version));
         }
         open_frame(b, magic::SUPERBLOCK, SUPERBLOCK_ADDR)?;
+        use superblock_at as at;
         let p = &b[FRAME_HEADER..];
-        let total_blocks = u64_at(p, 32);
-        let geometry = Geometry::for_size(total_blocks * BLOCK_SIZE_U64)
+        let total_blocks = u64_at(p, at::TOTAL_BLOCKS);
+        let geometry = Geometry::for_version(total_blocks * BLOCK_SIZE_U64, version)
             .map_err(|e| StoreError::Corrupt(format!("superblock geometry is invalid: {e}")))?;
         let fields = [
-            (u32_at(p, 0) as u64, FORMAT_VERSION, "format version"),
-            (u32_at(p, 4) as u64, BLOCK_SIZE_U64, "block size"),
-            (u32_at(p, 40) as u64, GROUP_BLOCKS, "group size"),
+            (u32_at(p, at::VERSION) as u64, version, "format version"),
             (
-                u32_at(p, 44) as u64,
+                u32_at(p, at::BLOCK_SIZE) as u64,
+                BLOCK_SIZE_U64,
+                "block size",
+            ),
+            (
+                u32_at(p, at::GROUP_BLOCKS) as u64,
+                GROUP_BLOCKS,
+                "group size",
+            ),
+            (
+                u32_at(p, at::RC_PAGES) as u64,
                 RC_PAGES_PER_GROUP,
                 "refcount pages per group",
             ),
-            (u32_at(p, 48) as u64, RC_PER_PAGE, "refcounts per page"),
-            (u32_at(p, 52) as u64, geometry.groups, "group count"),
+            (
+                u32_at(p, at::RC_PER_PAGE) as u64,
+                RC_PER_PAGE,
+                "refcounts per page",
+            ),
+            (u32_at(p, at::GROUPS) as u64, geometry.groups, "group count"),
         ];
         for (found, want, what) in fields {
             if found != want {
@@ -437,10 +544,50 @@ impl Superblock {
             });
         }
         Ok(Superblock {
-            uuid: p[8..24].try_into().expect("16 bytes"),
-            created_ns: u64_at(p, 24),
+            version,
+            uuid: p[at::UUID..at::UUID + 16].try_into().expect("16 bytes"),
+            created_ns: u64_at(p, at::CREATED),
             geometry,
         })
+    }
+}
+
+impl Superblock {
+    /// A superblock that fails its checksum but differs from a valid one only in the bytes an
+    /// upgrade rewrites (the version fields, each reading 1 or 2, and the checksum): an upgrade
+    /// interrupted by a crash. It is read as version 1, since an upgrade writes no version-2
+    /// commit record before the new superblock is durable. (Damage to the UUID or creation
+    /// time alone looks the same; those fields carry no structure.)
+    pub fn decode_torn_upgrade(b: &[u8], device_blocks: u64) -> Option<Superblock> {
+        if b.len() != BLOCK_SIZE || b[0..8] != magic::SUPERBLOCK {
+            return None;
+        }
+        let p = &b[FRAME_HEADER..];
+        let total_blocks = u64_at(p, superblock_at::TOTAL_BLOCKS);
+        let geometry = Geometry::for_version(total_blocks * BLOCK_SIZE_U64, 1).ok()?;
+        if total_blocks > device_blocks {
+            return None;
+        }
+        let sb = Superblock {
+            version: 1,
+            uuid: p[superblock_at::UUID..superblock_at::UUID + 16]
+                .try_into()
+                .ok()?,
+            created_ns: u64_at(p, superblock_at::CREATED),
+            geometry,
+        };
+        let both = |v: u64| v == 1 || v == 2;
+        if !both(u64_at(b, frame_at::AUX)) || !both(u32_at(p, superblock_at::VERSION) as u64) {
+            return None;
+        }
+        let want = sb.encode();
+        let version_at = FRAME_HEADER + superblock_at::VERSION;
+        let same = (0..BLOCK_SIZE).all(|i| {
+            (frame_at::AUX..FRAME_HEADER).contains(&i)
+                || (version_at..version_at + 4).contains(&i)
+                || b[i] == want[i]
+        });
+        same.then_some(sb)
     }
 }
 
@@ -489,23 +636,54 @@ pub struct CommitRecord {
     pub time_ns: u64,
     pub clean: bool,
     pub group_selectors: Vec<Selector>,
+    /// Where recovery reads the intent log from (version 2; all zero in version 1).
+    pub log: LogPosition,
+    /// The layout this record was (or is to be) written in: 1 or 2.
+    pub version: u64,
+}
+
+/// A checkpoint's place in the intent log: entries from `lsn` on are not in the checkpoint,
+/// and are found from the block at `head`, which carries sequence number `seq` and belongs to
+/// chain `chain` (a random id per session, so that blocks a crashed session left behind are
+/// never read as part of another). `head == 0`: no log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogPosition {
+    pub head: u64,
+    pub seq: u64,
+    pub lsn: u64,
+    pub chain: u64,
 }
 
 impl CommitRecord {
+    /// Encodes the record for slot `slot_addr`, in the layout of `self.version`. The frame's
+    /// `aux` names the layout (0 for version 1, which wrote 0 there), so that a record can be
+    /// read whatever the superblock says.
     pub fn encode(&self, slot_addr: u64) -> Box<[u8; BLOCK_SIZE]> {
         let mut b = Box::new([0u8; BLOCK_SIZE]);
         let p = &mut b[FRAME_HEADER..];
-        self.registry_root.encode(&mut p[0..32]);
-        p[32] = self.registry_height;
-        put_u64(p, 40, self.next_id);
-        put_u64(p, 48, self.allocated_blocks);
-        self.orphan_head.encode(&mut p[56..88]);
-        put_u64(p, 88, self.orphan_count);
-        put_u64(p, 96, self.time_ns);
-        put_u32(p, 104, self.clean as u32);
-        put_u32(p, 108, self.group_selectors.len() as u32);
+        use commit_at as at;
+        self.registry_root
+            .encode(&mut p[at::REGISTRY_ROOT..at::REGISTRY_ROOT + PTR_LEN]);
+        p[at::REGISTRY_HEIGHT] = self.registry_height;
+        put_u64(p, at::NEXT_ID, self.next_id);
+        put_u64(p, at::ALLOCATED, self.allocated_blocks);
+        self.orphan_head
+            .encode(&mut p[at::ORPHAN_HEAD..at::ORPHAN_HEAD + PTR_LEN]);
+        put_u64(p, at::ORPHAN_COUNT, self.orphan_count);
+        put_u64(p, at::TIME, self.time_ns);
+        put_u32(p, at::FLAGS, self.clean as u32);
+        put_u32(p, at::GROUPS, self.group_selectors.len() as u32);
+        let selectors = if self.version == 1 {
+            at::SELECTORS_V1
+        } else {
+            put_u64(p, at::LOG_HEAD, self.log.head);
+            put_u64(p, at::LOG_SEQ, self.log.seq);
+            put_u64(p, at::LOG_LSN, self.log.lsn);
+            put_u64(p, at::LOG_CHAIN, self.log.chain);
+            at::SELECTORS
+        };
         for (i, s) in self.group_selectors.iter().enumerate() {
-            Selector::put(&mut p[COMMIT_SELECTORS_AT..], i, *s);
+            Selector::put(&mut p[selectors..], i, *s);
         }
         seal_frame(
             &mut b[..],
@@ -513,7 +691,7 @@ impl CommitRecord {
                 magic: magic::COMMIT,
                 gen: self.gen,
                 addr: slot_addr,
-                aux: 0,
+                aux: if self.version == 1 { 0 } else { self.version },
             },
         );
         b
@@ -521,14 +699,38 @@ impl CommitRecord {
 
     pub fn decode(b: &[u8], slot_addr: u64, groups: u64) -> StoreResult<CommitRecord> {
         let f = open_frame(b, magic::COMMIT, slot_addr)?;
+        use commit_at as at;
         let p = &b[FRAME_HEADER..];
-        let n = u32_at(p, 108) as u64;
+        let (version, selectors, log) = match f.aux {
+            0 => (1, at::SELECTORS_V1, LogPosition::default()),
+            2 => (
+                2,
+                at::SELECTORS,
+                LogPosition {
+                    head: u64_at(p, at::LOG_HEAD),
+                    seq: u64_at(p, at::LOG_SEQ),
+                    lsn: u64_at(p, at::LOG_LSN),
+                    chain: u64_at(p, at::LOG_CHAIN),
+                },
+            ),
+            v => {
+                return Err(StoreError::Corrupt(format!(
+                    "commit record {slot_addr} has unknown layout {v}"
+                )))
+            }
+        };
+        if (groups as usize).div_ceil(4) > FRAME_PAYLOAD - selectors {
+            return Err(StoreError::Corrupt(format!(
+                "commit record {slot_addr}: {groups} groups do not fit its layout"
+            )));
+        }
+        let n = u32_at(p, at::GROUPS) as u64;
         if n != groups {
             return Err(StoreError::Corrupt(format!(
                 "commit record {slot_addr} describes {n} groups, the store has {groups}"
             )));
         }
-        let registry_height = p[32];
+        let registry_height = p[at::REGISTRY_HEIGHT];
         if registry_height > 16 {
             return Err(StoreError::Corrupt(format!(
                 "registry height {registry_height}"
@@ -536,17 +738,19 @@ impl CommitRecord {
         }
         Ok(CommitRecord {
             gen: f.gen,
-            registry_root: Ptr::decode(&p[0..32]),
+            registry_root: Ptr::decode(&p[at::REGISTRY_ROOT..at::REGISTRY_ROOT + PTR_LEN]),
             registry_height,
-            next_id: u64_at(p, 40),
-            allocated_blocks: u64_at(p, 48),
-            orphan_head: Ptr::decode(&p[56..88]),
-            orphan_count: u64_at(p, 88),
-            time_ns: u64_at(p, 96),
-            clean: u32_at(p, 104) & 1 != 0,
+            next_id: u64_at(p, at::NEXT_ID),
+            allocated_blocks: u64_at(p, at::ALLOCATED),
+            orphan_head: Ptr::decode(&p[at::ORPHAN_HEAD..at::ORPHAN_HEAD + PTR_LEN]),
+            orphan_count: u64_at(p, at::ORPHAN_COUNT),
+            time_ns: u64_at(p, at::TIME),
+            clean: u32_at(p, at::FLAGS) & 1 != 0,
             group_selectors: (0..groups as usize)
-                .map(|i| Selector::get(&p[COMMIT_SELECTORS_AT..], i))
+                .map(|i| Selector::get(&p[selectors..], i))
                 .collect(),
+            log,
+            version,
         })
     }
 }
@@ -560,8 +764,10 @@ pub struct GroupHeader {
     pub page_free: Vec<u16>,
 }
 
-const GH_SELECTORS_AT: usize = 64;
-const GH_PAGE_FREE_AT: usize = 192;
+const _: () = assert!(group_at::PAGE_FREE + 2 * RC_PAGES_PER_GROUP as usize <= FRAME_PAYLOAD);
+const _: () = assert!(
+    group_at::PAGE_SELECTORS + (RC_PAGES_PER_GROUP as usize).div_ceil(4) <= group_at::PAGE_FREE
+);
 
 impl GroupHeader {
     /// The header of a group never written: everything free.
@@ -578,13 +784,13 @@ impl GroupHeader {
     pub fn encode(&self, gen: u64, addr: u64, g: u64) -> Box<[u8; BLOCK_SIZE]> {
         let mut b = Box::new([0u8; BLOCK_SIZE]);
         let p = &mut b[FRAME_HEADER..];
-        put_u32(p, 0, self.free);
-        put_u32(p, 4, self.data_blocks);
+        put_u32(p, group_at::FREE, self.free);
+        put_u32(p, group_at::DATA_BLOCKS, self.data_blocks);
         for (i, s) in self.page_selectors.iter().enumerate() {
-            Selector::put(&mut p[GH_SELECTORS_AT..], i, *s);
+            Selector::put(&mut p[group_at::PAGE_SELECTORS..], i, *s);
         }
         for (i, f) in self.page_free.iter().enumerate() {
-            put_u16(p, GH_PAGE_FREE_AT + 2 * i, *f);
+            put_u16(p, group_at::PAGE_FREE + 2 * i, *f);
         }
         seal_frame(
             &mut b[..],
@@ -609,13 +815,13 @@ impl GroupHeader {
         let p = &b[FRAME_HEADER..];
         let pages = geo.group_pages(g) as usize;
         let h = GroupHeader {
-            free: u32_at(p, 0),
-            data_blocks: u32_at(p, 4),
+            free: u32_at(p, group_at::FREE),
+            data_blocks: u32_at(p, group_at::DATA_BLOCKS),
             page_selectors: (0..pages)
-                .map(|i| Selector::get(&p[GH_SELECTORS_AT..], i))
+                .map(|i| Selector::get(&p[group_at::PAGE_SELECTORS..], i))
                 .collect(),
             page_free: (0..pages)
-                .map(|i| u16_at(p, GH_PAGE_FREE_AT + 2 * i))
+                .map(|i| u16_at(p, group_at::PAGE_FREE + 2 * i))
                 .collect(),
         };
         if h.data_blocks as u64 != geo.group_data_blocks(g)
@@ -679,7 +885,8 @@ mod tests {
     fn geometry_constants_add_up() {
         assert_eq!(RC_PER_PAGE, 1008);
         assert_eq!(GROUP_BLOCKS, 517122);
-        assert_eq!(MAX_GROUPS, 15616);
+        assert_eq!(MAX_GROUPS, 15360);
+        assert_eq!(MAX_GROUPS_V1, 15616);
         let geo = Geometry::for_size(64 << 20).unwrap();
         assert_eq!(geo.groups, 1);
         assert_eq!(
@@ -695,6 +902,10 @@ mod tests {
         assert_eq!(big.locate(a), Some((2, 7, 5)));
         assert!(Geometry::for_size(1 << 20).is_err());
         assert!(Geometry::for_size(40 << 40).is_err());
+        // Between the two limits: a version-1 store, too big for version 2.
+        let bytes = (GROUP_BASE + 15500 * GROUP_BLOCKS) * BLOCK_SIZE_U64;
+        assert!(Geometry::for_version(bytes, 1).is_ok());
+        assert!(Geometry::for_version(bytes, 2).is_err());
     }
 
     #[test]
@@ -731,6 +942,7 @@ mod tests {
     fn records_round_trip() {
         let geo = Geometry::for_size(3 << 30).unwrap();
         let sb = Superblock {
+            version: FORMAT_VERSION,
             uuid: [7; 16],
             created_ns: 5,
             geometry: geo,
@@ -743,7 +955,23 @@ mod tests {
             Superblock::decode(&sb.encode()[..], geo.total_blocks - 1),
             Err(StoreError::Truncated { .. })
         ));
-        let cr = CommitRecord {
+        let old = Superblock {
+            version: 1,
+            ..sb.clone()
+        };
+        assert_eq!(
+            Superblock::decode(&old.encode()[..], geo.total_blocks).unwrap(),
+            old
+        );
+        let future = Superblock {
+            version: 3,
+            ..sb.clone()
+        };
+        assert!(matches!(
+            Superblock::decode(&future.encode()[..], geo.total_blocks),
+            Err(StoreError::Version(3))
+        ));
+        let mut cr = CommitRecord {
             gen: 12,
             registry_root: Ptr::block(99, [3; HASH_LEN]),
             registry_height: 2,
@@ -760,8 +988,21 @@ mod tests {
                 },
                 Selector::default(),
             ],
+            log: LogPosition {
+                head: 5000,
+                seq: 77,
+                lsn: 123456,
+                chain: 0xfeed,
+            },
+            version: 2,
         };
         assert_eq!(CommitRecord::decode(&cr.encode(2)[..], 2, 2).unwrap(), cr);
+        // Version 1 has no log fields and its selectors at 128.
+        cr.version = 1;
+        cr.log = LogPosition::default();
+        let v1 = cr.encode(1);
+        assert_eq!(CommitRecord::decode(&v1[..], 1, 2).unwrap(), cr);
+        assert_eq!(v1[FRAME_HEADER + commit_at::SELECTORS_V1], 0b11);
         let mut gh = GroupHeader::empty(&geo, 1);
         gh.page_selectors[3] = Selector {
             written: true,
@@ -778,6 +1019,56 @@ mod tests {
         let mut out = vec![0u32; RC_PER_PAGE as usize];
         decode_rc_page(&enc[..], 50, 6, &mut out).unwrap();
         assert_eq!(out, rc);
+    }
+
+    /// An upgrade rewrites the version fields and the checksum of the superblock; whatever
+    /// mix of old and new bytes a crash leaves there is read as version 1, and nothing else.
+    #[test]
+    fn a_torn_upgrade_reads_as_version_1() {
+        let geo = Geometry::for_size(1 << 30).unwrap();
+        let v1 = Superblock {
+            version: 1,
+            uuid: [3; 16],
+            created_ns: 9,
+            geometry: geo,
+        };
+        let v2 = Superblock {
+            version: 2,
+            ..v1.clone()
+        };
+        let (old, new) = (v1.encode(), v2.encode());
+        let differ: Vec<usize> = (0..BLOCK_SIZE).filter(|&i| old[i] != new[i]).collect();
+        assert!(
+            differ.iter().all(|&i| i < 512),
+            "the upgrade changes sector 0 only"
+        );
+        for mask in 0u64..64 {
+            let mut torn = old.clone();
+            for (k, &i) in differ.iter().enumerate() {
+                if (mask >> (k % 6)) & 1 == 1 {
+                    torn[i] = new[i];
+                }
+            }
+            let got = Superblock::decode(&torn[..], geo.total_blocks)
+                .ok()
+                .or_else(|| Superblock::decode_torn_upgrade(&torn[..], geo.total_blocks));
+            let got = got.expect("a torn upgrade opens");
+            assert!(got == v1 || got == v2, "{got:?}");
+        }
+        for at in [
+            FRAME_HEADER + superblock_at::GROUP_BLOCKS,
+            FRAME_HEADER + superblock_at::TOTAL_BLOCKS,
+            FRAME_HEADER + superblock_at::VERSION,
+            frame_at::AUX + 1,
+            2000,
+        ] {
+            let mut damaged = new.clone();
+            damaged[at] ^= 4;
+            assert!(
+                Superblock::decode_torn_upgrade(&damaged[..], geo.total_blocks).is_none(),
+                "damage at {at}"
+            );
+        }
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! The data path: [`StoreDisk`], a VDI or snapshot opened for I/O, implementing [`Disk`].
 //!
 //! ```text
-//!  read:   lock → resolve blocks → unlock → pread runs of adjacent blocks → verify each hash
-//!  write:  hash + zero-detect (no lock) → lock → reserve blocks → unlock → pwrite
-//!          → lock → claim, point the map at them, drop old references → unlock
+//!  read:   VDI read lock → resolve blocks → unlock → pread runs of adjacent blocks → verify
+//!  write:  hash + zero-detect (no lock) → take reserved blocks (the VDI's batch) → pwrite
+//!          → load the path's nodes and refcount pages (no lock)
+//!          → gate shared + VDI write lock + space lock: point the map at the new blocks,
+//!            claim them, drop the old references → unlock
 //!  partial block: read old (verified), patch, write as above, and only if the map entry is
 //!          still the one read (else retry): concurrent sub-block writes never lose each other
 //! ```
 //!
-//! Data never moves through the metadata lock; a reader holds a reader-epoch guard from lookup
-//! to the end of its pread, so a block freed meanwhile is not reused under it.
+//! Data never moves under a lock. A reader holds a reader-epoch guard from lookup to the end
+//! of its pread, so a block freed meanwhile is not reused under it.
 
 use std::{
     sync::{
@@ -22,14 +24,17 @@ use std::{
 use tracing::error;
 
 use super::{
-    engine::{Meta, Store},
     error::{StoreError, StoreResult},
-    format::{hash24, is_zero, Ptr, PtrKind, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT, FANOUT_BITS},
+    format::{hash24, is_zero, Ptr, PtrKind, BLOCK_SIZE, BLOCK_SIZE_U64},
+    radix::{resolve, Extents},
     registry::Kind,
+    space::Space,
+    store::Store,
+    vdi::{Vdi, VdiState, MAX_BATCH},
 };
-use crate::disk::{check_range, Disk, DiskError, Extent, ExtentState};
+use crate::disk::{check_range, Disk, DiskError, Extent};
 
-/// Whole blocks hashed and placed per metadata-lock round trip.
+/// Whole blocks hashed and placed per round of the locks.
 const WRITE_BATCH: usize = 256;
 /// Leaf entries a block-status call looks at before answering with what it has.
 const STATUS_BUDGET: usize = 1 << 20;
@@ -37,7 +42,7 @@ const STATUS_BUDGET: usize = 1 << 20;
 /// A VDI or snapshot open for I/O. Dropping it releases the handle.
 pub struct StoreDisk {
     store: Arc<Store>,
-    id: u64,
+    vdi: Arc<Vdi>,
     name: String,
     read_only: bool,
 }
@@ -70,28 +75,38 @@ impl Store {
     /// Opens a VDI (`NAME`) or snapshot (`NAME@SNAP`) for I/O; `write` asks for a writable
     /// handle, which a snapshot refuses.
     pub fn open_vdi(self: &Arc<Self>, name: &str, write: bool) -> StoreResult<StoreDisk> {
-        let mut m = self.meta.lock();
-        let id = super::admin::resolve(&mut m, name)?;
-        let v = m.vdi(id)?;
-        let snapshot = v.rec.kind == Kind::Snapshot;
+        let vdi = self.vdi_named(name)?;
+        let snapshot = vdi.state.read().rec.kind == Kind::Snapshot;
         if write && snapshot {
             return Err(StoreError::ReadOnly(format!("snapshot {name}")));
         }
-        v.handles += 1;
+        vdi.open_handle();
         Ok(StoreDisk {
             store: self.clone(),
-            id,
+            vdi,
             name: name.to_string(),
             read_only: snapshot || !write,
         })
+    }
+
+    /// Returns every VDI's reserved-but-unused data blocks to the allocator (when the store
+    /// runs short).
+    fn reclaim_batches(&self) {
+        let mut runs = Vec::new();
+        for v in self.vdis.all() {
+            runs.extend(v.batch.lock().drain());
+        }
+        self.space.lock().unreserve(&*self.dev, &runs);
     }
 }
 
 impl Drop for StoreDisk {
     fn drop(&mut self) {
-        let mut m = self.store.meta.lock();
-        if let Some(v) = m.vdis.get_mut(&self.id) {
-            v.handles = v.handles.saturating_sub(1);
+        if self.vdi.close_handle() == 0 {
+            let runs = self.vdi.batch.lock().drain();
+            if !runs.is_empty() {
+                self.store.space.lock().unreserve(&*self.store.dev, &runs);
+            }
         }
     }
 }
@@ -108,25 +123,25 @@ impl StoreDisk {
     }
 
     pub fn id(&self) -> u64 {
-        self.id
+        self.vdi.id
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
-    fn size_locked(&self, m: &mut Meta) -> StoreResult<u64> {
-        Ok(m.vdi(self.id)?.rec.size)
-    }
-
-    fn range(&self, m: &mut Meta, offset: u64, len: u64) -> StoreResult<()> {
-        let size = self.size_locked(m)?;
+    fn check(&self, st: &VdiState, offset: u64, len: u64) -> StoreResult<()> {
+        let size = st.rec.size;
         check_range(size, offset, len).map_err(|_| {
             StoreError::Invalid(format!(
                 "range {offset}+{len} is outside {} ({size} bytes)",
                 self.name
             ))
         })
+    }
+
+    fn range(&self, offset: u64, len: u64) -> StoreResult<()> {
+        self.check(&self.vdi.state.read(), offset, len)
     }
 
     fn writable(&self) -> StoreResult<()> {
@@ -136,20 +151,40 @@ impl StoreDisk {
         self.store.check_writable()
     }
 
+    /// The pointers mapping `count` blocks from `lba`.
+    fn lookup(&self, lba: u64, count: u64, out: &mut Vec<Ptr>) -> StoreResult<()> {
+        let st = self.vdi.state.read();
+        resolve(
+            &self.store.nodes,
+            &*self.store.dev,
+            st.rec.root,
+            st.rec.height,
+            lba,
+            count,
+            out,
+        )
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> StoreResult<()> {
-        if buf.is_empty() {
-            return self.range(&mut self.store.meta.lock(), offset, 0);
-        }
         let _epoch = self.store.epoch.enter();
         let (first, n) = block_range(offset, buf.len() as u64);
         let mut ptrs = Vec::with_capacity(n as usize);
         {
-            let mut m = self.store.meta.lock();
-            self.range(&mut m, offset, buf.len() as u64)?;
-            let v = m.vdi(self.id)?;
-            let (root, height) = (v.rec.root, v.rec.height);
-            m.resolve(root, height, first, n, &mut ptrs)?;
+            let st = self.vdi.state.read();
+            self.check(&st, offset, buf.len() as u64)?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            resolve(
+                &self.store.nodes,
+                &*self.store.dev,
+                st.rec.root,
+                st.rec.height,
+                first,
+                n,
+                &mut ptrs,
+            )?;
         }
         let end = offset + buf.len() as u64;
         let dev = &*self.store.dev;
@@ -216,7 +251,7 @@ impl StoreDisk {
     /// Writes `buf` at `offset`; with `fua`, durable on return.
     pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> StoreResult<()> {
         self.writable()?;
-        self.range(&mut self.store.meta.lock(), offset, buf.len() as u64)?;
+        self.range(offset, buf.len() as u64)?;
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {
@@ -233,10 +268,10 @@ impl StoreDisk {
                 pos = chunk_end;
             } else {
                 let run_end = end - end % BLOCK_SIZE_U64;
-                self.write_whole(
-                    pos / BLOCK_SIZE_U64,
-                    &buf[(pos - offset) as usize..(run_end - offset) as usize],
-                )?;
+                let whole = &buf[(pos - offset) as usize..(run_end - offset) as usize];
+                for (b, batch) in whole.chunks(WRITE_BATCH * BLOCK_SIZE).enumerate() {
+                    self.write_blocks(pos / BLOCK_SIZE_U64 + (b * WRITE_BATCH) as u64, batch)?;
+                }
                 pos = run_end;
             }
         }
@@ -247,23 +282,12 @@ impl StoreDisk {
         if fua {
             return self.store.flush();
         }
-        let over = self.store.meta.lock().nodes.dirty.len() > self.store.options.max_dirty_nodes;
-        if over {
-            self.store.commit_if_changed()?;
-        }
-        Ok(())
+        self.store.after_change()
     }
 
-    /// Writes whole blocks from `lba`.
-    fn write_whole(&self, lba: u64, data: &[u8]) -> StoreResult<()> {
-        for (b, batch) in data.chunks(WRITE_BATCH * BLOCK_SIZE).enumerate() {
-            self.write_batch(lba + (b * WRITE_BATCH) as u64, batch)?;
-        }
-        Ok(())
-    }
-
-    fn write_batch(&self, lba: u64, batch: &[u8]) -> StoreResult<()> {
-        let blocks: Vec<&[u8]> = batch.chunks(BLOCK_SIZE).collect();
+    /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]).
+    fn write_blocks(&self, lba: u64, data: &[u8]) -> StoreResult<()> {
+        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let mut new: Vec<Ptr> = blocks
             .iter()
             .map(|b| {
@@ -275,23 +299,21 @@ impl StoreDisk {
             })
             .collect();
         let wanted = new.iter().filter(|p| p.is_block()).count() as u64;
-        let runs = self.reserve(wanted)?;
-        // Hand out the reserved addresses to the data blocks in order.
+        let runs = self.take_blocks(wanted)?;
         let mut addrs = runs.iter().flat_map(|&(a, n)| a..a + n);
         for p in new.iter_mut().filter(|p| p.is_block()) {
-            *p = p.with_addr(addrs.next().expect("reserved enough"));
+            *p = p.with_addr(addrs.next().expect("took enough"));
         }
         if let Err(e) = self.write_data(&new, &blocks) {
-            self.unreserve(&runs);
+            self.give_back(&runs);
             self.store.poison(&e);
             return Err(e);
         }
-        let mut m = self.store.meta.lock();
-        let dev = m.dev.clone();
-        for p in new.iter().filter(|p| p.is_block()) {
-            m.rc.claim(&*dev, p.addr())?;
+        if let Err(e) = self.set(lba, &new) {
+            self.give_back(&runs);
+            return Err(e);
         }
-        self.set_entries(&mut m, lba, &new)
+        Ok(())
     }
 
     /// Writes data blocks to their (reserved) addresses, adjacent ones in one vectored write.
@@ -316,94 +338,108 @@ impl StoreDisk {
         Ok(())
     }
 
-    /// Reserves `want` blocks for data. When the store looks full but holds blocks that a
-    /// commit would make reusable (freed by overwrites, or queued orphans), commits and tries
-    /// again before answering "no space".
-    fn reserve(&self, want: u64) -> StoreResult<Vec<(u64, u64)>> {
+    /// Takes `want` reserved blocks from the VDI's batch, refilling it from the allocator.
+    /// When the store looks full but holds blocks that a checkpoint would make reusable
+    /// (freed by overwrites, or queued orphans), or that other VDIs reserved and have not
+    /// used, gets them back and tries again before answering "no space".
+    fn take_blocks(&self, want: u64) -> StoreResult<Vec<(u64, u64)>> {
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let dev = &*self.store.dev;
         let mut attempts = 0;
         loop {
-            match self.try_reserve(want) {
-                Err(StoreError::NoSpace) if attempts < 3 => {
-                    let reclaimable = {
-                        let m = self.store.meta.lock();
-                        m.rc.held() > 0 || !m.orphans.is_empty()
-                    };
-                    if !reclaimable {
-                        return Err(StoreError::NoSpace);
-                    }
-                    attempts += 1;
-                    self.store.commit_if_changed()?;
+            {
+                let mut batch = self.vdi.batch.lock();
+                let have = batch.available();
+                if have >= want {
+                    return Ok(batch.take(want));
                 }
-                other => return other,
+                let need = want - have;
+                let extra = batch.next_refill.clamp(16, MAX_BATCH).saturating_sub(need);
+                let mut cursor = batch.cursor;
+                let got = self
+                    .store
+                    .space
+                    .lock()
+                    .reserve_data(dev, &mut cursor, need, extra)?;
+                if let Some(runs) = got {
+                    batch.cursor = cursor;
+                    batch.add(runs);
+                    batch.next_refill = ((need + extra) * 2).min(MAX_BATCH);
+                    continue;
+                }
+                // Full: this VDI's own reservation too small; hand it back with the others.
+                let mine = batch.drain();
+                self.store.space.lock().unreserve(dev, &mine);
+            }
+            if attempts >= 3 {
+                return Err(StoreError::NoSpace);
+            }
+            attempts += 1;
+            self.store.reclaim_batches();
+            let reclaimable = {
+                let s = self.store.space.lock();
+                s.rc.freed_since_cut() > 0 || !s.orphans.list.is_empty()
+            };
+            if reclaimable {
+                // Two checkpoints: the first frees what this generation freed, the second
+                // takes apart orphans the first queued.
+                self.store.checkpoint()?;
+            } else if attempts > 1 {
+                return Err(StoreError::NoSpace);
             }
         }
     }
 
-    fn try_reserve(&self, mut want: u64) -> StoreResult<Vec<(u64, u64)>> {
-        let mut runs = Vec::new();
-        if want == 0 {
-            return Ok(runs);
-        }
-        let mut m = self.store.meta.lock();
-        let keep = m.reserve;
-        let mut cursor = m.vdi(self.id)?.cursor;
-        while want > 0 {
-            let dev = m.dev.clone();
-            match m.rc.reserve(&*dev, &mut cursor, want, keep)? {
-                Some((a, n)) => {
-                    runs.push((a, n));
-                    want -= n;
-                }
-                None => {
-                    for &(a, n) in &runs {
-                        for b in a..a + n {
-                            m.rc.unreserve(&*dev, b)?;
-                        }
-                    }
-                    return Err(StoreError::NoSpace);
-                }
-            }
-        }
-        m.vdi(self.id)?.cursor = cursor;
-        Ok(runs)
+    /// Returns reserved blocks that were not used.
+    fn give_back(&self, runs: &[(u64, u64)]) {
+        self.store.space.lock().unreserve(&*self.store.dev, runs);
     }
 
-    fn unreserve(&self, runs: &[(u64, u64)]) {
-        let mut m = self.store.meta.lock();
-        let dev = m.dev.clone();
-        for &(a, n) in runs {
-            for b in a..a + n {
-                let _ = m.rc.unreserve(&*dev, b);
+    /// Loads, without locks, what a change to blocks `lba..lba+count` will need: the nodes
+    /// on the path and the refcount pages of the nodes and data blocks it may touch.
+    fn prepare(&self, lba: u64, count: u64) -> StoreResult<()> {
+        let mut ptrs = Vec::with_capacity(count as usize);
+        self.lookup(lba, count, &mut ptrs)?;
+        let st = self.vdi.state.read();
+        let mut addrs: Vec<u64> = ptrs
+            .iter()
+            .filter(|p| p.is_block())
+            .map(|p| p.addr())
+            .collect();
+        let mut p = st.rec.root;
+        let gen = self.store.open_generation();
+        // Nodes on the path of the first block (the others of the run share it, or are
+        // loaded now by the lookup).
+        for level in (1..=st.rec.height).rev() {
+            if !p.is_block() {
+                break;
             }
+            addrs.push(p.addr());
+            let node = self.store.nodes.fetch(&*self.store.dev, p)?;
+            if level == 1 {
+                // A leaf copied for this write may add a reference to each of its blocks.
+                if self.store.nodes.state(p.addr(), gen) != super::nodes::State::Open {
+                    addrs.extend(node.entries().filter(|e| e.is_block()).map(|e| e.addr()));
+                }
+                break;
+            }
+            let idx = ((lba >> (super::format::FANOUT_BITS * (level as u32 - 1))) & 127) as usize;
+            p = node.get(idx);
         }
+        drop(st);
+        Space::load_pages(&self.store.space, &*self.store.dev, addrs)
     }
 
-    /// Points logical blocks from `lba` at `new` (claimed blocks, holes or zeros) and drops the
-    /// references of what they pointed at.
-    fn set_entries(&self, m: &mut Meta, lba: u64, new: &[Ptr]) -> StoreResult<()> {
-        let v = m.vdi(self.id)?;
-        let (mut root, height) = (v.rec.root, v.rec.height);
-        let mut old = Vec::with_capacity(new.len());
-        let mut done = 0;
-        let mut result = Ok(());
-        while done < new.len() {
-            match m.set_run(&mut root, height, lba + done as u64, &new[done..], &mut old) {
-                Ok(n) => done += n,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        let v = m.vdi(self.id)?;
-        v.rec.root = root;
-        v.dirty = true;
-        m.changed = true;
-        result?;
-        for p in old {
-            m.drop_ref(p, 0)?;
-        }
-        Ok(())
+    /// Points blocks from `lba` at `new` (reserved blocks, holes or zeros).
+    fn set(&self, lba: u64, new: &[Ptr]) -> StoreResult<()> {
+        self.prepare(lba, new.len() as u64)?;
+        let change = self.store.change();
+        let mut st = self.vdi.state.write();
+        let mut space = self.store.space.lock();
+        let mut tx = self.store.tx(&mut space, change.gen);
+        self.store.set_map(&self.vdi, &mut st, &mut tx, lba, new)
     }
 
     /// Read-modify-write of one block: `data` (or zeros, if `None`) at byte `within`.
@@ -420,14 +456,9 @@ impl StoreDisk {
             let mut block = [0u8; BLOCK_SIZE];
             let old = {
                 let _epoch = self.store.epoch.enter();
-                let old = {
-                    let mut m = self.store.meta.lock();
-                    let v = m.vdi(self.id)?;
-                    let (root, height) = (v.rec.root, v.rec.height);
-                    let mut out = Vec::with_capacity(1);
-                    m.resolve(root, height, lba, 1, &mut out)?;
-                    out[0]
-                };
+                let mut out = Vec::with_capacity(1);
+                self.lookup(lba, 1, &mut out)?;
+                let old = out[0];
                 if old.is_block() {
                     self.store
                         .dev
@@ -453,48 +484,61 @@ impl StoreDisk {
                 return Ok(());
             }
             let runs = if new.is_block() {
-                self.reserve(1)?
+                self.take_blocks(1)?
             } else {
                 Vec::new()
             };
             let new = match runs.first() {
                 Some(&(a, _)) => {
-                    let p = new.with_addr(a);
                     if let Err(e) = self.store.dev.write_at(&block, a * BLOCK_SIZE_U64) {
-                        self.unreserve(&runs);
+                        self.give_back(&runs);
                         self.store.poison(&e);
                         return Err(e.into());
                     }
-                    p
+                    new.with_addr(a)
                 }
                 None => new,
             };
-            let mut m = self.store.meta.lock();
-            let v = m.vdi(self.id)?;
-            let (root, height) = (v.rec.root, v.rec.height);
+            self.prepare(lba, 1)?;
+            let change = self.store.change();
+            let mut st = self.vdi.state.write();
             let mut cur = Vec::with_capacity(1);
-            m.resolve(root, height, lba, 1, &mut cur)?;
+            resolve(
+                &self.store.nodes,
+                &*self.store.dev,
+                st.rec.root,
+                st.rec.height,
+                lba,
+                1,
+                &mut cur,
+            )?;
             if cur[0] != old {
                 // Someone wrote this block meanwhile: start over from what is there now.
-                drop(m);
-                self.unreserve(&runs);
+                drop(st);
+                drop(change);
+                self.give_back(&runs);
                 continue;
             }
-            if new.is_block() {
-                m.rc.claim(&*self.store.dev, new.addr())?;
+            let mut space = self.store.space.lock();
+            let mut tx = self.store.tx(&mut space, change.gen);
+            let r = self.store.set_map(&self.vdi, &mut st, &mut tx, lba, &[new]);
+            drop(space);
+            if r.is_err() {
+                drop(st);
+                self.give_back(&runs);
             }
-            return self.set_entries(&mut m, lba, &[new]);
+            return r;
         }
     }
 
     /// Unmaps whole blocks in the range (edges keep their data: TRIM allows it).
     pub fn discard(&self, offset: u64, len: u64) -> StoreResult<()> {
         self.writable()?;
-        self.range(&mut self.store.meta.lock(), offset, len)?;
+        self.range(offset, len)?;
         let first = offset.div_ceil(BLOCK_SIZE_U64);
         let end = (offset + len) / BLOCK_SIZE_U64;
         if first < end {
-            self.fill(first, end, Ptr::HOLE)?;
+            self.fill(first, end, false)?;
         }
         self.after_write(false)
     }
@@ -503,7 +547,7 @@ impl StoreDisk {
     /// `no_hole`, recorded as zeros).
     pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> StoreResult<()> {
         self.writable()?;
-        self.range(&mut self.store.meta.lock(), offset, len)?;
+        self.range(offset, len)?;
         let end = offset + len;
         let first = offset.div_ceil(BLOCK_SIZE_U64);
         let last = end / BLOCK_SIZE_U64;
@@ -522,7 +566,7 @@ impl StoreDisk {
                 self.patch_block(lba, (offset % BLOCK_SIZE_U64) as usize, None, no_hole)?;
             }
             if first < last {
-                self.fill(first, last, if no_hole { Ptr::ZERO } else { Ptr::HOLE })?;
+                self.fill(first, last, no_hole)?;
             }
             if end % BLOCK_SIZE_U64 != 0 {
                 self.patch_block(
@@ -536,16 +580,13 @@ impl StoreDisk {
         self.after_write(fua)
     }
 
-    fn fill(&self, first: u64, end: u64, fill: Ptr) -> StoreResult<()> {
-        let mut m = self.store.meta.lock();
-        let v = m.vdi(self.id)?;
-        let (mut root, height) = (v.rec.root, v.rec.height);
-        let r = m.fill_range(&mut root, height, first, end, fill);
-        let v = m.vdi(self.id)?;
-        v.rec.root = root;
-        v.dirty = true;
-        m.changed = true;
-        r
+    fn fill(&self, first: u64, end: u64, zero: bool) -> StoreResult<()> {
+        let change = self.store.change();
+        let mut st = self.vdi.state.write();
+        let mut space = self.store.space.lock();
+        let mut tx = self.store.tx(&mut space, change.gen);
+        self.store
+            .fill_map(&self.vdi, &mut st, &mut tx, first, end, zero)
     }
 
     /// Describes allocation from `offset`: at most `max` extents covering at most `len` bytes.
@@ -554,29 +595,23 @@ impl StoreDisk {
             return Err(StoreError::Invalid("block status of an empty range".into()));
         }
         let (first, n) = block_range(offset, len);
-        let mut out: Vec<(u64, ExtentState)> = Vec::new();
+        let mut walk = Extents {
+            nodes: &self.store.nodes,
+            dev: &*self.store.dev,
+            max: max.max(1),
+            budget: STATUS_BUDGET,
+            out: Vec::new(),
+        };
         {
-            let mut m = self.store.meta.lock();
-            self.range(&mut m, offset, len)?;
-            let v = m.vdi(self.id)?;
-            let (root, height) = (v.rec.root, v.rec.height);
-            let mut budget = STATUS_BUDGET;
-            m.extents_rec(
-                root,
-                height,
-                0,
-                first,
-                first + n,
-                &mut out,
-                max.max(1),
-                &mut budget,
-            )?;
+            let st = self.vdi.state.read();
+            self.check(&st, offset, len)?;
+            walk.walk(st.rec.root, st.rec.height, 0, first, first + n)?;
         }
         // Blocks to bytes, clipped to the request.
         let mut pos = first * BLOCK_SIZE_U64;
         let end = offset + len;
-        let mut res = Vec::with_capacity(out.len());
-        for (blocks, state) in out {
+        let mut res = Vec::with_capacity(walk.out.len());
+        for (blocks, state) in walk.out {
             let s = pos.max(offset);
             let e = (pos + blocks * BLOCK_SIZE_U64).min(end);
             pos += blocks * BLOCK_SIZE_U64;
@@ -589,73 +624,11 @@ impl StoreDisk {
 
     /// Reads ahead (warms the page cache for the blocks of a range).
     pub fn prefetch(&self, offset: u64, len: u64) -> StoreResult<()> {
-        self.range(&mut self.store.meta.lock(), offset, len)?;
-        Ok(())
+        self.range(offset, len)
     }
 
     pub fn size(&self) -> u64 {
-        self.store
-            .meta
-            .lock()
-            .vdi(self.id)
-            .map(|v| v.rec.size)
-            .unwrap_or(0)
-    }
-}
-
-impl Meta {
-    #[allow(clippy::too_many_arguments)]
-    fn extents_rec(
-        &mut self,
-        p: Ptr,
-        level: u8,
-        base: u64,
-        start: u64,
-        end: u64,
-        out: &mut Vec<(u64, ExtentState)>,
-        max: usize,
-        budget: &mut usize,
-    ) -> StoreResult<bool> {
-        let span = 1u64 << (FANOUT_BITS * level as u32);
-        let s = start.max(base);
-        let e = end.min(base.saturating_add(span));
-        if e <= s {
-            return Ok(false);
-        }
-        let state = match p.kind()? {
-            PtrKind::Hole => ExtentState::Hole,
-            PtrKind::Zero => ExtentState::Zero,
-            PtrKind::Block if level == 0 => ExtentState::Data,
-            PtrKind::Block => {
-                let child_span = span >> FANOUT_BITS;
-                let firsti = ((s - base) / child_span) as usize;
-                let lasti = ((e - 1 - base) / child_span) as usize;
-                let children: Vec<Ptr> = {
-                    let node = self.nodes.get(&*self.dev, p)?;
-                    (firsti..=lasti.min(FANOUT - 1))
-                        .map(|i| node.get(i))
-                        .collect()
-                };
-                for (k, c) in children.into_iter().enumerate() {
-                    let cbase = base + (firsti + k) as u64 * child_span;
-                    if self.extents_rec(c, level - 1, cbase, start, end, out, max, budget)? {
-                        return Ok(true);
-                    }
-                }
-                return Ok(false);
-            }
-        };
-        if *budget == 0 {
-            return Ok(true);
-        }
-        *budget -= 1;
-        let full = out.len() >= max;
-        match out.last_mut() {
-            Some((n, st)) if *st == state => *n += e - s,
-            _ if full => return Ok(true),
-            _ => out.push((e - s, state)),
-        }
-        Ok(false)
+        self.vdi.state.read().rec.size
     }
 }
 

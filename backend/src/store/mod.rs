@@ -1,39 +1,54 @@
 //! The crash-safe copy-on-write block store (format: `docs/FORMAT.md`).
 //!
 //! ```text
+//!  store     Store: its owned parts, open, create, the lock order
+//!  commit    checkpoints: the cut, hashing and writing outside it, the background thread
 //!  io        StoreDisk: reads, writes, discard, zeroes, block status of one VDI
 //!  admin     create / snapshot / fork / rename / resize / delete, reports, gc
-//!  check     verification of the last durable commit on disk
-//!  engine    Store: open, create, the metadata lock, the commit protocol
-//!  map       copy-on-write radix maps        btree     the registry's B+tree
-//!  node      map nodes and their cache      registry  VDI/snapshot records and keys
-//!  refcount  refcounts and the allocator    epoch     reader epochs for safe reuse
-//!  format    on-disk constants and fixed-layout blocks
+//!  apply     every change, applied alike live and in replay
+//!  log       the intent log: what makes a flush durable between checkpoints
+//!  replay    opening after a crash: the log replayed; upgrade from format 1
+//!  check     verification of the last durable checkpoint on disk
+//!  vdi       one VDI in memory: record, lock, handles, reserved blocks
+//!  radix     copy-on-write radix maps        nodes     map nodes in memory (dirty, clean)
+//!  catalog   registry tree + name overlay    btree     the registry's B+tree
+//!  registry  VDI/snapshot records and keys   orphans   nodes waiting to be taken apart
+//!  space     refcounts + orphans + cursor    refcount  refcounts and the allocator
+//!  epoch     reader epochs for safe reuse    format    on-disk constants and layouts
 //!  device    file / memory / crash-simulating / fault-injecting devices
 //!  lock      exclusive ownership of a store file
 //! ```
 
 mod admin;
+mod apply;
 mod btree;
+mod catalog;
 mod check;
+mod commit;
 pub mod device;
-mod engine;
 mod epoch;
 mod error;
 pub mod format;
 mod io;
 mod lock;
-mod map;
-mod node;
+mod log;
+mod nodes;
+mod orphans;
+mod radix;
 mod refcount;
 mod registry;
+mod replay;
+mod space;
+#[allow(clippy::module_inception)]
+mod store;
+mod vdi;
 
 pub use admin::{DeleteReport, DfReport, GcReport, TreeNode, VdiInfo, VdiSummary};
 pub use check::{CheckProgress, CheckReport};
-pub use engine::{Store, StoreOptions};
 pub use error::{StoreError, StoreResult};
 pub use io::StoreDisk;
 pub use registry::{validate_name, Kind};
+pub use store::{Store, StoreOptions};
 
 #[cfg(test)]
 mod tests;

@@ -4,35 +4,45 @@
 //! ```text
 //!  RcTable ─ groups[g] ─ header selector (which copy of the group header is current)
 //!                      ─ pages[p]: refcounts of 1008 blocks (loaded on first use)
-//!                                  + "held" bits: freed in a transaction not yet durable
+//!                                  + "held" bits: freed and not yet reusable, or reserved
 //!                      ─ page selectors, free counts per page (from the group header)
 //! ```
 //!
 //! A block is allocatable when its count is 0 and it is not *held*. Freeing (count → 0) holds
-//! the block until the commit that freed it is durable and no reader from before that commit
-//! is still running ([`RcTable::release_held`]); see FORMAT.md §8.
+//! the block until the checkpoint that freed it is durable and no reader from before it is
+//! still running ([`RcTable::release`]); see FORMAT.md §8. Writers *reserve* blocks (held,
+//! count 0) for data they are about to write and *claim* them (count 1) when the map points at
+//! them, so that a checkpoint never counts a block that no tree references.
 //!
-//! At commit, every changed page goes to the copy its selector does not point at, and every
-//! group with a changed page gets a new header (with the flipped page selectors) in the other
-//! copy; the commit record carries the flipped group selectors. The new selectors are adopted
-//! only once the commit is durable ([`RcTable::commit_done`]).
+//! A checkpoint *cuts* the open generation ([`RcTable::cut`]): from then on the pages and group
+//! headers changed in the cut generation are that checkpoint's to encode
+//! ([`RcTable::take_images`]). The next generation may change them meanwhile: the first
+//! change of a page the checkpoint has not encoded yet saves the cut generation's counts
+//! first (copy on write), so the checkpoint always encodes exactly what was true at the cut.
+//! The new selectors are adopted once the checkpoint is durable ([`RcTable::commit_done`]).
 
 use super::{
     device::Device,
     error::{StoreError, StoreResult},
     format::{
         decode_rc_page, encode_rc_page, rc_page_index, Geometry, GroupHeader, Selector, BLOCK_SIZE,
-        RC_PER_PAGE,
+        BLOCK_SIZE_U64, GROUP_DATA_BLOCKS, RC_PER_PAGE,
     },
 };
 
 const WORDS: usize = (RC_PER_PAGE as usize).div_ceil(64);
+type Counts = [u32; RC_PER_PAGE as usize];
 
 struct RcPage {
-    rc: Box<[u32; RC_PER_PAGE as usize]>,
+    rc: Box<Counts>,
     held: [u64; WORDS],
     held_count: u32,
+    /// Changed in the open generation.
     dirty: bool,
+    /// Changed in the cut generation and not yet encoded by its checkpoint.
+    pending: bool,
+    /// The cut generation's counts, saved when the open generation first changed the page.
+    frozen: Option<Box<Counts>>,
 }
 
 impl RcPage {
@@ -42,6 +52,8 @@ impl RcPage {
             held: [0; WORDS],
             held_count: 0,
             dirty: false,
+            pending: false,
+            frozen: None,
         }
     }
 
@@ -49,8 +61,26 @@ impl RcPage {
         self.held[i / 64] & (1 << (i % 64)) != 0
     }
 
+    fn set_held(&mut self, i: usize, on: bool) {
+        if on {
+            self.held[i / 64] |= 1 << (i % 64);
+            self.held_count += 1;
+        } else {
+            self.held[i / 64] &= !(1 << (i % 64));
+            self.held_count -= 1;
+        }
+    }
+
     fn free_at(&self, i: usize) -> bool {
         self.rc[i] == 0 && !self.is_held(i)
+    }
+
+    /// About to change counts in the open generation.
+    fn touch(&mut self) {
+        if self.pending && self.frozen.is_none() {
+            self.frozen = Some(self.rc.clone());
+        }
+        self.dirty = true;
     }
 }
 
@@ -60,14 +90,53 @@ struct GroupState {
     page_free: Vec<u16>,
     pages: Vec<Option<RcPage>>,
     dirty: bool,
+    pending: bool,
+    frozen_free: Option<Vec<u16>>,
 }
 
-/// What a commit writes for the refcounts, and the selectors it switches to once durable.
-pub struct RcCommit {
-    pub writes: Vec<(u64, Box<[u8; BLOCK_SIZE]>)>,
+impl GroupState {
+    /// About to change the group (its free counts, or a page whose selector the header holds).
+    fn touch(&mut self) {
+        if self.pending && self.frozen_free.is_none() {
+            self.frozen_free = Some(self.page_free.clone());
+        }
+        self.dirty = true;
+    }
+}
+
+/// A page to read from the device because it is not in memory: (group, page, address; 0 for
+/// a page never written).
+pub(super) type PageRead = (usize, usize, u64);
+
+/// What a checkpoint writes for the refcounts, and the selectors it switches to once durable.
+pub(super) struct RcImages {
+    /// Pages: (address, global page index, the cut generation's counts).
+    pages: Vec<(u64, u64, Box<Counts>)>,
+    /// Group headers: (address, group, header).
+    headers: Vec<(u64, u64, GroupHeader)>,
     pub group_selectors: Vec<Selector>,
     new_page_sels: Vec<(usize, usize, Selector)>,
     new_group_sels: Vec<(usize, Selector)>,
+}
+
+impl RcImages {
+    /// Encodes every block for generation `gen`, as (address, block).
+    pub fn encode(&self, gen: u64) -> Vec<(u64, Box<[u8; BLOCK_SIZE]>)> {
+        let mut out = Vec::with_capacity(self.pages.len() + self.headers.len());
+        for (addr, index, counts) in &self.pages {
+            out.push((*addr, encode_rc_page(&counts[..], gen, *addr, *index)));
+        }
+        for (addr, g, header) in &self.headers {
+            out.push((*addr, header.encode(gen, *addr, *g)));
+        }
+        out
+    }
+}
+
+/// What the cut of one generation fixed: the allocated count and the blocks it freed.
+pub(super) struct RcCut {
+    pub allocated: u64,
+    pub freed: Vec<u64>,
 }
 
 /// An allocation cursor: where the next allocation for one stream (a VDI's data, metadata)
@@ -83,13 +152,15 @@ pub struct RcTable {
     groups: Vec<GroupState>,
     /// Blocks with a count above zero.
     allocated: u64,
-    /// Blocks held (freed but not yet reusable).
+    /// Blocks held (freed but not yet reusable, or reserved).
     held: u64,
-    /// Freed in the open transaction.
-    pending: Vec<u64>,
-    /// Freed in the transaction being committed; released once it is durable.
-    committing: Vec<u64>,
-    /// Where fresh extents start: data-block ordinal (group-major), wraps around.
+    /// Of those, freed ones (the rest are reserved).
+    freed_held: u64,
+    /// Freed in the open generation.
+    freed: Vec<u64>,
+    /// Where fresh extents start: data-block ordinal (group-major), wraps around. Released
+    /// blocks pull it back, so that blocks already written once (backed by the file system)
+    /// are reused before never-written ones.
     rotor: u64,
 }
 
@@ -108,7 +179,7 @@ impl RcTable {
             let header = if sel.written {
                 let addr = geo.group_header_addr(g, sel.copy);
                 let mut b = [0u8; BLOCK_SIZE];
-                dev.read_at(&mut b, addr * BLOCK_SIZE as u64)?;
+                dev.read_at(&mut b, addr * BLOCK_SIZE_U64)?;
                 let h = GroupHeader::decode(&b, addr, &geo, g)?;
                 let f = super::format::open_frame(&b, super::format::magic::GROUP, addr)?;
                 if f.gen > gen {
@@ -129,6 +200,8 @@ impl RcTable {
                 page_free: header.page_free,
                 pages: (0..pages).map(|_| None).collect(),
                 dirty: false,
+                pending: false,
+                frozen_free: None,
             });
         }
         let allocated = geo.data_blocks() - free_total;
@@ -137,8 +210,8 @@ impl RcTable {
             groups,
             allocated,
             held: 0,
-            pending: Vec::new(),
-            committing: Vec::new(),
+            freed_held: 0,
+            freed: Vec::new(),
             rotor: 0,
         })
     }
@@ -158,9 +231,19 @@ impl RcTable {
         self.geo.data_blocks() - self.allocated - self.held
     }
 
-    /// Blocks freed but not yet reusable.
-    pub fn held(&self) -> u64 {
-        self.held
+    /// Blocks freed and waiting for the checkpoint that makes them reusable.
+    pub fn pending(&self) -> u64 {
+        self.freed_held
+    }
+
+    /// Blocks reserved for writes about to happen (writers' batches, the log's next blocks).
+    pub fn reserved(&self) -> u64 {
+        self.held - self.freed_held
+    }
+
+    /// Blocks freed since the last cut (reusable after the next checkpoint).
+    pub fn freed_since_cut(&self) -> usize {
+        self.freed.len()
     }
 
     fn locate(&self, addr: u64) -> StoreResult<(usize, usize, usize)> {
@@ -170,32 +253,68 @@ impl RcTable {
             .ok_or_else(|| StoreError::Corrupt(format!("block {addr} is not a data block")))
     }
 
+    /// Of the pages holding the counts of `addrs`, those not in memory, with the address to
+    /// read each from: the caller reads them without holding the table's lock and
+    /// [`RcTable::install`]s them.
+    pub fn missing(&self, addrs: impl IntoIterator<Item = u64>) -> Vec<PageRead> {
+        let mut out: Vec<PageRead> = Vec::new();
+        for addr in addrs {
+            let Ok((g, p, _)) = self.locate(addr) else {
+                continue;
+            };
+            let gs = &self.groups[g];
+            if gs.pages[p].is_some() || out.iter().any(|&(og, op, _)| (og, op) == (g, p)) {
+                continue;
+            }
+            let sel = gs.page_sel[p];
+            let at = if sel.written {
+                self.geo.rc_page_addr(g as u64, p as u64, sel.copy)
+            } else {
+                0
+            };
+            out.push((g, p, at));
+        }
+        out
+    }
+
+    /// Reads one page listed by [`RcTable::missing`] (no lock needed).
+    pub fn read_page(dev: &dyn Device, (g, p, addr): PageRead) -> StoreResult<Box<Counts>> {
+        let mut counts = Box::new([0u32; RC_PER_PAGE as usize]);
+        if addr != 0 {
+            let mut b = [0u8; BLOCK_SIZE];
+            dev.read_at(&mut b, addr * BLOCK_SIZE_U64)?;
+            decode_rc_page(&b, addr, rc_page_index(g as u64, p as u64), &mut counts[..])?;
+        }
+        Ok(counts)
+    }
+
+    /// Installs a page read by [`RcTable::read_page`], unless it was loaded meanwhile.
+    pub fn install(&mut self, (g, p, _): PageRead, counts: Box<Counts>) -> StoreResult<()> {
+        if self.groups[g].pages[p].is_some() {
+            return Ok(());
+        }
+        let n = self.geo.page_blocks(g as u64, p as u64);
+        let free = counts[..n].iter().filter(|&&c| c == 0).count();
+        if free != self.groups[g].page_free[p] as usize || counts[n..].iter().any(|&c| c != 0) {
+            return Err(StoreError::Corrupt(format!(
+                "refcount page {p} of group {g}: {free} free blocks, its header says {}",
+                self.groups[g].page_free[p]
+            )));
+        }
+        let mut page = RcPage::empty();
+        page.rc = counts;
+        self.groups[g].pages[p] = Some(page);
+        Ok(())
+    }
+
+    /// The page, loaded from the device under the lock if it was not in memory (callers
+    /// that can, load pages beforehand with [`RcTable::missing`]).
     fn page(&mut self, dev: &dyn Device, g: usize, p: usize) -> StoreResult<&mut RcPage> {
         if self.groups[g].pages[p].is_none() {
-            let sel = self.groups[g].page_sel[p];
-            let mut page = RcPage::empty();
-            if sel.written {
-                let addr = self.geo.rc_page_addr(g as u64, p as u64, sel.copy);
-                let mut b = [0u8; BLOCK_SIZE];
-                dev.read_at(&mut b, addr * BLOCK_SIZE as u64)?;
-                decode_rc_page(
-                    &b,
-                    addr,
-                    rc_page_index(g as u64, p as u64),
-                    &mut page.rc[..],
-                )?;
-                let n = self.geo.page_blocks(g as u64, p as u64);
-                let free = page.rc[..n].iter().filter(|&&c| c == 0).count();
-                if free != self.groups[g].page_free[p] as usize
-                    || page.rc[n..].iter().any(|&c| c != 0)
-                {
-                    return Err(StoreError::Corrupt(format!(
-                        "refcount page {p} of group {g}: {free} free blocks, its header says {}",
-                        self.groups[g].page_free[p]
-                    )));
-                }
+            for r in self.missing([self.geo.data_addr(g as u64, p as u64, 0)]) {
+                let counts = Self::read_page(dev, r)?;
+                self.install(r, counts)?;
             }
-            self.groups[g].pages[p] = Some(page);
         }
         Ok(self.groups[g].pages[p].as_mut().expect("just loaded"))
     }
@@ -221,15 +340,17 @@ impl RcTable {
                     "refcount of block {addr} overflows"
                 )))
             }
-            _ => page.rc[i] += 1,
+            _ => {
+                page.touch();
+                page.rc[i] += 1;
+            }
         }
-        page.dirty = true;
-        self.groups[g].dirty = true;
+        self.groups[g].touch();
         Ok(())
     }
 
     /// Drops a reference to `addr`; returns the new count. At zero the block is held until
-    /// the current transaction is durable.
+    /// the checkpoint of the open generation is durable.
     pub fn decr(&mut self, dev: &dyn Device, addr: u64) -> StoreResult<u32> {
         let (g, p, i) = self.locate(addr)?;
         let page = self.page(dev, g, p)?;
@@ -238,18 +359,21 @@ impl RcTable {
                 "dropping a reference to free block {addr}"
             )));
         }
+        page.touch();
         page.rc[i] -= 1;
-        page.dirty = true;
         let now = page.rc[i];
         if now == 0 {
-            page.held[i / 64] |= 1 << (i % 64);
-            page.held_count += 1;
+            page.set_held(i, true);
+        }
+        // Any change of a page changes its group's header (the page's selector).
+        self.groups[g].touch();
+        if now == 0 {
             self.groups[g].page_free[p] += 1;
             self.allocated -= 1;
             self.held += 1;
-            self.pending.push(addr);
+            self.freed_held += 1;
+            self.freed.push(addr);
         }
-        self.groups[g].dirty = true;
         Ok(now)
     }
 
@@ -267,7 +391,7 @@ impl RcTable {
     }
 
     /// Like [`RcTable::alloc`], but the blocks are only reserved: they stay free in anything
-    /// committed until [`RcTable::claim`]ed (or are given back with [`RcTable::unreserve`]).
+    /// checkpointed until [`RcTable::claim`]ed (or are given back with [`RcTable::unreserve`]).
     /// Data is written into reserved blocks before the map points at them.
     pub fn reserve(
         &mut self,
@@ -304,13 +428,13 @@ impl RcTable {
         let mut scanned = 0u64;
         while scanned < total {
             let (g, p, _) = self.ordinal_parts(ord);
+            let page_start = ord - (ord % RC_PER_PAGE);
+            let in_page = self.geo.page_blocks(g as u64, p as u64) as u64;
             if self.groups[g].page_free[p] as usize
                 > self.groups[g].pages[p]
                     .as_ref()
                     .map_or(0, |pg| pg.held_count as usize)
             {
-                let page_start = ord - (ord % RC_PER_PAGE);
-                let in_page = self.geo.page_blocks(g as u64, p as u64) as u64;
                 let page = self.page(dev, g, p)?;
                 let from = (ord - page_start) as usize;
                 if let Some(i) = (from..in_page as usize).find(|&i| page.free_at(i)) {
@@ -324,14 +448,9 @@ impl RcTable {
                         (end.div_ceil(EXTENT_BLOCKS) * EXTENT_BLOCKS + EXTENT_BLOCKS) % total;
                     return Ok(Some(run));
                 }
-                scanned += in_page - (ord - page_start);
-                ord = page_start + in_page;
-            } else {
-                let page_start = ord - (ord % RC_PER_PAGE);
-                let in_page = self.geo.page_blocks(g as u64, p as u64) as u64;
-                scanned += in_page - (ord - page_start);
-                ord = page_start + in_page;
             }
+            scanned += in_page - (ord - page_start);
+            ord = page_start + in_page;
             if ord >= total {
                 ord = 0;
             }
@@ -342,12 +461,12 @@ impl RcTable {
     /// Ordinal (0-based over all data blocks, group-major) of a data block address.
     fn ordinal(&self, addr: u64) -> u64 {
         let (g, p, i) = self.geo.locate(addr).expect("a data block");
-        g * super::format::GROUP_DATA_BLOCKS + p * RC_PER_PAGE + i as u64
+        g * GROUP_DATA_BLOCKS + p * RC_PER_PAGE + i as u64
     }
 
     fn ordinal_parts(&self, ord: u64) -> (usize, usize, usize) {
-        let g = ord / super::format::GROUP_DATA_BLOCKS;
-        let within = ord % super::format::GROUP_DATA_BLOCKS;
+        let g = ord / GROUP_DATA_BLOCKS;
+        let within = ord % GROUP_DATA_BLOCKS;
         (
             g as usize,
             (within / RC_PER_PAGE) as usize,
@@ -373,26 +492,37 @@ impl RcTable {
         let page = self.page(dev, g, p)?;
         let mut n = 0usize;
         while n < want as usize && i + n < in_page && page.free_at(i + n) {
-            if reserve {
-                page.held[(i + n) / 64] |= 1 << ((i + n) % 64);
-            } else {
-                page.rc[i + n] = 1;
-            }
             n += 1;
         }
         if n == 0 {
             return Ok(None);
         }
         if reserve {
-            page.held_count += n as u32;
+            for k in i..i + n {
+                page.set_held(k, true);
+            }
             self.held += n as u64;
         } else {
-            page.dirty = true;
+            page.touch();
+            page.rc[i..i + n].fill(1);
+            self.groups[g].touch();
             self.groups[g].page_free[p] -= n as u16;
-            self.groups[g].dirty = true;
             self.allocated += n as u64;
         }
         Ok(Some((self.geo.data_addr(g as u64, p as u64, i), n as u64)))
+    }
+
+    /// Reserves the block at `addr` (recovery: blocks the log names). `false` if it is not
+    /// free.
+    pub fn reserve_at(&mut self, dev: &dyn Device, addr: u64) -> StoreResult<bool> {
+        let (g, p, i) = self.locate(addr)?;
+        let page = self.page(dev, g, p)?;
+        if !page.free_at(i) {
+            return Ok(false);
+        }
+        page.set_held(i, true);
+        self.held += 1;
+        Ok(true)
     }
 
     /// A reserved block is now referenced: count 1.
@@ -404,14 +534,13 @@ impl RcTable {
                 "claiming block {addr}, which was not reserved"
             )));
         }
-        page.held[i / 64] &= !(1 << (i % 64));
-        page.held_count -= 1;
+        page.touch();
+        page.set_held(i, false);
         page.rc[i] = 1;
-        page.dirty = true;
         self.held -= 1;
         self.allocated += 1;
+        self.groups[g].touch();
         self.groups[g].page_free[p] -= 1;
-        self.groups[g].dirty = true;
         Ok(())
     }
 
@@ -420,76 +549,99 @@ impl RcTable {
         let (g, p, i) = self.locate(addr)?;
         let page = self.page(dev, g, p)?;
         if page.rc[i] == 0 && page.is_held(i) {
-            page.held[i / 64] &= !(1 << (i % 64));
-            page.held_count -= 1;
+            page.set_held(i, false);
             self.held -= 1;
         }
         Ok(())
     }
 
-    /// Moves the open transaction's frees to the committing set and encodes every changed
-    /// page and group header for generation `gen`.
-    pub fn prepare_commit(&mut self, gen: u64) -> RcCommit {
-        debug_assert!(self.committing.is_empty());
-        self.committing = std::mem::take(&mut self.pending);
-        let mut writes = Vec::new();
+    /// Cuts the open generation: what changed so far belongs to the checkpoint that cuts.
+    pub fn cut(&mut self) -> RcCut {
+        for gs in self.groups.iter_mut().filter(|g| g.dirty) {
+            debug_assert!(
+                !gs.pending,
+                "a checkpoint cut before the last one was encoded"
+            );
+            gs.dirty = false;
+            gs.pending = true;
+            for page in gs.pages.iter_mut().flatten().filter(|p| p.dirty) {
+                page.dirty = false;
+                page.pending = true;
+            }
+        }
+        RcCut {
+            allocated: self.allocated,
+            freed: std::mem::take(&mut self.freed),
+        }
+    }
+
+    /// The cut generation's pages and group headers (each written to the copy its selector
+    /// does not point at), and the group selectors of the checkpoint's commit record. Called
+    /// once per cut.
+    pub fn take_images(&mut self) -> RcImages {
+        let mut pages = Vec::new();
+        let mut headers = Vec::new();
         let mut new_page_sels = Vec::new();
         let mut new_group_sels = Vec::new();
         let mut group_selectors: Vec<Selector> = self.groups.iter().map(|g| g.header_sel).collect();
         for (g, gs) in self.groups.iter_mut().enumerate() {
-            if !gs.dirty {
+            if !gs.pending {
                 continue;
             }
-            gs.dirty = false;
+            gs.pending = false;
             let mut page_sels = gs.page_sel.clone();
             for (p, page) in gs.pages.iter_mut().enumerate() {
-                let Some(page) = page.as_mut().filter(|pg| pg.dirty) else {
+                let Some(page) = page.as_mut().filter(|pg| pg.pending) else {
                     continue;
                 };
-                page.dirty = false;
+                page.pending = false;
+                let counts = page.frozen.take().unwrap_or_else(|| page.rc.clone());
                 let sel = gs.page_sel[p].next();
                 let addr = self.geo.rc_page_addr(g as u64, p as u64, sel.copy);
-                writes.push((
-                    addr,
-                    encode_rc_page(&page.rc[..], gen, addr, rc_page_index(g as u64, p as u64)),
-                ));
+                pages.push((addr, rc_page_index(g as u64, p as u64), counts));
                 page_sels[p] = sel;
                 new_page_sels.push((g, p, sel));
             }
+            let page_free = gs
+                .frozen_free
+                .take()
+                .unwrap_or_else(|| gs.page_free.clone());
             let header = GroupHeader {
-                free: gs.page_free.iter().map(|&f| f as u32).sum(),
+                free: page_free.iter().map(|&f| f as u32).sum(),
                 data_blocks: self.geo.group_data_blocks(g as u64) as u32,
                 page_selectors: page_sels,
-                page_free: gs.page_free.clone(),
+                page_free,
             };
             let sel = gs.header_sel.next();
             let addr = self.geo.group_header_addr(g as u64, sel.copy);
-            writes.push((addr, header.encode(gen, addr, g as u64)));
+            headers.push((addr, g as u64, header));
             group_selectors[g] = sel;
             new_group_sels.push((g, sel));
         }
-        RcCommit {
-            writes,
+        RcImages {
+            pages,
+            headers,
             group_selectors,
             new_page_sels,
             new_group_sels,
         }
     }
 
-    /// The commit prepared by [`RcTable::prepare_commit`] is durable: adopt its selectors.
-    pub fn commit_done(&mut self, c: RcCommit) {
-        for (g, p, sel) in c.new_page_sels {
+    /// The checkpoint that took `images` is durable: adopt its selectors.
+    pub fn commit_done(&mut self, images: RcImages) {
+        for (g, p, sel) in images.new_page_sels {
             self.groups[g].page_sel[p] = sel;
         }
-        for (g, sel) in c.new_group_sels {
+        for (g, sel) in images.new_group_sels {
             self.groups[g].header_sel = sel;
         }
     }
 
-    /// Makes the blocks freed by the last durable commit allocatable. Call only after the
-    /// reader epoch has drained.
-    pub fn release_held(&mut self) {
-        for addr in std::mem::take(&mut self.committing) {
+    /// Makes blocks freed by a durable checkpoint allocatable. Call only after the reader
+    /// epoch has drained.
+    pub fn release(&mut self, freed: Vec<u64>) {
+        let mut lowest = u64::MAX;
+        for addr in freed {
             let (g, p, i) = self
                 .geo
                 .locate(addr)
@@ -498,16 +650,21 @@ impl RcTable {
             let page = self.groups[g].pages[p]
                 .as_mut()
                 .expect("held pages stay loaded");
-            if page.is_held(i) {
-                page.held[i / 64] &= !(1 << (i % 64));
-                page.held_count -= 1;
+            if page.is_held(i) && page.rc[i] == 0 {
+                page.set_held(i, false);
                 self.held -= 1;
+                self.freed_held -= 1;
+                lowest = lowest.min(self.ordinal(addr));
             }
+        }
+        if lowest != u64::MAX {
+            self.rotor = self.rotor.min(lowest);
         }
     }
 
-    /// Drops clean, unheld pages from memory (they are re-read on demand).
-    pub fn trim_cache(&mut self, keep_pages: usize) {
+    /// Drops pages that hold nothing the store still needs in memory (they are re-read on
+    /// demand).
+    pub fn trim(&mut self, keep_pages: usize) {
         let mut loaded: usize = self
             .groups
             .iter()
@@ -521,10 +678,9 @@ impl RcTable {
                 if loaded <= keep_pages {
                     return;
                 }
-                if slot
-                    .as_ref()
-                    .is_some_and(|pg| !pg.dirty && pg.held_count == 0)
-                {
+                if slot.as_ref().is_some_and(|pg| {
+                    !pg.dirty && !pg.pending && pg.frozen.is_none() && pg.held_count == 0
+                }) {
                     *slot = None;
                     loaded -= 1;
                 }
@@ -546,6 +702,18 @@ mod tests {
         (dev, t)
     }
 
+    /// Writes a cut's images to the device and adopts them, as a checkpoint does.
+    fn checkpoint(dev: &MemDevice, t: &mut RcTable, gen: u64) -> (RcCut, Vec<Selector>) {
+        let cut = t.cut();
+        let images = t.take_images();
+        for (addr, b) in images.encode(gen) {
+            dev.write_at(&b[..], addr * BLOCK_SIZE_U64).unwrap();
+        }
+        let sels = images.group_selectors.clone();
+        t.commit_done(images);
+        (cut, sels)
+    }
+
     #[test]
     fn alloc_free_hold_release() {
         let (dev, mut t) = table(64 << 20);
@@ -561,10 +729,9 @@ mod tests {
         assert_eq!(t.decr(&dev, a).unwrap(), 0);
         assert!(t.decr(&dev, a).is_err());
         assert_eq!(t.free(), total - 11, "freed but held");
-        let c1 = t.prepare_commit(1);
-        assert!(!c1.writes.is_empty());
-        t.commit_done(c1);
-        t.release_held();
+        let (cut, _) = checkpoint(&dev, &mut t, 1);
+        assert_eq!(cut.freed, vec![a]);
+        t.release(cut.freed);
         assert_eq!(t.free(), total - 10);
         let mut c2 = Cursor(Some(t.ordinal(a)));
         assert_eq!(
@@ -575,21 +742,84 @@ mod tests {
     }
 
     #[test]
+    fn released_blocks_are_reused_before_fresh_ones() {
+        let (dev, mut t) = table(64 << 20);
+        let mut c = Cursor::default();
+        let (a, _) = t.alloc(&dev, &mut c, 100, 0).unwrap().unwrap();
+        for b in a..a + 100 {
+            t.decr(&dev, b).unwrap();
+        }
+        let (cut, _) = checkpoint(&dev, &mut t, 1);
+        t.release(cut.freed);
+        let mut fresh = Cursor::default();
+        let (b, n) = t.alloc(&dev, &mut fresh, 100, 0).unwrap().unwrap();
+        assert_eq!(
+            (b, n),
+            (a, 100),
+            "the freed (already written) run comes back first"
+        );
+    }
+
+    #[test]
     fn commit_round_trips_through_the_device() {
         let (dev, mut t) = table(64 << 20);
         let mut c = Cursor::default();
         let (a, _) = t.alloc(&dev, &mut c, 3000, 0).unwrap().unwrap();
         t.incr(&dev, a).unwrap();
-        let commit = t.prepare_commit(1);
-        for (addr, b) in &commit.writes {
-            dev.write_at(&b[..], addr * BLOCK_SIZE as u64).unwrap();
-        }
-        let sels = commit.group_selectors.clone();
-        t.commit_done(commit);
+        let (_, sels) = checkpoint(&dev, &mut t, 1);
         let mut t2 = RcTable::open(&dev, *t.geometry(), &sels, 1).unwrap();
         assert_eq!(t2.allocated(), t.allocated());
         assert_eq!(t2.get(&dev, a).unwrap(), 2);
         assert_eq!(t2.get(&dev, a + 1).unwrap(), 1);
+    }
+
+    /// Changes made after a cut do not leak into the images of the cut generation.
+    #[test]
+    fn images_hold_the_cut_generation_only() {
+        let (dev, mut t) = table(64 << 20);
+        let mut c = Cursor::default();
+        let (a, _) = t.alloc(&dev, &mut c, 10, 0).unwrap().unwrap();
+        let cut = t.cut();
+        assert_eq!(cut.allocated, 10);
+        // The next generation changes the same page before the checkpoint encodes it.
+        t.incr(&dev, a).unwrap();
+        t.decr(&dev, a + 1).unwrap();
+        let (b, _) = t.alloc(&dev, &mut c, 5, 0).unwrap().unwrap();
+        let images = t.take_images();
+        for (addr, blk) in images.encode(1) {
+            dev.write_at(&blk[..], addr * BLOCK_SIZE_U64).unwrap();
+        }
+        let sels = images.group_selectors.clone();
+        t.commit_done(images);
+        let mut t1 = RcTable::open(&dev, *t.geometry(), &sels, 1).unwrap();
+        assert_eq!(t1.allocated(), 10);
+        assert_eq!(t1.get(&dev, a).unwrap(), 1);
+        assert_eq!(t1.get(&dev, a + 1).unwrap(), 1);
+        assert_eq!(t1.get(&dev, b).unwrap(), 0);
+        // The next checkpoint carries the later changes.
+        let (_, sels) = checkpoint(&dev, &mut t, 2);
+        let mut t2 = RcTable::open(&dev, *t.geometry(), &sels, 2).unwrap();
+        assert_eq!(t2.allocated(), 14);
+        assert_eq!(t2.get(&dev, a).unwrap(), 2);
+        assert_eq!(t2.get(&dev, a + 1).unwrap(), 0);
+        assert_eq!(t2.get(&dev, b).unwrap(), 1);
+    }
+
+    #[test]
+    fn pages_load_outside_the_lock() {
+        let (dev, mut t) = table(64 << 20);
+        let mut c = Cursor::default();
+        let (a, _) = t.alloc(&dev, &mut c, 3, 0).unwrap().unwrap();
+        let (_, sels) = checkpoint(&dev, &mut t, 1);
+        let mut t2 = RcTable::open(&dev, *t.geometry(), &sels, 1).unwrap();
+        let missing = t2.missing([a, a + 1]);
+        assert_eq!(missing.len(), 1, "one page holds both");
+        for r in missing {
+            let counts = RcTable::read_page(&dev, r).unwrap();
+            t2.install(r, counts).unwrap();
+        }
+        assert!(t2.missing([a]).is_empty());
+        assert_eq!(t2.get(&dev, a + 2).unwrap(), 1);
     }
 
     #[test]

@@ -8,6 +8,22 @@ use super::{
     },
 };
 
+/// Byte offsets of a record's fields (FORMAT.md §6); the two length-prefixed names follow
+/// the fixed part.
+mod at {
+    pub const KIND: usize = 0;
+    pub const HEIGHT: usize = 1;
+    pub const ID: usize = 8;
+    pub const SIZE: usize = 16;
+    pub const ROOT: usize = 24;
+    pub const CREATED: usize = 64;
+    pub const PARENT: usize = 72;
+    pub const ORIGIN: usize = 80;
+    pub const NAMES: usize = 88;
+}
+const KIND_VDI: u8 = 1;
+const KIND_SNAPSHOT: u8 = 2;
+
 /// Longest VDI or snapshot name, in bytes.
 pub const MAX_NAME: usize = 200;
 
@@ -39,18 +55,19 @@ pub struct Record {
 
 impl Record {
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = vec![0u8; 88];
-        b[0] = match self.kind {
-            Kind::Vdi => 1,
-            Kind::Snapshot => 2,
+        let mut b = vec![0u8; at::NAMES];
+        b[at::KIND] = match self.kind {
+            Kind::Vdi => KIND_VDI,
+            Kind::Snapshot => KIND_SNAPSHOT,
         };
-        b[1] = self.height;
-        put_u64(&mut b, 8, self.id);
-        put_u64(&mut b, 16, self.size);
-        self.root.encode(&mut b[24..24 + PTR_LEN]);
-        put_u64(&mut b, 64, self.created_ns);
-        put_u64(&mut b, 72, self.parent);
-        put_u64(&mut b, 80, self.origin);
+        b[at::HEIGHT] = self.height;
+        put_u64(&mut b, at::ID, self.id);
+        put_u64(&mut b, at::SIZE, self.size);
+        self.root.encode(&mut b[at::ROOT..at::ROOT + PTR_LEN]);
+        // Bytes 56..64 are reserved (zero): usage is computed from the map.
+        put_u64(&mut b, at::CREATED, self.created_ns);
+        put_u64(&mut b, at::PARENT, self.parent);
+        put_u64(&mut b, at::ORIGIN, self.origin);
         for s in [&self.name, &self.origin_name] {
             let at = b.len();
             b.resize(at + 2 + s.len(), 0);
@@ -62,34 +79,37 @@ impl Record {
 
     pub fn decode(b: &[u8]) -> StoreResult<Record> {
         let bad = |why: &str| StoreError::Corrupt(format!("registry record: {why}"));
-        if b.len() < 92 {
+        if b.len() < at::NAMES + 4 {
             return Err(bad("too short"));
         }
-        let kind = match b[0] {
-            1 => Kind::Vdi,
-            2 => Kind::Snapshot,
+        let kind = match b[at::KIND] {
+            KIND_VDI => Kind::Vdi,
+            KIND_SNAPSHOT => Kind::Snapshot,
             k => return Err(bad(&format!("unknown kind {k}"))),
         };
-        let mut at = 88;
+        let mut pos = at::NAMES;
         let mut string = || -> StoreResult<String> {
-            let n = u16_at(b, at) as usize;
-            let s = b
-                .get(at + 2..at + 2 + n)
+            let n = b
+                .get(pos..pos + 2)
+                .map(|l| u16_at(l, 0) as usize)
                 .ok_or_else(|| bad("name runs past the record"))?;
-            at += 2 + n;
+            let s = b
+                .get(pos + 2..pos + 2 + n)
+                .ok_or_else(|| bad("name runs past the record"))?;
+            pos += 2 + n;
             String::from_utf8(s.to_vec()).map_err(|_| bad("name is not UTF-8"))
         };
         let name = string()?;
         let origin_name = string()?;
         let r = Record {
             kind,
-            height: b[1],
-            id: u64_at(b, 8),
-            size: u64_at(b, 16),
-            root: Ptr::decode(&b[24..24 + PTR_LEN]),
-            created_ns: u64_at(b, 64),
-            parent: u64_at(b, 72),
-            origin: u64_at(b, 80),
+            height: b[at::HEIGHT],
+            id: u64_at(b, at::ID),
+            size: u64_at(b, at::SIZE),
+            root: Ptr::decode(&b[at::ROOT..at::ROOT + PTR_LEN]),
+            created_ns: u64_at(b, at::CREATED),
+            parent: u64_at(b, at::PARENT),
+            origin: u64_at(b, at::ORIGIN),
             name,
             origin_name,
         };

@@ -1,0 +1,181 @@
+//! Opening after a crash (format 2): the last checkpoint, plus the log entries written after
+//! its cut, replayed through the same functions that made them (apply.rs); then a checkpoint,
+//! so the log starts afresh. And `upgrade`, which moves a format-1 store to format 2.
+//!
+//! ```text
+//!  commit record ─ log position (head, sequence, LSN, chain)
+//!        └─► read the chain until a block is not the next of this chain
+//!        └─► reserve what the entries name (the chain's blocks, the data blocks written)
+//!        └─► apply the entries from the position's LSN, in order
+//!        └─► checkpoint; give the chain's blocks back
+//! ```
+
+use std::sync::{atomic::Ordering, Arc};
+
+use tracing::info;
+
+use super::{
+    error::{StoreError, StoreResult},
+    format::{Geometry, LogPosition, Superblock, BLOCK_SIZE_U64, FORMAT_VERSION, SUPERBLOCK_ADDR},
+    log::{read_chain, Entry},
+    store::Store,
+};
+
+impl Store {
+    /// Replays the log found from `pos` (called once, while opening).
+    pub(super) fn recover(self: &Arc<Self>, pos: LogPosition) -> StoreResult<()> {
+        let found = read_chain(&*self.dev, pos)?;
+        if found.entries.is_empty() {
+            self.log.reset(found.end);
+            self.log.enable();
+            return Ok(());
+        }
+        info!(
+            entries = found.entries.len(),
+            blocks = found.blocks.len(),
+            "replaying the intent log"
+        );
+        // Nothing may be allocated over what the log names: its own blocks, and the data
+        // blocks its writes point at (free in the checkpoint, since they were reserved after
+        // its cut).
+        let mut reserved = Vec::new();
+        {
+            let mut space = self.space.lock();
+            let named = found.entries.iter().flat_map(|(_, e)| match e {
+                Entry::Write { ptrs, .. } => ptrs
+                    .iter()
+                    .filter(|p| p.is_block())
+                    .map(|p| (p.addr(), true))
+                    .collect(),
+                _ => Vec::new(),
+            });
+            let chain = found.blocks.iter().map(|&b| (b, false));
+            for (addr, data) in chain.chain(named) {
+                if !space.rc.reserve_at(&*self.dev, addr)? {
+                    return Err(StoreError::Corrupt(format!(
+                        "the intent log names block {addr}{}, which is not free in the last checkpoint",
+                        if data { " for data" } else { "" }
+                    )));
+                }
+                reserved.push((addr, 1));
+            }
+        }
+        for (lsn, e) in found.entries {
+            self.replay(e)
+                .map_err(|err| StoreError::Corrupt(format!("log entry at LSN {lsn}: {err}")))?;
+        }
+        self.log.reset(found.end);
+        self.log.enable();
+        self.checkpoint_through(self.open_generation(), false)?;
+        // Data blocks the replay claimed are counted now; the rest go back.
+        self.space.lock().unreserve(&*self.dev, &reserved);
+        Ok(())
+    }
+
+    fn replay(&self, e: Entry) -> StoreResult<()> {
+        let change = self.change();
+        match e {
+            Entry::Write { vdi, lba, ptrs } => {
+                let v = self.vdi(vdi)?;
+                let mut st = v.state.write();
+                if st.deleted {
+                    return Err(StoreError::Corrupt(format!("a write to deleted VDI {vdi}")));
+                }
+                let mut space = self.space.lock();
+                let mut tx = self.tx(&mut space, change.gen);
+                self.set_map(&v, &mut st, &mut tx, lba, &ptrs)
+            }
+            Entry::Fill {
+                vdi,
+                start,
+                end,
+                zero,
+            } => {
+                let v = self.vdi(vdi)?;
+                let mut st = v.state.write();
+                let mut space = self.space.lock();
+                let mut tx = self.tx(&mut space, change.gen);
+                self.fill_map(&v, &mut st, &mut tx, start, end, zero)
+            }
+            Entry::Create {
+                id,
+                size,
+                created,
+                name,
+            } => {
+                let mut cat = self.catalog.lock();
+                self.apply_create(&mut cat, id, &name, size, created)
+            }
+            Entry::Snapshot {
+                vdi,
+                id,
+                created,
+                name,
+            } => {
+                let mut cat = self.catalog.lock();
+                self.apply_snapshot(&mut cat, vdi, id, &name, created)
+            }
+            Entry::Fork {
+                snapshot,
+                id,
+                created,
+                name,
+                origin_name,
+            } => {
+                let mut cat = self.catalog.lock();
+                self.apply_fork(&mut cat, snapshot, id, &name, &origin_name, created)
+            }
+            Entry::Rename { id, name } => {
+                let mut cat = self.catalog.lock();
+                self.apply_rename(&mut cat, id, &name)
+            }
+            Entry::Resize { id, size } => {
+                let mut cat = self.catalog.lock();
+                self.apply_resize(&mut cat, id, size, change.gen)
+            }
+            Entry::Delete { ids } => {
+                let mut cat = self.catalog.lock();
+                self.apply_delete(&mut cat, &ids, change.gen).map(|_| ())
+            }
+        }
+    }
+
+    /// Moves a format-1 store to format 2 (the intent log). Crash-safe: the store is first
+    /// checkpointed and closed cleanly in format 1, then the superblock names format 2; a
+    /// superblock torn by a crash there reads as format 1 (FORMAT.md §10). Commit records say
+    /// which layout they are in, so either superblock reads them. Returns false if there was nothing
+    /// to do. Background checkpoints stop; the store stays usable.
+    pub fn upgrade(&self) -> StoreResult<bool> {
+        if self.format_version() >= FORMAT_VERSION {
+            return Ok(false);
+        }
+        let geo = self.geometry();
+        Geometry::for_version(geo.total_blocks * BLOCK_SIZE_U64, FORMAT_VERSION).map_err(|e| {
+            StoreError::Invalid(format!(
+                "this store cannot move to format {FORMAT_VERSION}: {e}"
+            ))
+        })?;
+        self.close()?;
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            ..self.superblock().clone()
+        };
+        let result = self
+            .dev
+            .write_at(&sb.encode()[..], SUPERBLOCK_ADDR * BLOCK_SIZE_U64)
+            .and_then(|()| self.dev.sync());
+        if let Err(e) = result {
+            self.poison(&e);
+            return Err(e.into());
+        }
+        self.set_format_version(FORMAT_VERSION);
+        self.log.reset(0);
+        self.log.enable();
+        info!("store upgraded to format {FORMAT_VERSION}");
+        Ok(true)
+    }
+
+    fn set_format_version(&self, v: u64) {
+        self.version_cell().store(v, Ordering::Release);
+    }
+}
