@@ -480,12 +480,18 @@ struct Signal {
     wake: bool,
 }
 
-/// The background thread that checkpoints (when `StoreOptions::checkpoint_interval` is set).
+/// The background threads: one checkpoints (when `StoreOptions::checkpoint_interval` is
+/// set), one writes the intent log ahead of flushes (format 2).
 #[derive(Default)]
 pub(crate) struct Checkpointer {
     signal: Arc<(Mutex<Signal>, Condvar)>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    log_signal: Arc<(Mutex<Signal>, Condvar)>,
+    log_thread: Mutex<Option<JoinHandle<()>>>,
 }
+
+/// How often the log writer looks for buffered entries.
+const WRITE_AHEAD_EVERY: Duration = Duration::from_millis(2);
 
 impl Checkpointer {
     pub fn start(&self, store: &Arc<Store>) {
@@ -500,6 +506,15 @@ impl Checkpointer {
         match t {
             Ok(t) => *self.thread.lock() = Some(t),
             Err(e) => warn!("cannot start the checkpoint thread ({e}); checkpoints only on flush"),
+        }
+        let weak: Weak<Store> = Arc::downgrade(store);
+        let signal = self.log_signal.clone();
+        let t = std::thread::Builder::new()
+            .name("parallax-log".into())
+            .spawn(move || write_ahead(weak, signal));
+        match t {
+            Ok(t) => *self.log_thread.lock() = Some(t),
+            Err(e) => warn!("cannot start the log writer ({e}); flushes write the whole log"),
         }
     }
 
@@ -516,14 +531,18 @@ impl Checkpointer {
 
     /// Stops the thread after the checkpoint it may be running.
     pub fn stop(&self) {
-        let (m, cv) = &*self.signal;
-        m.lock().stop = true;
-        cv.notify_one();
-        let t = self.thread.lock().take();
-        if let Some(t) = t {
-            // The thread itself may drop the last handle on the store.
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
+        for signal in [&self.signal, &self.log_signal] {
+            let (m, cv) = &**signal;
+            m.lock().stop = true;
+            cv.notify_one();
+        }
+        for slot in [&self.thread, &self.log_thread] {
+            let t = slot.lock().take();
+            if let Some(t) = t {
+                // A thread itself may drop the last handle on the store.
+                if t.thread().id() != std::thread::current().id() {
+                    let _ = t.join();
+                }
             }
         }
     }
@@ -550,6 +569,36 @@ fn run(store: Weak<Store>, signal: Arc<(Mutex<Signal>, Condvar)>, every: Duratio
         }
         if let Err(e) = store.checkpoint() {
             warn!("background checkpoint failed: {e}");
+        }
+    }
+}
+
+fn write_ahead(store: Weak<Store>, signal: Arc<(Mutex<Signal>, Condvar)>) {
+    let (m, cv) = &*signal;
+    loop {
+        {
+            let mut s = m.lock();
+            if !s.stop {
+                cv.wait_for(&mut s, WRITE_AHEAD_EVERY);
+            }
+            if s.stop {
+                return;
+            }
+        }
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        if store.is_poisoned() || !store.log.enabled() {
+            continue;
+        }
+        if let Err(e) = store.log.write_ahead(
+            &*store.dev,
+            &store.space,
+            super::format::LOG_BLOCK_ENTRIES / 2,
+        ) {
+            if !matches!(e, StoreError::NoSpace) {
+                store.poison(&e);
+            }
         }
     }
 }

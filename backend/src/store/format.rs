@@ -133,7 +133,9 @@ pub mod log_at {
     pub const NEXT: usize = 0;
     pub const FIRST_LSN: usize = 8;
     pub const CHAIN: usize = 16;
-    pub const ENTRIES: usize = 24;
+    /// Entries before this LSN were durable, data and all, when the block was written.
+    pub const SYNCED_LSN: usize = 24;
+    pub const ENTRIES: usize = 32;
 }
 /// Entry bytes one log block holds.
 pub const LOG_BLOCK_ENTRIES: usize = FRAME_PAYLOAD - log_at::ENTRIES;

@@ -332,6 +332,8 @@ struct LogState {
     /// durable checkpoint's head is past them.
     written: VecDeque<(u64, u64)>,
     cursor: Cursor,
+    /// LSN after the last entry written to a log block (synced or not).
+    written_end: u64,
 }
 
 pub(super) struct Log {
@@ -360,6 +362,7 @@ impl Log {
                 chain: 0,
                 written: VecDeque::new(),
                 cursor: Cursor::default(),
+                written_end: lsn,
             }),
             writer: Mutex::new(()),
             durable: AtomicU64::new(lsn),
@@ -426,6 +429,7 @@ impl Log {
         let mut st = self.state.lock();
         st.buf.clear();
         st.buf_lsn = lsn;
+        st.written_end = lsn;
         self.durable.store(lsn, Ordering::Release);
     }
 
@@ -455,29 +459,62 @@ impl Log {
         }
         let _w = self.writer.lock();
         while self.durable.load(Ordering::Acquire) < target {
-            let need = {
-                let st = self.state.lock();
-                if st.chain == 0 {
-                    return Ok(false);
+            if !self.prepare_pool(dev, space)? {
+                return Ok(false);
+            }
+            // The entries written now follow everything the first sync makes durable.
+            let first = self.state.lock().buf_lsn;
+            let rec = self.take(first);
+            // Data blocks the entries point at (and log blocks written in the background) were
+            // written before; the first sync makes them durable before anything refers to them.
+            dev.sync()?;
+            let end = match rec {
+                Some(rec) => {
+                    write_blocks(dev, &rec.blocks)?;
+                    dev.sync()?;
+                    rec.end_lsn
                 }
-                // One more than the entries take: each block names its successor.
-                (st.buf.len().div_ceil(LOG_BLOCK_ENTRIES / 2) + 2).saturating_sub(st.pool.len())
+                None => self.state.lock().written_end,
             };
-            if need > 0 {
-                self.refill(dev, space, need as u64)?;
+            self.durable.fetch_max(end, Ordering::AcqRel);
+        }
+        Ok(true)
+    }
+
+    /// Writes buffered entries to log blocks without syncing, once at least `min_bytes` are
+    /// buffered, so that a flush only has the last moments to write. Skipped while a flush
+    /// writes.
+    pub fn write_ahead(
+        &self,
+        dev: &dyn Device,
+        space: &Mutex<Space>,
+        min_bytes: usize,
+    ) -> StoreResult<()> {
+        let Some(_w) = self.writer.try_lock() else {
+            return Ok(());
+        };
+        if self.state.lock().buf.len() < min_bytes || !self.prepare_pool(dev, space)? {
+            return Ok(());
+        }
+        let synced = self.durable.load(Ordering::Acquire);
+        if let Some(rec) = self.take(synced) {
+            write_blocks(dev, &rec.blocks)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the pool has blocks for what is buffered; false if the chain has not started.
+    fn prepare_pool(&self, dev: &dyn Device, space: &Mutex<Space>) -> StoreResult<bool> {
+        let need = {
+            let st = self.state.lock();
+            if st.chain == 0 {
+                return Ok(false);
             }
-            let Some(rec) = self.take() else {
-                // Nothing buffered: everything appended is already written.
-                break;
-            };
-            // Data blocks the entries point at were written before the entries were
-            // appended; the first sync makes them durable before anything refers to them.
-            dev.sync()?;
-            for (addr, b) in &rec.blocks {
-                dev.write_at(&b[..], addr * BLOCK_SIZE_U64)?;
-            }
-            dev.sync()?;
-            self.durable.fetch_max(rec.end_lsn, Ordering::AcqRel);
+            // One more than the entries take: each block names its successor.
+            (st.buf.len().div_ceil(LOG_BLOCK_ENTRIES / 2) + 2).saturating_sub(st.pool.len())
+        };
+        if need > 0 {
+            self.refill(dev, space, need as u64)?;
         }
         Ok(true)
     }
@@ -511,8 +548,8 @@ impl Log {
     }
 
     /// Takes as many buffered entries as the pool has blocks for, and encodes them into
-    /// chained blocks.
-    fn take(&self) -> Option<Record> {
+    /// chained blocks that say entries before `synced` are durable.
+    fn take(&self, synced: u64) -> Option<Record> {
         let mut st = self.state.lock();
         if st.buf.is_empty() {
             return None;
@@ -538,6 +575,7 @@ impl Log {
                 put_u64(p, log_at::NEXT, next);
                 put_u64(p, log_at::FIRST_LSN, st.buf_lsn + pos as u64);
                 put_u64(p, log_at::CHAIN, st.chain);
+                put_u64(p, log_at::SYNCED_LSN, synced);
                 p[log_at::ENTRIES..log_at::ENTRIES + end - pos].copy_from_slice(&st.buf[pos..end]);
             }
             seal_frame(
@@ -558,11 +596,27 @@ impl Log {
         }
         st.buf.drain(..pos);
         st.buf_lsn += pos as u64;
+        st.written_end = st.buf_lsn;
         Some(Record {
             blocks,
             end_lsn: st.buf_lsn,
         })
     }
+}
+
+/// Writes log blocks, runs of adjacent ones in one vectored write.
+fn write_blocks(dev: &dyn Device, blocks: &[(u64, Box<[u8; BLOCK_SIZE]>)]) -> StoreResult<()> {
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut j = i + 1;
+        while j < blocks.len() && blocks[j].0 == blocks[i].0 + (j - i) as u64 {
+            j += 1;
+        }
+        let bufs: Vec<&[u8]> = blocks[i..j].iter().map(|(_, b)| &b[..]).collect();
+        dev.write_vectored_at(&bufs, blocks[i].0 * BLOCK_SIZE_U64)?;
+        i = j;
+    }
+    Ok(())
 }
 
 /// A log chain as found on disk from a checkpoint's position: its blocks and its entries
@@ -572,6 +626,9 @@ pub(super) struct Found {
     pub entries: Vec<(u64, Entry)>,
     /// The LSN after the last entry found.
     pub end: u64,
+    /// Entries before this LSN were durable with their data; later ones may not be (log
+    /// blocks written ahead of a flush, before a crash).
+    pub synced: u64,
 }
 
 /// Reads the chain from `pos` until a block that is not the next one of the chain (never
@@ -582,6 +639,7 @@ pub(super) fn read_chain(dev: &dyn Device, pos: LogPosition) -> StoreResult<Foun
         blocks: Vec::new(),
         entries: Vec::new(),
         end: pos.lsn,
+        synced: pos.lsn,
     };
     if pos.head == 0 {
         return Ok(found);
@@ -607,11 +665,13 @@ pub(super) fn read_chain(dev: &dyn Device, pos: LogPosition) -> StoreResult<Foun
             break;
         }
         let first = u64_at(p, log_at::FIRST_LSN);
-        let contiguous = match next_lsn {
-            Some(n) => first == n,
+        // Blocks follow each other in the LSN stream. A gap can only hold entries a durable
+        // checkpoint already has (dropped from memory before anyone wrote them).
+        let fits = match next_lsn {
+            Some(n) => first == n || (first > n && first <= pos.lsn),
             None => first <= pos.lsn,
         };
-        if !contiguous {
+        if !fits {
             return Err(StoreError::Corrupt(format!(
                 "log block {addr} (sequence {seq}) starts at LSN {first}, expected {} (chain from block {} at LSN {})",
                 next_lsn.unwrap_or(pos.lsn),
@@ -619,6 +679,7 @@ pub(super) fn read_chain(dev: &dyn Device, pos: LogPosition) -> StoreResult<Foun
                 pos.lsn
             )));
         }
+        found.synced = found.synced.max(u64_at(p, log_at::SYNCED_LSN));
         next_lsn = Some(first + f.aux);
         let entries = &p[log_at::ENTRIES..log_at::ENTRIES + f.aux as usize];
         let mut at = 0;

@@ -24,7 +24,8 @@ use super::{
 impl Store {
     /// Replays the log found from `pos` (called once, while opening).
     pub(super) fn recover(self: &Arc<Self>, pos: LogPosition) -> StoreResult<()> {
-        let found = read_chain(&*self.dev, pos)?;
+        let mut found = read_chain(&*self.dev, pos)?;
+        self.drop_unwritten_tail(&mut found);
         if found.entries.is_empty() {
             self.log.reset(found.end);
             self.log.enable();
@@ -70,6 +71,31 @@ impl Store {
         // Data blocks the replay claimed are counted now; the rest go back.
         self.space.lock().unreserve(&*self.dev, &reserved);
         Ok(())
+    }
+
+    /// Entries after the last point the log knew durable were written ahead of a flush: their
+    /// data may not have reached the disk. Replay stops at the first write whose data does not
+    /// match: no flush returned after it (a flush makes all data durable before it writes
+    /// its own log blocks), so neither it nor anything after it was acknowledged as durable.
+    fn drop_unwritten_tail(&self, found: &mut super::log::Found) {
+        let mut b = [0u8; super::format::BLOCK_SIZE];
+        let bad = found.entries.iter().position(|(lsn, e)| {
+            let Entry::Write { ptrs, .. } = e else {
+                return false;
+            };
+            *lsn >= found.synced
+                && ptrs.iter().filter(|p| p.is_block()).any(|p| {
+                    self.dev.read_at(&mut b, p.addr() * BLOCK_SIZE_U64).is_err()
+                        || super::format::hash24(&b) != p.hash
+                })
+        });
+        if let Some(i) = bad {
+            info!(
+                dropped = found.entries.len() - i,
+                "the end of the intent log points at data that never reached the disk; replaying up to it"
+            );
+            found.entries.truncate(i);
+        }
     }
 
     fn replay(&self, e: Entry) -> StoreResult<()> {
