@@ -326,8 +326,11 @@ struct LogState {
     pool: VecDeque<u64>,
     /// Sequence number of the block at the front of the pool.
     seq: u64,
-    /// This session's chain id; 0 until a checkpoint has published where the chain starts.
+    /// This session's chain id; 0 until a checkpoint's cut starts the chain.
     chain: u64,
+    /// The checkpoint that starts the chain is durable: recovery can find its blocks, so
+    /// they may be written.
+    published: bool,
     /// Blocks handed to writers, oldest first, with their sequence numbers: released once a
     /// durable checkpoint's head is past them.
     written: VecDeque<(u64, u64)>,
@@ -360,6 +363,7 @@ impl Log {
                 pool: VecDeque::new(),
                 seq: 0,
                 chain: 0,
+                published: false,
                 written: VecDeque::new(),
                 cursor: Cursor::default(),
                 written_end: lsn,
@@ -439,6 +443,9 @@ impl Log {
     pub fn checkpointed(&self, pos: LogPosition) -> Vec<u64> {
         self.durable_through(pos.lsn);
         let mut st = self.state.lock();
+        if pos.chain == st.chain {
+            st.published = true;
+        }
         if pos.lsn > st.buf_lsn {
             let n = ((pos.lsn - st.buf_lsn) as usize).min(st.buf.len());
             st.buf.drain(..n);
@@ -451,8 +458,9 @@ impl Log {
         out
     }
 
-    /// Makes every entry appended before `target` durable. `Ok(false)` if the chain has not
-    /// started yet (the caller checkpoints instead).
+    /// Makes every entry appended before `target` durable. `Ok(false)` if the chain may not be
+    /// written yet (the caller checkpoints instead): until the checkpoint that starts it is
+    /// durable, recovery would not find it.
     pub fn flush(&self, dev: &dyn Device, space: &Mutex<Space>, target: u64) -> StoreResult<bool> {
         if self.durable.load(Ordering::Acquire) >= target {
             return Ok(true);
@@ -503,11 +511,12 @@ impl Log {
         Ok(())
     }
 
-    /// Makes sure the pool has blocks for what is buffered; false if the chain has not started.
+    /// Makes sure the pool has blocks for what is buffered; false if the chain may not be
+    /// written yet (no durable checkpoint names it).
     fn prepare_pool(&self, dev: &dyn Device, space: &Mutex<Space>) -> StoreResult<bool> {
         let need = {
             let st = self.state.lock();
-            if st.chain == 0 {
+            if !st.published {
                 return Ok(false);
             }
             // One more than the entries take: each block names its successor.
@@ -791,6 +800,12 @@ mod tests {
         );
         let pos = log.cut(&dev, &mut sp.lock(), 0xabc).unwrap();
         assert_eq!(pos.lsn, log.end());
+        log.append(&all[1]);
+        assert!(
+            !log.flush(&dev, &sp, log.end()).unwrap(),
+            "no log block before the checkpoint naming the chain is durable"
+        );
+        assert!(log.checkpointed(pos).is_empty());
         // Many entries, so that they span blocks.
         for i in 0..300 {
             for e in &all {
@@ -806,12 +821,13 @@ mod tests {
         }
         assert!(log.flush(&dev, &sp, log.end()).unwrap());
         let found = read_chain(&dev, pos).unwrap();
-        assert_eq!(found.entries.len(), 300 * all.len());
+        assert_eq!(found.entries.len(), 1 + 300 * all.len());
         assert_eq!(found.end, log.end());
         assert!(found.blocks.len() > 10);
         assert!(found.entries.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(found.entries[0].1, all[1]);
         assert_eq!(
-            found.entries[all.len() + 6].1,
+            found.entries[1 + all.len() + 6].1,
             Entry::Resize { id: 11, size: 1 }
         );
         // Another chain id reads nothing; a checkpoint releases blocks before its head.
@@ -829,6 +845,7 @@ mod tests {
         let sp = space(&dev);
         let log = Log::new(0, true);
         let pos = log.cut(&dev, &mut sp.lock(), 5).unwrap();
+        log.checkpointed(pos);
         for e in entries() {
             log.append(&e);
             assert!(log.flush(&dev, &sp, log.end()).unwrap());
