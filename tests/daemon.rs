@@ -677,3 +677,35 @@ fn malformed_input_while_another_client_works() {
     good.join().expect("the good client failed");
     finish(store, d);
 }
+
+/// libnbd in its default strict mode checks requests against the block sizes the server
+/// advertises before sending them. Byte-granular reads and writes (a minimum block size of 1,
+/// as qemu-nbd has for raw files) go through, and land as read-modify-write in the store.
+#[test]
+fn libnbd_strict_mode_unaligned_io() {
+    let (store, d) = setup("1M");
+    let script = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.connect_uri("{}")
+assert h.get_block_size(nbd.SIZE_MINIMUM) == 1, h.get_block_size(nbd.SIZE_MINIMUM)
+h.pwrite(b"hello", 1001)
+h.pwrite(b"x" * 5000, 4094)
+h.flush()
+assert h.pread(5, 1001) == b"hello"
+assert h.pread(3, 4093) == b"\0xx"
+assert h.pread(7, 9091) == b"xxx\0\0\0\0"
+h.shutdown()
+"#,
+        d.uri("vm")
+    );
+    // Debian's python3-libnbd is for the system python.
+    run_ok(Command::new("/usr/bin/python3").arg("-c").arg(&script));
+    let img = store.export("vm");
+    let mut want = vec![0u8; MIB];
+    want[1001..1006].copy_from_slice(b"hello");
+    want[4094..9094].fill(b'x');
+    assert_same("unaligned writes", &img, &want);
+    finish(store, d);
+}

@@ -25,7 +25,9 @@ pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Minimum and preferred block sizes we advertise.
-pub const MIN_BLOCK: u32 = 512;
+/// Advertised minimum block size: any byte range works (sub-block writes are read-modify-write
+/// in the store), as qemu-nbd offers for raw files; libnbd's strict mode checks against it.
+pub const MIN_BLOCK: u32 = 1;
 pub const PREFERRED_BLOCK: u32 = 4096;
 
 /// Limits that protect the server from a hostile client during the handshake.
@@ -818,7 +820,7 @@ mod tests {
             .find(|x| x.1 == REP_INFO && get_u16(&x.2, 0) == Some(INFO_BLOCK_SIZE))
             .unwrap();
         assert_eq!(bs.2.len(), 14);
-        assert_eq!(get_u32(&bs.2, 2), Some(512));
+        assert_eq!(get_u32(&bs.2, 2), Some(1));
         assert_eq!(get_u32(&bs.2, 6), Some(4096));
         assert_eq!(get_u32(&bs.2, 10), Some(64 << 20));
         assert_eq!(*r.last().unwrap(), (OPT_GO, REP_ACK, vec![]));

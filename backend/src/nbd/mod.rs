@@ -24,7 +24,8 @@
 //! - Meta contexts: only `base:allocation` (context ID 1). `LIST_META_CONTEXT` with no query,
 //!   `base:` or `base:allocation` lists it; `SET_META_CONTEXT` selects it only by its full name.
 //!   Other namespaces are ignored. Extents: hole → `HOLE|ZERO`, zeroed → `ZERO`, data → 0.
-//! - Block sizes: minimum 512, preferred 4096, maximum [`NbdConfig::max_request_bytes`].
+//! - Block sizes: minimum 1 (sub-block requests are read-modify-write), preferred 4096,
+//!   maximum [`NbdConfig::max_request_bytes`].
 //!   Misaligned requests are refused only if the client asked for `NBD_INFO_BLOCK_SIZE` in
 //!   `NBD_OPT_GO`; otherwise any byte range works. READ, WRITE, CACHE and WRITE_ZEROES
 //!   (without `FAST_ZERO`) longer than the maximum get `EINVAL` (`EOVERFLOW` for a READ with
