@@ -88,6 +88,13 @@ pub trait Disk: Send + Sync {
     /// Fills `buf` with the bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError>;
 
+    /// Like [`Disk::read_at`] if it can be done without waiting for a device (everything in
+    /// memory); `None` if it cannot, and then nothing was read. The default never can.
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<(), DiskError>> {
+        let _ = (buf, offset);
+        None
+    }
+
     /// Writes `buf` at `offset`; with `fua` the data is durable when this returns.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DiskError>;
 
@@ -231,6 +238,10 @@ impl Disk for MemDisk {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<(), DiskError>> {
+        Some(self.read_at(buf, offset))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {

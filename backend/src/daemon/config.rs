@@ -36,8 +36,10 @@ pub struct NbdSection {
     pub max_connections: usize,
     /// Largest request accepted (bytes); larger ones get an error, not a crash.
     pub max_request_bytes: u32,
-    /// Threads doing disk I/O for NBD requests.
+    /// Threads doing disk I/O for NBD requests that may wait for the device.
     pub workers: usize,
+    /// Event-loop threads serving connections (0: one per CPU).
+    pub loops: usize,
     pub handshake_timeout_secs: u64,
 }
 
@@ -98,6 +100,7 @@ impl Default for NbdSection {
             max_connections: n.max_connections,
             max_request_bytes: n.max_request_bytes,
             workers: n.workers,
+            loops: n.loops,
             handshake_timeout_secs: n.handshake_timeout.as_secs(),
         }
     }
@@ -162,6 +165,7 @@ impl Config {
             max_connections: self.nbd.max_connections,
             max_request_bytes: self.nbd.max_request_bytes,
             workers: self.nbd.workers,
+            loops: self.nbd.loops,
             handshake_timeout: Duration::from_secs(self.nbd.handshake_timeout_secs),
             ..NbdConfig::default()
         }

@@ -167,6 +167,9 @@ impl Disk for WriterLease {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         self.disk.read_at(buf, offset)
     }
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<(), DiskError>> {
+        Disk::read_nowait(&self.disk, buf, offset)
+    }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DiskError> {
         self.disk.write_at(buf, offset, fua)
     }

@@ -483,13 +483,7 @@ impl Conn {
                 charge,
                 command,
             } => {
-                if let Some(e) = outcome.error {
-                    ctx.stats.request_errors.fetch_add(1, Ordering::Relaxed);
-                    if ctx.limiter.allow() {
-                        tracing::warn!(command, error = %e, "nbd: request failed");
-                    }
-                }
-                self.io.queue(outcome.reply, Some(charge));
+                self.io.finish(outcome, charge, command, ctx);
                 Pump::Busy
             }
             Done::Answer { answer, disk } => {
@@ -619,7 +613,6 @@ impl Io {
         charge: u64,
         ctx: &mut Ctx<'_>,
     ) {
-        let disk = t.disk.clone();
         let structured = t.params.structured;
         let command = req.command.name();
         ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -636,6 +629,42 @@ impl Io {
             }
             _ => {}
         }
+        // No hand-off to another thread for what does not wait for a device.
+        let outcome = match exec::placement(&req) {
+            exec::Placement::Inline => exec::execute(&*t.disk, structured, req, payload),
+            exec::Placement::ReadIfCached => {
+                match exec::try_read_inline(&*t.disk, structured, &req) {
+                    Some(outcome) => outcome,
+                    None => return self.submit(t, req, Vec::new(), charge, ctx),
+                }
+            }
+            exec::Placement::Worker => return self.submit(t, req, payload, charge, ctx),
+        };
+        self.finish(outcome, charge, command, ctx);
+    }
+
+    /// A request's reply is ready: queue it (its budget comes back once it is sent).
+    fn finish(&mut self, outcome: Outcome, charge: u64, command: &'static str, ctx: &mut Ctx<'_>) {
+        if let Some(e) = outcome.error {
+            ctx.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+            if ctx.limiter.allow() {
+                tracing::warn!(command, error = %e, "nbd: request failed");
+            }
+        }
+        self.queue(outcome.reply, Some(charge));
+    }
+
+    /// Hands a request to a worker thread.
+    fn submit(
+        &mut self,
+        t: &Transfer,
+        req: Request,
+        payload: Vec<u8>,
+        charge: u64,
+        ctx: &mut Ctx<'_>,
+    ) {
+        let (disk, structured) = (t.disk.clone(), t.params.structured);
+        let command = req.command.name();
         let fallback = Done::Reply {
             outcome: Outcome {
                 reply: exec::failure_reply(structured, &req, EIO, "internal error"),

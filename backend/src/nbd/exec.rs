@@ -1,5 +1,6 @@
-//! Runs a validated [`Request`] against a [`Disk`] and encodes the complete reply. Called on
-//! worker threads; it blocks on the disk but touches no socket.
+//! Runs a validated [`Request`] against a [`Disk`] and encodes the complete reply. Touches no
+//! socket. The event loop runs what cannot wait for a device itself ([`inline`],
+//! [`try_read_inline`]) and hands the rest to worker threads ([`execute`]).
 
 use crate::disk::{Disk, DiskError, ExtentState};
 
@@ -35,6 +36,68 @@ pub fn nbd_errno(e: DiskError, command: &Command) -> u32 {
 /// The reply for a request that failed (or whose worker panicked) with `errno`.
 pub fn failure_reply(structured: bool, req: &Request, errno: u32, message: &str) -> Vec<u8> {
     error_reply(structured, req.handle, errno, message)
+}
+
+/// Requests up to this size may run on the event loop.
+pub const INLINE_BYTES: u32 = 64 << 10;
+
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// On the event loop: it does not wait for a device (or only rarely, briefly).
+    Inline,
+    /// On the event loop if the disk can read it without waiting ([`try_read_inline`]),
+    /// else on a worker.
+    ReadIfCached,
+    /// On a worker: it waits for the device (a flush, FUA) or takes long (large requests).
+    Worker,
+}
+
+/// Where `req` runs. Small writes, trims, zeroing and block status change only memory and the
+/// page cache; flushes and FUA wait for the disk; large requests would hold up the other
+/// connections of the loop (and hash faster spread over the workers).
+pub fn placement(req: &Request) -> Placement {
+    match req.command {
+        Command::Read { len, .. } if len <= INLINE_BYTES => Placement::ReadIfCached,
+        Command::Write {
+            len, fua: false, ..
+        } if len <= INLINE_BYTES => Placement::Inline,
+        Command::Trim { fua: false, .. }
+        | Command::WriteZeroes { fua: false, .. }
+        | Command::BlockStatus { .. }
+        | Command::Cache { .. } => Placement::Inline,
+        _ => Placement::Worker,
+    }
+}
+
+/// Answers a READ if the disk has everything in memory; `None` if a worker must.
+pub fn try_read_inline(disk: &dyn Disk, structured: bool, req: &Request) -> Option<Outcome> {
+    let Command::Read { offset, len } = req.command else {
+        return None;
+    };
+    if len == 0 {
+        return Some(execute(disk, structured, *req, Vec::new()));
+    }
+    let prefix = read_prefix_len(structured);
+    let mut buf = vec![0u8; prefix + len as usize];
+    match disk.read_nowait(&mut buf[prefix..], offset)? {
+        Ok(()) => {
+            finish_read_reply(&mut buf, structured, req.handle, offset);
+            Some(Outcome {
+                reply: buf,
+                error: None,
+            })
+        }
+        Err(e) => Some(Outcome {
+            reply: error_reply(
+                structured,
+                req.handle,
+                nbd_errno(e, &req.command),
+                &e.to_string(),
+            ),
+            error: Some(e),
+        }),
+    }
 }
 
 /// Executes `req`; `payload` is the data of a WRITE (empty otherwise).

@@ -1,15 +1,16 @@
-//! The NBD server's event loop: one thread on `mio` owns every socket, a [`Slab`] of
-//! connections, and a pool of workers that run disk calls.
+//! The NBD server's event loops: each thread on `mio` owns some of the sockets, a [`Slab`] of
+//! connections, and a pool of workers for disk calls that may wait for a device.
 //!
 //! ```text
-//!   listeners ──accept──► Slab<Conn> ◄──── completions (channel + Waker) ◄──── worker pool
-//!                            │                                                    ▲
-//!                            └── requests (Job: exec / catalogue query) ──────────┘
+//!   loop 0: listeners ──accept──┬─► its Slab<Conn>        requests that need not wait run on
+//!                               └─► hand-off channel ─►   the loop; the rest go to its workers
+//!   loop 1..n: Slab<Conn> ◄──── completions (channel + Waker) ◄──── worker pool
 //! ```
 //!
-//! Tokens: connections use their slab key; listeners and the waker use the top of the token
-//! space. Slab keys are reused, so every job carries the connection's generation and a
-//! completion for a connection that has since closed is dropped.
+//! Connections go round robin to the loops (one per CPU by default). Tokens: connections use
+//! their slab key; listeners and the waker use the top of the token space. Slab keys are
+//! reused, so every job carries the connection's generation and a completion for a connection
+//! that has since closed is dropped.
 
 use std::{
     collections::VecDeque,
@@ -23,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crossbeam_channel::{Receiver, Sender};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
@@ -43,8 +45,12 @@ pub struct NbdConfig {
     /// Largest READ/WRITE (and CACHE, WRITE_ZEROES) length, advertised as the maximum block
     /// size: a multiple of 512, at least 4096, below 4 GiB.
     pub max_request_bytes: u32,
-    /// Worker threads running disk calls.
+    /// Worker threads running disk calls that may wait for a device (shared out among the
+    /// loops).
     pub workers: usize,
+    /// Event-loop threads; connections are spread over them and each runs its connections'
+    /// requests that need not wait for a device itself. 0: one per CPU.
+    pub loops: usize,
     /// A client must finish the handshake within this time.
     pub handshake_timeout: Duration,
     /// Options allowed in one handshake.
@@ -64,6 +70,7 @@ impl Default for NbdConfig {
             max_connections: 1024,
             max_request_bytes: 64 << 20,
             workers: 8,
+            loops: 0,
             handshake_timeout: Duration::from_secs(30),
             max_options: 256,
             max_inflight_requests: 128,
@@ -147,13 +154,15 @@ impl NbdStatsHandle {
 #[derive(Clone)]
 pub struct NbdShutdown {
     flag: Arc<AtomicBool>,
-    waker: Arc<Waker>,
+    wakers: Vec<Arc<Waker>>,
 }
 
 impl NbdShutdown {
     pub fn shutdown(&self) {
         self.flag.store(true, Ordering::Release);
-        let _ = self.waker.wake();
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
     }
 }
 
@@ -175,13 +184,37 @@ const FIRST_LISTENER: usize = usize::MAX - 1;
 /// How often handshake deadlines are checked.
 const SWEEP: Duration = Duration::from_millis(250);
 
+/// A connection accepted by loop 0 for another loop.
+struct Handoff {
+    stream: Stream,
+    peer: String,
+}
+
+/// What one event loop is made of before it runs.
+struct LoopParts {
+    poll: Poll,
+    waker: Arc<Waker>,
+    handoffs: (Sender<Handoff>, Receiver<Handoff>),
+}
+
+impl LoopParts {
+    fn new() -> io::Result<LoopParts> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        Ok(LoopParts {
+            poll,
+            waker,
+            handoffs: crossbeam_channel::unbounded(),
+        })
+    }
+}
+
 /// The NBD server. Build it, add listeners, take handles, then [`NbdServer::run`] it on a
-/// thread of its own.
+/// thread of its own (it starts the other loops' threads).
 pub struct NbdServer {
     provider: Arc<dyn DiskProvider>,
     cfg: NbdConfig,
-    poll: Poll,
-    waker: Arc<Waker>,
+    loops: Vec<LoopParts>,
     listeners: Vec<Listener>,
     shutdown: Arc<AtomicBool>,
     stats: Arc<StatsInner>,
@@ -190,13 +223,17 @@ pub struct NbdServer {
 impl NbdServer {
     pub fn new(provider: Arc<dyn DiskProvider>, cfg: NbdConfig) -> io::Result<Self> {
         cfg.validate()?;
-        let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let n = match cfg.loops {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let loops = (0..n)
+            .map(|_| LoopParts::new())
+            .collect::<io::Result<_>>()?;
         Ok(NbdServer {
             provider,
             cfg,
-            poll,
-            waker,
+            loops,
             listeners: Vec::new(),
             shutdown: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(StatsInner::default()),
@@ -211,9 +248,11 @@ impl NbdServer {
     pub fn add_tcp_listener(&mut self, listener: TcpListener) -> io::Result<()> {
         listener.set_nonblocking(true)?;
         let mut l = mio::net::TcpListener::from_std(listener);
-        self.poll
-            .registry()
-            .register(&mut l, self.listener_token(), Interest::READABLE)?;
+        self.loops[0].poll.registry().register(
+            &mut l,
+            self.listener_token(),
+            Interest::READABLE,
+        )?;
         self.listeners.push(Listener::Tcp(l));
         Ok(())
     }
@@ -222,9 +261,11 @@ impl NbdServer {
     pub fn add_unix_listener(&mut self, listener: UnixListener) -> io::Result<()> {
         listener.set_nonblocking(true)?;
         let mut l = mio::net::UnixListener::from_std(listener);
-        self.poll
-            .registry()
-            .register(&mut l, self.listener_token(), Interest::READABLE)?;
+        self.loops[0].poll.registry().register(
+            &mut l,
+            self.listener_token(),
+            Interest::READABLE,
+        )?;
         self.listeners.push(Listener::Unix(l));
         Ok(())
     }
@@ -232,7 +273,7 @@ impl NbdServer {
     pub fn shutdown_handle(&self) -> NbdShutdown {
         NbdShutdown {
             flag: self.shutdown.clone(),
-            waker: self.waker.clone(),
+            wakers: self.loops.iter().map(|l| l.waker.clone()).collect(),
         }
     }
 
@@ -242,28 +283,50 @@ impl NbdServer {
 
     /// Serves until [`NbdShutdown::shutdown`] is called, then drains and returns.
     pub fn run(self) -> io::Result<()> {
-        let pool = Pool::new(self.cfg.workers, self.waker.clone())?;
-        let mut lp = Loop {
-            provider: self.provider,
-            cfg: self.cfg,
-            poll: self.poll,
-            listeners: self.listeners,
-            shutdown: self.shutdown,
-            stats: self.stats,
-            pool,
-            conns: Slab::new(),
-            ready: VecDeque::new(),
-            limiter: RateLimit::default(),
-            next_gen: 0,
-            accept_retry: false,
-        };
-        let result = lp.run();
-        // Close every socket before waiting for the workers. After a clean drain nothing is
-        // in flight and the join is quick; otherwise leave stuck workers behind.
-        let clean = lp.conns.is_empty();
-        lp.close_all();
-        if clean {
-            lp.pool.join();
+        let n = self.loops.len();
+        let workers = self.cfg.workers.div_ceil(n).max(1);
+        let peers: Vec<(Sender<Handoff>, Arc<Waker>)> = self.loops[1..]
+            .iter()
+            .map(|l| (l.handoffs.0.clone(), l.waker.clone()))
+            .collect();
+        let mut first = None;
+        let mut others = Vec::new();
+        for (i, parts) in self.loops.into_iter().enumerate() {
+            let lp = Loop {
+                provider: self.provider.clone(),
+                cfg: self.cfg.clone(),
+                pool: Pool::new(workers, parts.waker.clone())?,
+                poll: parts.poll,
+                incoming: parts.handoffs.1,
+                peers: if i == 0 { peers.clone() } else { Vec::new() },
+                next_loop: 0,
+                listeners: Vec::new(),
+                shutdown: self.shutdown.clone(),
+                stats: self.stats.clone(),
+                conns: Slab::new(),
+                ready: VecDeque::new(),
+                limiter: RateLimit::default(),
+                next_gen: 0,
+                accept_retry: false,
+            };
+            if i == 0 {
+                first = Some(lp);
+            } else {
+                others.push(
+                    std::thread::Builder::new()
+                        .name(format!("parallax-nbd-{i}"))
+                        .spawn(move || lp.serve())?,
+                );
+            }
+        }
+        let mut lp = first.expect("at least one loop");
+        lp.listeners = self.listeners;
+        let mut result = lp.serve();
+        for t in others {
+            match t.join() {
+                Ok(r) => result = result.and(r),
+                Err(_) => tracing::warn!("nbd: an event loop panicked"),
+            }
         }
         result
     }
@@ -273,6 +336,11 @@ struct Loop {
     provider: Arc<dyn DiskProvider>,
     cfg: NbdConfig,
     poll: Poll,
+    /// Connections loop 0 accepted for this loop.
+    incoming: Receiver<Handoff>,
+    /// Loop 0: the other loops, to spread connections over.
+    peers: Vec<(Sender<Handoff>, Arc<Waker>)>,
+    next_loop: usize,
     listeners: Vec<Listener>,
     shutdown: Arc<AtomicBool>,
     stats: Arc<StatsInner>,
@@ -292,6 +360,19 @@ fn enqueue(ready: &mut VecDeque<usize>, key: usize, c: &mut Conn) {
 }
 
 impl Loop {
+    /// Runs the loop to the end, then closes its sockets and stops its workers.
+    fn serve(mut self) -> io::Result<()> {
+        let result = self.run();
+        // Close every socket before waiting for the workers. After a clean drain nothing is
+        // in flight and the join is quick; otherwise leave stuck workers behind.
+        let clean = self.conns.is_empty();
+        self.close_all();
+        if clean {
+            self.pool.join();
+        }
+        result
+    }
+
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut drain_deadline: Option<Instant> = None;
@@ -315,7 +396,7 @@ impl Loop {
             }
             for ev in events.iter() {
                 match ev.token() {
-                    WAKER => {}
+                    WAKER => self.take_handoffs(),
                     Token(t) if t > FIRST_LISTENER - self.listeners.len() => {
                         self.accept(FIRST_LISTENER - t);
                     }
@@ -383,37 +464,67 @@ impl Loop {
                 }
             };
             self.stats.connections_total.fetch_add(1, Ordering::Relaxed);
-            if self.conns.len() >= self.cfg.max_connections {
+            if self.stats.connections.load(Ordering::Relaxed) as usize >= self.cfg.max_connections {
                 if self.limiter.allow() {
                     tracing::warn!(%peer, max = self.cfg.max_connections, "nbd: too many connections, refusing");
                 }
                 continue;
             }
-            self.next_gen += 1;
-            let entry = self.conns.vacant_entry();
-            let key = entry.key();
-            let mut conn = Conn::new(
-                ConnId {
-                    key,
-                    gen: self.next_gen,
-                },
-                stream,
-                &peer,
-                &self.cfg,
-            );
-            if let Err(e) = self.poll.registry().register(
-                conn.stream(),
-                Token(key),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
-                tracing::warn!(error = %e, "nbd: cannot register connection");
+            // Counted now, so the limit holds while the connection travels to its loop.
+            self.stats.connections.fetch_add(1, Ordering::Relaxed);
+            let target = self.next_loop % (self.peers.len() + 1);
+            self.next_loop = self.next_loop.wrapping_add(1);
+            if target == 0 {
+                self.add(stream, &peer);
+            } else {
+                let (tx, waker) = &self.peers[target - 1];
+                if tx.send(Handoff { stream, peer }).is_ok() {
+                    let _ = waker.wake();
+                } else {
+                    self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Connections loop 0 handed to this loop.
+    fn take_handoffs(&mut self) {
+        while let Ok(h) = self.incoming.try_recv() {
+            if self.shutdown.load(Ordering::Acquire) {
+                // Draining: accepted too late, closed at once.
+                self.stats.connections.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
-            conn.span().in_scope(|| tracing::debug!("nbd: connected"));
-            let c = entry.insert(conn);
-            self.stats.connections.fetch_add(1, Ordering::Relaxed);
-            enqueue(&mut self.ready, key, c);
+            self.add(h.stream, &h.peer);
         }
+    }
+
+    /// Takes a new connection (already counted in the stats).
+    fn add(&mut self, stream: Stream, peer: &str) {
+        self.next_gen += 1;
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let mut conn = Conn::new(
+            ConnId {
+                key,
+                gen: self.next_gen,
+            },
+            stream,
+            peer,
+            &self.cfg,
+        );
+        if let Err(e) = self.poll.registry().register(
+            conn.stream(),
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            tracing::warn!(error = %e, "nbd: cannot register connection");
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        conn.span().in_scope(|| tracing::debug!("nbd: connected"));
+        let c = entry.insert(conn);
+        enqueue(&mut self.ready, key, c);
     }
 
     fn ctx(&mut self) -> (Ctx<'_>, &mut Slab<Conn>, &mut VecDeque<usize>) {

@@ -40,6 +40,13 @@ pub trait Device: Send + Sync {
         }
         Ok(())
     }
+    /// Fills `buf` from `offset` only if that cannot block (the data is in memory): `Ok(false)`
+    /// means it would have (nothing is promised about `buf` then). Devices that cannot tell
+    /// say `false`.
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// Size in bytes.
@@ -54,6 +61,26 @@ pub struct FileDevice {
     file: File,
     len: u64,
     block_device: bool,
+    /// How a read that must not block is done on this file.
+    nowait: NoWait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoWait {
+    /// `preadv2(RWF_NOWAIT)`: fails with EAGAIN rather than wait for the disk.
+    Flag,
+    /// tmpfs: everything is in memory, a plain read never waits for a disk.
+    Memory,
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+fn on_tmpfs(file: &File) -> bool {
+    // SAFETY: statfs is plain data, filled in by the call.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open (owned by `file`) and `st` is valid for the call.
+    let r = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(file), &mut st) };
+    r == 0 && st.f_type as i64 == TMPFS_MAGIC
 }
 
 impl FileDevice {
@@ -84,10 +111,16 @@ impl FileDevice {
         } else {
             meta.len()
         };
+        let nowait = if on_tmpfs(&file) {
+            NoWait::Memory
+        } else {
+            NoWait::Flag
+        };
         Ok(FileDevice {
             file,
             len,
             block_device,
+            nowait,
         })
     }
 
@@ -103,6 +136,40 @@ impl FileDevice {
 impl Device for FileDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        match self.nowait {
+            NoWait::Memory => self.file.read_exact_at(buf, offset).map(|()| true),
+            NoWait::Flag => {
+                let iov = libc::iovec {
+                    iov_base: buf.as_mut_ptr() as *mut _,
+                    iov_len: buf.len(),
+                };
+                let off = libc::off_t::try_from(offset)
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+                // SAFETY: the iovec points at `buf`, live and writable for the call; the fd is
+                // open (owned by self.file).
+                let n = unsafe {
+                    libc::preadv2(
+                        std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                        &iov,
+                        1,
+                        off,
+                        libc::RWF_NOWAIT,
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    return match e.raw_os_error() {
+                        Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Ok(false),
+                        _ => Err(e),
+                    };
+                }
+                // A short read: part of the range is not in memory.
+                Ok(n as usize == buf.len())
+            }
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -258,6 +325,9 @@ impl Device for MemDevice {
         check_bounds(self.len, offset, buf.len())?;
         read_blocks(&self.blocks.lock(), buf, offset);
         Ok(())
+    }
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_at(buf, offset).map(|()| true)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         check_bounds(self.len, offset, buf.len())?;

@@ -26,7 +26,7 @@ use tracing::error;
 use super::{
     error::{StoreError, StoreResult},
     format::{hash24, is_zero, Ptr, PtrKind, BLOCK_SIZE, BLOCK_SIZE_U64},
-    radix::{resolve, Extents},
+    radix::{resolve, resolve_cached, Extents},
     registry::Kind,
     space::Space,
     store::Store,
@@ -167,27 +167,54 @@ impl StoreDisk {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> StoreResult<()> {
+        self.read_into(buf, offset, false)
+            .expect("a blocking read always completes")
+    }
+
+    /// Like [`StoreDisk::read`], but only if nothing it needs has to come from the disk: map
+    /// nodes in memory, data in the page cache. `None`: it would have had to wait; the caller
+    /// reads again on a thread that may block.
+    pub fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<StoreResult<()>> {
+        self.read_into(buf, offset, true)
+    }
+
+    fn read_into(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Option<StoreResult<()>> {
         let _epoch = self.store.epoch.enter();
         let (first, n) = block_range(offset, buf.len() as u64);
         let mut ptrs = Vec::with_capacity(n as usize);
         {
             let st = self.vdi.state.read();
-            self.check(&st, offset, buf.len() as u64)?;
-            if buf.is_empty() {
-                return Ok(());
+            if let Err(e) = self.check(&st, offset, buf.len() as u64) {
+                return Some(Err(e));
             }
-            resolve(
-                &self.store.nodes,
-                &*self.store.dev,
-                st.rec.root,
-                st.rec.height,
-                first,
-                n,
-                &mut ptrs,
-            )?;
+            if buf.is_empty() {
+                return Some(Ok(()));
+            }
+            let (nodes, dev) = (&self.store.nodes, &*self.store.dev);
+            let (root, height) = (st.rec.root, st.rec.height);
+            let found = if nowait {
+                resolve_cached(nodes, root, height, first, n, &mut ptrs)
+            } else {
+                resolve(nodes, dev, root, height, first, n, &mut ptrs).map(|()| true)
+            };
+            match found {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => return Some(Err(e)),
+            }
         }
-        let end = offset + buf.len() as u64;
         let dev = &*self.store.dev;
+        let read = |b: &mut [u8], at: u64| -> Option<StoreResult<()>> {
+            if !nowait {
+                return Some(dev.read_at(b, at).map_err(Into::into));
+            }
+            match dev.read_nowait(b, at) {
+                Ok(true) => Some(Ok(())),
+                Ok(false) => None,
+                Err(e) => Some(Err(e.into())),
+            }
+        };
+        let end = offset + buf.len() as u64;
         let whole = |k: usize| {
             let s = (first + k as u64) * BLOCK_SIZE_U64;
             s >= offset && s + BLOCK_SIZE_U64 <= end
@@ -205,8 +232,12 @@ impl StoreDisk {
             }
             if !whole(k) {
                 let mut tmp = [0u8; BLOCK_SIZE];
-                dev.read_at(&mut tmp, p.addr() * BLOCK_SIZE_U64)?;
-                self.verify(&tmp, p, first + k as u64)?;
+                if let Err(e) = read(&mut tmp, p.addr() * BLOCK_SIZE_U64)? {
+                    return Some(Err(e));
+                }
+                if let Err(e) = self.verify(&tmp, p, first + k as u64) {
+                    return Some(Err(e));
+                }
                 let within = (lo - bstart) as usize;
                 buf[(lo - offset) as usize..(hi - offset) as usize]
                     .copy_from_slice(&tmp[within..within + (hi - lo) as usize]);
@@ -223,13 +254,17 @@ impl StoreDisk {
             }
             let at = (lo - offset) as usize;
             let run = &mut buf[at..at + (j - k) * BLOCK_SIZE];
-            dev.read_at(run, p.addr() * BLOCK_SIZE_U64)?;
+            if let Err(e) = read(run, p.addr() * BLOCK_SIZE_U64)? {
+                return Some(Err(e));
+            }
             for (i, chunk) in run.chunks(BLOCK_SIZE).enumerate() {
-                self.verify(chunk, ptrs[k + i], first + (k + i) as u64)?;
+                if let Err(e) = self.verify(chunk, ptrs[k + i], first + (k + i) as u64) {
+                    return Some(Err(e));
+                }
             }
             k = j;
         }
-        Ok(())
+        Some(Ok(()))
     }
 
     fn verify(&self, data: &[u8], p: Ptr, lba: u64) -> StoreResult<()> {
@@ -643,6 +678,10 @@ impl Disk for StoreDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         self.read(buf, offset).map_err(|e| to_disk(&self.name, e))
+    }
+
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<Result<(), DiskError>> {
+        StoreDisk::read_nowait(self, buf, offset).map(|r| r.map_err(|e| to_disk(&self.name, e)))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), DiskError> {

@@ -15,7 +15,7 @@ use super::{
     device::Device,
     error::{StoreError, StoreResult},
     format::{Ptr, PtrKind, FANOUT, FANOUT_BITS},
-    nodes::{Node, NodeTable, State, UNSET},
+    nodes::{Lookup, Node, NodeTable, State, UNSET},
     orphans::Orphan,
     space::Space,
 };
@@ -40,24 +40,37 @@ pub(super) fn resolve(
     count: u64,
     out: &mut Vec<Ptr>,
 ) -> StoreResult<()> {
-    resolve_rec(nodes, dev, root, height, 0, lba, lba + count, out)
+    resolve_rec(nodes, Some(dev), root, height, 0, lba, lba + count, out).map(|_| ())
+}
+
+/// Like [`resolve`], from nodes in memory only: `Ok(false)` if one is not (a lookup that
+/// would have to wait for the device).
+pub(super) fn resolve_cached(
+    nodes: &NodeTable,
+    root: Ptr,
+    height: u8,
+    lba: u64,
+    count: u64,
+    out: &mut Vec<Ptr>,
+) -> StoreResult<bool> {
+    resolve_rec(nodes, None, root, height, 0, lba, lba + count, out)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn resolve_rec(
     nodes: &NodeTable,
-    dev: &dyn Device,
+    dev: Option<&dyn Device>,
     p: Ptr,
     level: u8,
     base: u64,
     start: u64,
     end: u64,
     out: &mut Vec<Ptr>,
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     let s = start.max(base);
     let e = end.min(base.saturating_add(span(level)));
     if e <= s {
-        return Ok(());
+        return Ok(true);
     }
     match p.kind()? {
         PtrKind::Hole => out.extend(std::iter::repeat_n(Ptr::HOLE, (e - s) as usize)),
@@ -67,18 +80,24 @@ fn resolve_rec(
             let child_span = span(level - 1);
             let first = ((s - base) / child_span) as usize;
             let last = ((e - 1 - base) / child_span) as usize;
-            let node = nodes.fetch(dev, p)?;
+            let node = match (nodes.get(p), dev) {
+                (Lookup::Hit(n), _) => n,
+                (Lookup::Miss, Some(dev)) => nodes.load(dev, p)?,
+                (Lookup::Miss, None) => return Ok(false),
+            };
             if level == 1 {
                 out.extend((first..=last).map(|i| node.get(i)));
-                return Ok(());
+                return Ok(true);
             }
             for i in first..=last {
                 let cbase = base + i as u64 * child_span;
-                resolve_rec(nodes, dev, node.get(i), level - 1, cbase, start, end, out)?;
+                if !resolve_rec(nodes, dev, node.get(i), level - 1, cbase, start, end, out)? {
+                    return Ok(false);
+                }
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Describes allocation of blocks `start..end`: runs of (blocks, state), at most `max` of
