@@ -11,13 +11,15 @@
 //! Each layer is a module: [`store`] is the crash-safe copy-on-write block store, [`disk`] the
 //! interface the protocol front ends use to reach a VDI, [`nbd`] the NBD server, [`blkif`] the
 //! Xen block-ring backend, [`xen`] its xenbus control plane (the vbd handshake in xenstore),
-//! [`daemon`] the long-running `parallax serve`, and [`cli`] the `parallax` command.
+//! [`daemon`] the long-running `parallax serve`, and [`cli`] the `parallax` command;
+//! [`ratelimit`] keeps what clients and guests can make us log in bounds.
 
 pub mod blkif;
 pub mod cli;
 pub mod daemon;
 pub mod disk;
 pub mod nbd;
+pub mod ratelimit;
 pub mod store;
 pub mod transfer;
 pub mod util;

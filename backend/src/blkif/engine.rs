@@ -42,12 +42,14 @@ use super::{
     event::{poll_readable, StopSignal},
     features::Features,
     mem::{coalesce, copy_from_guest, with_guest_slice_mut, GuestPages, GuestRange},
-    ratelimit::RateLimit,
     request::{self, DataOp, Limits, Request},
     ring::{need_notify, SharedRing},
     transport::{EventChannel, Transport, TransportError},
 };
-use crate::disk::{Disk, DiskError};
+use crate::{
+    disk::{Disk, DiskError},
+    ratelimit::RateLimit,
+};
 
 /// One queue's negotiated transport parameters (xenstore `ring-ref*`, `event-channel`).
 #[derive(Debug, Clone, PartialEq, Eq)]

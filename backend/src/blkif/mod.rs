@@ -23,7 +23,6 @@ pub mod event;
 pub mod features;
 pub mod local;
 pub mod mem;
-pub mod ratelimit;
 pub mod request;
 pub mod ring;
 pub mod transport;

@@ -22,14 +22,16 @@ use std::{
 
 use mio::{event::Source, Interest, Registry, Token};
 
-use crate::disk::{Disk, DiskProvider, ExportInfo, OpenError};
+use crate::{
+    disk::{Disk, DiskProvider, ExportInfo, OpenError},
+    ratelimit::RateLimit,
+};
 
 use super::{
     exec::{self, Outcome},
     handshake::{Answer, Handshake, HandshakeLimits, Query, Step, MAX_OPTION_LEN},
     pool::{ConnId, Job, Pool},
     proto::{command_name, RequestHeader, WireError, EIO, OPTION_HEADER_LEN, REQUEST_LEN},
-    ratelimit::RateLimit,
     server::{NbdConfig, StatsInner},
     transmission::{decide, error_reply, Command, Decision, Params, Request},
 };

@@ -55,7 +55,6 @@ pub mod exec;
 pub mod handshake;
 mod pool;
 pub mod proto;
-mod ratelimit;
 mod server;
 pub mod transmission;
 

@@ -28,13 +28,12 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::disk::DiskProvider;
+use crate::{disk::DiskProvider, ratelimit::RateLimit};
 
 use super::{
     conn::{Conn, Ctx, Done, Pump, Stream},
     handshake::PREFERRED_BLOCK,
     pool::{ConnId, Pool},
-    ratelimit::RateLimit,
 };
 
 /// Limits and sizes of the NBD server.
@@ -305,7 +304,7 @@ impl NbdServer {
                 stats: self.stats.clone(),
                 conns: Slab::new(),
                 ready: VecDeque::new(),
-                limiter: RateLimit::default(),
+                limiter: RateLimit::new(20, Duration::from_secs(10)),
                 next_gen: 0,
                 accept_retry: false,
             };

@@ -13,13 +13,7 @@
 //! Data never moves under a lock. A reader holds a reader-epoch guard from lookup to the end
 //! of its pread, so a block freed meanwhile is not reused under it.
 
-use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Instant,
-};
+use std::{sync::Arc, time::Duration};
 
 use tracing::error;
 
@@ -32,7 +26,10 @@ use super::{
     store::Store,
     vdi::{Vdi, VdiState, MAX_BATCH},
 };
-use crate::disk::{check_range, Disk, DiskError, Extent};
+use crate::{
+    disk::{check_range, Disk, DiskError, Extent},
+    ratelimit::SharedRateLimit,
+};
 
 /// Whole blocks hashed and placed per round of the locks.
 const WRITE_BATCH: usize = 256;
@@ -47,27 +44,14 @@ pub struct StoreDisk {
     read_only: bool,
 }
 
-static LAST_ERROR_LOG: AtomicU64 = AtomicU64::new(0);
-static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+/// Data-path errors a client can trigger: at most one line a second, with a count of the rest.
+static ERROR_LOG: SharedRateLimit = SharedRateLimit::new(1, Duration::from_secs(1));
 
-/// Logs a data-path error at most about once a second (clients can trigger these).
 fn log_limited(msg: std::fmt::Arguments) {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
-    let last = LAST_ERROR_LOG.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 1000
-        && LAST_ERROR_LOG
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        let n = SUPPRESSED.swap(0, Ordering::Relaxed);
-        if n > 0 {
-            error!("{msg} ({n} similar errors suppressed)");
-        } else {
-            error!("{msg}");
-        }
-    } else {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    match ERROR_LOG.check() {
+        Some(0) => error!("{msg}"),
+        Some(n) => error!("{msg} ({n} similar errors suppressed)"),
+        None => {}
     }
 }
 

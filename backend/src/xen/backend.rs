@@ -29,7 +29,8 @@ use super::{
     vbd::{Action, DiskInfo, Input, Vbd, VbdConfig, VbdId},
 };
 use crate::{
-    blkif::{ratelimit::RateLimit, Device, DeviceEnd},
+    blkif::{Device, DeviceEnd},
+    ratelimit::RateLimit,
     disk::{Disk, DiskProvider, OpenError},
 };
 
