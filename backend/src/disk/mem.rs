@@ -5,7 +5,9 @@ use std::{collections::HashMap, sync::Arc};
 
 use parking_lot::Mutex;
 
-use super::{check_range, Disk, DiskError, DiskProvider, Extent, ExportInfo, ExtentState, OpenError};
+use super::{
+    check_range, Disk, DiskError, DiskProvider, ExportInfo, Extent, ExtentState, OpenError,
+};
 
 const MEM_BLOCK: u64 = 4096;
 

@@ -28,11 +28,11 @@ use crate::{
 };
 
 use super::{
+    config::{NbdConfig, StatsInner},
     exec::{self, Outcome},
     handshake::{Answer, Handshake, HandshakeLimits, Query, Step, MAX_OPTION_LEN},
     pool::{ConnId, Job, Pool},
     proto::{command_name, RequestHeader, WireError, EIO, OPTION_HEADER_LEN, REQUEST_LEN},
-    server::{NbdConfig, StatsInner},
     transmission::{decide, error_reply, Command, Decision, Params, Request},
 };
 

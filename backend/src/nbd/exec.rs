@@ -1,5 +1,5 @@
 //! Runs a validated [`Request`] against a [`Disk`] and encodes the complete reply. Touches no
-//! socket. The event loop runs what cannot wait for a device itself ([`inline`],
+//! socket. The event loop runs what need not wait for a device itself ([`placement`],
 //! [`try_read_inline`]) and hands the rest to worker threads ([`execute`]).
 
 use crate::disk::{Disk, DiskError, ExtentState};

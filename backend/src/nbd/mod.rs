@@ -8,7 +8,8 @@
 //!   transmission  request checks (decide) and reply encoding            (pure)
 //!   exec          a checked request against a Disk → reply bytes        (worker threads)
 //!   conn, pool    per-connection buffers and backpressure; worker pool
-//!   server        the mio event loop, listeners, shutdown, stats
+//!   config        limits, sizes and counters
+//!   server        the mio event loops, listeners, shutdown
 //! ```
 //!
 //! The daemon builds an [`NbdServer`], adds listeners, keeps an [`NbdShutdown`] and an
@@ -50,6 +51,7 @@
 //! Fuzz targets call [`handshake::fuzz_handshake`] and [`transmission::fuzz_requests`] (or the
 //! parsers they use) with arbitrary bytes; none of them panics.
 
+mod config;
 mod conn;
 pub mod exec;
 pub mod handshake;
@@ -58,4 +60,5 @@ pub mod proto;
 mod server;
 pub mod transmission;
 
-pub use server::{NbdConfig, NbdServer, NbdShutdown, NbdStats, NbdStatsHandle};
+pub use config::{NbdConfig, NbdStats, NbdStatsHandle};
+pub use server::{NbdServer, NbdShutdown};

@@ -186,7 +186,7 @@ impl Store {
             self.checkpoint_through(self.open_generation(), false)?;
         }
         let cs = self.commit.lock();
-        let last = cs.last.clone();
+        let last = cs.clone();
         let geo = self.geometry();
         let dev = &*self.dev;
         let mut ck = Checker {

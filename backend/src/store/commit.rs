@@ -13,18 +13,10 @@
 //! Writers go on in generation g+1 while g is hashed and written: a frozen map node is copied
 //! before it is changed, a refcount page is saved before its first change, and admin
 //! operations only add name changes to the catalog's overlay. One checkpoint runs at a time
-//! (`Store::commit`); a background thread ([`Checkpointer`]) runs them every
+//! (`Store::commit`); a background thread (store.rs) runs them every
 //! `checkpoint_interval` while anything changed, and when asked to.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Weak},
-    thread::JoinHandle,
-    time::Duration,
-};
-
-use parking_lot::{Condvar, Mutex};
-use tracing::warn;
+use std::{collections::HashMap, sync::Arc};
 
 use super::{
     catalog::Catalog,
@@ -41,17 +33,6 @@ use super::{
     store::{now_ns, random_u64, Store},
     vdi::Vdi,
 };
-
-/// Durable-state bookkeeping, owned by whoever holds the commit lock.
-pub(crate) struct CommitState {
-    pub last: CommitRecord,
-}
-
-impl CommitState {
-    pub fn new(last: CommitRecord) -> CommitState {
-        CommitState { last }
-    }
-}
 
 /// What a cut fixed for its checkpoint to write.
 struct Cut {
@@ -101,7 +82,7 @@ impl Store {
     /// Commits everything and marks the store closed cleanly; stops background checkpoints.
     /// The store stays usable.
     pub fn close(&self) -> StoreResult<()> {
-        self.checkpointer.stop();
+        self.background.stop();
         self.check_writable()?;
         let target = self.open_generation();
         self.checkpoint_through(target, true)
@@ -113,18 +94,18 @@ impl Store {
         if !self.has_changes() && self.space.lock().orphans.list.is_empty() {
             return Ok(false);
         }
-        let mut cs = self.commit.lock();
-        self.run_checkpoint(&mut cs, false)
+        let mut last = self.commit.lock();
+        self.run_checkpoint(&mut last, false)
     }
 
     /// Checkpoints until generation `target` is durable (waiting behind one in progress).
     pub(super) fn checkpoint_through(&self, target: u64, clean: bool) -> StoreResult<()> {
-        let mut cs = self.commit.lock();
-        let mark_clean = clean && !cs.last.clean;
-        if cs.last.gen >= target && !mark_clean {
+        let mut last = self.commit.lock();
+        let mark_clean = clean && !last.clean;
+        if last.gen >= target && !mark_clean {
             return Ok(());
         }
-        self.run_checkpoint(&mut cs, clean).map(|_| ())
+        self.run_checkpoint(&mut last, clean).map(|_| ())
     }
 
     /// After a change: when too many map nodes wait in memory, have them checkpointed — by
@@ -135,18 +116,20 @@ impl Store {
         if dirty <= max {
             return Ok(());
         }
-        if self.checkpointer.running() && dirty <= 2 * max {
-            self.checkpointer.wake();
-            return Ok(());
+        if let Some(&id) = self.checkpoint_worker.get() {
+            if self.background.running(id) && dirty <= 2 * max {
+                self.background.wake(id);
+                return Ok(());
+            }
         }
         self.checkpoint().map(|_| ())
     }
 
-    fn run_checkpoint(&self, cs: &mut CommitState, clean: bool) -> StoreResult<bool> {
+    fn run_checkpoint(&self, last: &mut CommitRecord, clean: bool) -> StoreResult<bool> {
         self.check_writable()?;
         self.take_orphans_apart(self.options.orphans_per_commit)?;
         let pending_orphans = !self.space.lock().orphans.list.is_empty();
-        let mark_clean = clean && !cs.last.clean;
+        let mark_clean = clean && !last.clean;
         if !self.has_changes() && !mark_clean && !pending_orphans {
             return Ok(false);
         }
@@ -158,7 +141,7 @@ impl Store {
                 return Err(e);
             }
         };
-        match self.write_checkpoint(cs, cut, clean) {
+        match self.write_checkpoint(last, cut, clean) {
             Ok(()) => Ok(true),
             Err(e) => {
                 self.poison(&e);
@@ -256,7 +239,7 @@ impl Store {
 
     /// Hashes and writes what `cut` fixed, then the commit record (FORMAT.md §8 steps 2–6),
     /// and releases what the generation freed.
-    fn write_checkpoint(&self, cs: &mut CommitState, cut: Cut, clean: bool) -> StoreResult<()> {
+    fn write_checkpoint(&self, last: &mut CommitRecord, cut: Cut, clean: bool) -> StoreResult<()> {
         let gen = cut.gen;
         let (hashes, images) = self.finalize_nodes(gen, cut.frozen)?;
         let resolve = |p: Ptr| -> StoreResult<Ptr> {
@@ -314,7 +297,7 @@ impl Store {
                 writes.extend(blocks.into_iter().map(|(a, b)| (a, Buf::Owned(b))));
                 (head, list.len() as u64)
             }
-            None => (cs.last.orphan_head, cs.last.orphan_count),
+            None => (last.orphan_head, last.orphan_count),
         };
         let rc_images = self.space.lock().rc.take_images();
         writes.extend(
@@ -360,7 +343,7 @@ impl Store {
             space.rc.trim(self.options.rc_cache_pages);
         }
         self.nodes.checkpoint_written(gen);
-        cs.last = record;
+        *last = record;
         Ok(())
     }
 
@@ -413,10 +396,10 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn live_blocks(&self) -> Vec<u64> {
         use super::format::SUPERBLOCK_ADDR;
-        let cs = self.commit.lock();
+        let last = self.commit.lock();
         let geo = self.geometry();
-        let mut out = vec![SUPERBLOCK_ADDR, COMMIT_SLOTS[(cs.last.gen % 2) as usize]];
-        for (g, sel) in cs.last.group_selectors.iter().enumerate() {
+        let mut out = vec![SUPERBLOCK_ADDR, COMMIT_SLOTS[(last.gen % 2) as usize]];
+        for (g, sel) in last.group_selectors.iter().enumerate() {
             if !sel.written {
                 continue;
             }
@@ -472,133 +455,4 @@ fn write_sorted(dev: &dyn Device, mut writes: Vec<(u64, Buf)>) -> StoreResult<()
         i = j;
     }
     Ok(())
-}
-
-#[derive(Default)]
-struct Signal {
-    stop: bool,
-    wake: bool,
-}
-
-/// The background threads: one checkpoints (when `StoreOptions::checkpoint_interval` is
-/// set), one writes the intent log ahead of flushes (format 2).
-#[derive(Default)]
-pub(crate) struct Checkpointer {
-    signal: Arc<(Mutex<Signal>, Condvar)>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    log_signal: Arc<(Mutex<Signal>, Condvar)>,
-    log_thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-/// How often the log writer looks for buffered entries.
-const WRITE_AHEAD_EVERY: Duration = Duration::from_millis(2);
-
-impl Checkpointer {
-    pub fn start(&self, store: &Arc<Store>) {
-        let Some(every) = store.options.checkpoint_interval else {
-            return;
-        };
-        let weak: Weak<Store> = Arc::downgrade(store);
-        let signal = self.signal.clone();
-        let t = std::thread::Builder::new()
-            .name("parallax-ckpt".into())
-            .spawn(move || run(weak, signal, every));
-        match t {
-            Ok(t) => *self.thread.lock() = Some(t),
-            Err(e) => warn!("cannot start the checkpoint thread ({e}); checkpoints only on flush"),
-        }
-        let weak: Weak<Store> = Arc::downgrade(store);
-        let signal = self.log_signal.clone();
-        let t = std::thread::Builder::new()
-            .name("parallax-log".into())
-            .spawn(move || write_ahead(weak, signal));
-        match t {
-            Ok(t) => *self.log_thread.lock() = Some(t),
-            Err(e) => warn!("cannot start the log writer ({e}); flushes write the whole log"),
-        }
-    }
-
-    pub fn running(&self) -> bool {
-        self.thread.lock().is_some()
-    }
-
-    /// Asks for a checkpoint soon.
-    pub fn wake(&self) {
-        let (m, cv) = &*self.signal;
-        m.lock().wake = true;
-        cv.notify_one();
-    }
-
-    /// Stops the thread after the checkpoint it may be running.
-    pub fn stop(&self) {
-        for signal in [&self.signal, &self.log_signal] {
-            let (m, cv) = &**signal;
-            m.lock().stop = true;
-            cv.notify_one();
-        }
-        for slot in [&self.thread, &self.log_thread] {
-            let t = slot.lock().take();
-            if let Some(t) = t {
-                // A thread itself may drop the last handle on the store.
-                if t.thread().id() != std::thread::current().id() {
-                    let _ = t.join();
-                }
-            }
-        }
-    }
-}
-
-fn run(store: Weak<Store>, signal: Arc<(Mutex<Signal>, Condvar)>, every: Duration) {
-    let (m, cv) = &*signal;
-    loop {
-        {
-            let mut s = m.lock();
-            if !s.stop && !s.wake {
-                cv.wait_for(&mut s, every);
-            }
-            if s.stop {
-                return;
-            }
-            s.wake = false;
-        }
-        let Some(store) = store.upgrade() else {
-            return;
-        };
-        if store.is_poisoned() {
-            continue;
-        }
-        if let Err(e) = store.checkpoint() {
-            warn!("background checkpoint failed: {e}");
-        }
-    }
-}
-
-fn write_ahead(store: Weak<Store>, signal: Arc<(Mutex<Signal>, Condvar)>) {
-    let (m, cv) = &*signal;
-    loop {
-        {
-            let mut s = m.lock();
-            if !s.stop {
-                cv.wait_for(&mut s, WRITE_AHEAD_EVERY);
-            }
-            if s.stop {
-                return;
-            }
-        }
-        let Some(store) = store.upgrade() else {
-            return;
-        };
-        if store.is_poisoned() || !store.log.enabled() {
-            continue;
-        }
-        if let Err(e) = store.log.write_ahead(
-            &*store.dev,
-            &store.space,
-            super::format::LOG_BLOCK_ENTRIES / 2,
-        ) {
-            if !matches!(e, StoreError::NoSpace) {
-                store.poison(&e);
-            }
-        }
-    }
 }

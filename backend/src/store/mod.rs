@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  store     Store: its owned parts, open, create, the lock order
-//!  commit    checkpoints: the cut, hashing and writing outside it, the background thread
+//!  commit    checkpoints: the cut, then hashing and writing outside it
+//!  background  the checkpoint and log-writer threads
 //!  io        StoreDisk: reads, writes, discard, zeroes, block status of one VDI
 //!  admin     create / snapshot / fork / rename / resize / delete, reports, gc
 //!  apply     every change, applied alike live and in replay
@@ -21,6 +22,7 @@
 
 mod admin;
 mod apply;
+mod background;
 mod btree;
 mod catalog;
 mod check;

@@ -8,7 +8,10 @@
 //!         ─ vdis                    loaded VDIs, each with its own lock (maps change per VDI)
 //!         ─ nodes: NodeTable        map nodes, sharded; dirty ones by generation
 //!         ─ space: Mutex<Space>     refcounts, orphans, metadata cursor (microseconds)
-//!         ─ commit: Mutex           one checkpoint at a time (commit.rs)
+//!         ─ commit: Mutex           the last durable commit record; one checkpoint at a
+//!         │                         time (commit.rs)
+//!         ─ log                     the intent log (log.rs)
+//!         ─ background              checkpoint thread, log writer (background.rs)
 //!         ─ epoch                   readers in flight, so freed blocks are reused after them
 //!         ─ dev: Arc<dyn Device>
 //! ```
@@ -22,7 +25,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -31,14 +34,15 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use tracing::{info, warn};
 
 use super::{
+    background::{Background, WorkerId},
     catalog::Catalog,
-    commit::{Checkpointer, CommitState},
     device::{Device, FileDevice},
     epoch::Epoch,
     error::{StoreError, StoreResult},
     format::{
         magic, CommitRecord, Geometry, LogPosition, Ptr, Selector, Superblock, BLOCK_SIZE,
-        BLOCK_SIZE_U64, COMMIT_SLOTS, FORMAT_VERSION, GROUP_DATA_BLOCKS, SUPERBLOCK_ADDR,
+        BLOCK_SIZE_U64, COMMIT_SLOTS, FORMAT_VERSION, GROUP_DATA_BLOCKS, LOG_BLOCK_ENTRIES,
+        SUPERBLOCK_ADDR,
     },
     log::Log,
     nodes::NodeTable,
@@ -90,8 +94,10 @@ pub struct Store {
     pub(super) vdis: Vdis,
     pub(super) nodes: NodeTable,
     pub(super) space: Mutex<Space>,
-    pub(super) commit: Mutex<CommitState>,
-    pub(super) checkpointer: Checkpointer,
+    /// The last durable commit record; held by whoever checkpoints (one at a time).
+    pub(super) commit: Mutex<CommitRecord>,
+    pub(super) background: Background,
+    pub(super) checkpoint_worker: OnceLock<WorkerId>,
     pub(super) log: Log,
     /// The format version the store is in (1 until `upgrade`).
     version: AtomicU64,
@@ -130,6 +136,9 @@ fn random_uuid() -> [u8; 16] {
     b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
     b
 }
+
+/// How often the log writer looks for buffered entries to write ahead of a flush.
+const WRITE_AHEAD_EVERY: Duration = Duration::from_millis(2);
 
 /// A change in progress: the gate held shared, in generation `gen`.
 pub(super) struct Change<'a> {
@@ -340,8 +349,9 @@ impl Store {
             vdis: Vdis::default(),
             nodes: NodeTable::new(options.node_cache_nodes, last.gen),
             space: Mutex::new(space),
-            commit: Mutex::new(CommitState::new(last)),
-            checkpointer: Checkpointer::default(),
+            commit: Mutex::new(last),
+            background: Background::default(),
+            checkpoint_worker: OnceLock::new(),
             epoch: Epoch::default(),
             poisoned: AtomicBool::new(false),
             dev,
@@ -353,8 +363,57 @@ impl Store {
         if store.format_version() >= 2 {
             store.recover(log_pos)?;
         }
-        store.checkpointer.start(&store);
+        store.start_background();
         Ok(store)
+    }
+
+    /// Starts the checkpoint thread and the log writer (when `checkpoint_interval` is set).
+    fn start_background(self: &Arc<Self>) {
+        let Some(every) = self.options.checkpoint_interval else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let checkpoints = self.background.start("parallax-ckpt", every, move || {
+            let Some(store) = weak.upgrade() else {
+                return false;
+            };
+            if !store.is_poisoned() {
+                if let Err(e) = store.checkpoint() {
+                    warn!("background checkpoint failed: {e}");
+                }
+            }
+            true
+        });
+        match checkpoints {
+            Ok(id) => {
+                let _ = self.checkpoint_worker.set(id);
+            }
+            Err(e) => warn!("cannot start the checkpoint thread ({e}); checkpoints only on flush"),
+        }
+        let weak = Arc::downgrade(self);
+        let log = self
+            .background
+            .start("parallax-log", WRITE_AHEAD_EVERY, move || {
+                let Some(store) = weak.upgrade() else {
+                    return false;
+                };
+                if store.is_poisoned() || !store.log.enabled() {
+                    return true;
+                }
+                let written =
+                    store
+                        .log
+                        .write_ahead(&*store.dev, &store.space, LOG_BLOCK_ENTRIES / 2);
+                if let Err(e) = written {
+                    if !matches!(e, StoreError::NoSpace) {
+                        store.poison(&e);
+                    }
+                }
+                true
+            });
+        if let Err(e) = log {
+            warn!("cannot start the log writer ({e}); flushes write the whole log");
+        }
     }
 
     /// The format version the store is in.
@@ -384,7 +443,7 @@ impl Store {
 
     /// Generation of the last durable checkpoint.
     pub fn durable_generation(&self) -> u64 {
-        self.commit.lock().last.gen
+        self.commit.lock().gen
     }
 
     pub fn is_poisoned(&self) -> bool {
@@ -481,6 +540,6 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        self.checkpointer.stop();
+        self.background.stop();
     }
 }

@@ -30,8 +30,8 @@ use super::{
 };
 use crate::{
     blkif::{Device, DeviceEnd},
-    ratelimit::RateLimit,
     disk::{Disk, DiskProvider, OpenError},
+    ratelimit::RateLimit,
 };
 
 /// How often the driver checks whether a ring device shut itself down.
