@@ -223,11 +223,8 @@ impl Tx<'_> {
                     self.nodes.forget(addr, self.gen);
                 } else {
                     // Clone: the copy adds a reference to every child.
-                    for e in copy.entries() {
-                        if e.is_block() {
-                            self.space.rc.incr(self.dev, e.addr())?;
-                        }
-                    }
+                    let children = copy.entries().filter(|e| e.is_block()).map(|e| e.addr());
+                    self.space.rc.incr_all(self.dev, children)?;
                     self.space.rc.decr(self.dev, addr)?;
                 }
                 self.nodes.insert_dirty(new, self.gen, level, copy);

@@ -349,6 +349,39 @@ impl RcTable {
         Ok(())
     }
 
+    /// Adds a reference to each of `addrs` (a cloned node's children): like [`RcTable::incr`]
+    /// for each, finding each refcount page once for a run of addresses on it.
+    pub fn incr_all(
+        &mut self,
+        dev: &dyn Device,
+        addrs: impl IntoIterator<Item = u64>,
+    ) -> StoreResult<()> {
+        let mut cur: Option<(usize, usize)> = None;
+        for addr in addrs {
+            let (g, p, i) = self.locate(addr)?;
+            if cur != Some((g, p)) {
+                self.groups[g].touch();
+                self.page(dev, g, p)?.touch();
+                cur = Some((g, p));
+            }
+            let page = self.groups[g].pages[p].as_mut().expect("loaded above");
+            match page.rc[i] {
+                0 => {
+                    return Err(StoreError::Corrupt(format!(
+                        "adding a reference to free block {addr}"
+                    )))
+                }
+                u32::MAX => {
+                    return Err(StoreError::Corrupt(format!(
+                        "refcount of block {addr} overflows"
+                    )))
+                }
+                _ => page.rc[i] += 1,
+            }
+        }
+        Ok(())
+    }
+
     /// Drops a reference to `addr`; returns the new count. At zero the block is held until
     /// the checkpoint of the open generation is durable.
     pub fn decr(&mut self, dev: &dyn Device, addr: u64) -> StoreResult<u32> {
@@ -764,13 +797,21 @@ mod tests {
     fn commit_round_trips_through_the_device() {
         let (dev, mut t) = table(64 << 20);
         let mut c = Cursor::default();
-        let (a, _) = t.alloc(&dev, &mut c, 3000, 0).unwrap().unwrap();
+        let (a, n) = t.alloc(&dev, &mut c, 3000, 0).unwrap().unwrap();
+        assert!(n > 4, "a run of {n}");
+        let last = a + n - 1;
         t.incr(&dev, a).unwrap();
+        t.incr_all(&dev, [a + 1, a + 2, last, a + 2]).unwrap();
+        assert!(t.incr_all(&dev, [a + 3, last + 1]).is_err(), "a free block");
         let (_, sels) = checkpoint(&dev, &mut t, 1);
         let mut t2 = RcTable::open(&dev, *t.geometry(), &sels, 1).unwrap();
         assert_eq!(t2.allocated(), t.allocated());
         assert_eq!(t2.get(&dev, a).unwrap(), 2);
-        assert_eq!(t2.get(&dev, a + 1).unwrap(), 1);
+        assert_eq!(t2.get(&dev, a + 1).unwrap(), 2);
+        assert_eq!(t2.get(&dev, a + 2).unwrap(), 3);
+        assert_eq!(t2.get(&dev, last).unwrap(), 2);
+        assert_eq!(t2.get(&dev, a + 4).unwrap(), 1);
+        assert_eq!(t2.get(&dev, last + 1).unwrap(), 0);
     }
 
     /// Changes made after a cut do not leak into the images of the cut generation.
