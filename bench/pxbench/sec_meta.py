@@ -163,3 +163,49 @@ def forks(run, site, cfg):
                      **_stats(lat))
     log(f"forks {site.name}: {cfg.forks} in {total:.1f}s, p50 {rec['p50_us']:.0f} us p99 {rec['p99_us']:.0f} us, "
         f"{rec['bytes_per_fork']:.0f} bytes/fork")
+
+
+def continuous(run, site, cfg):
+    """Write IOPS while the VDI is snapshotted every 10 ms, against the same run without.
+
+    Each repetition runs on a store of its own (1000 snapshots of a busy VDI pin gigabytes of
+    old blocks and map nodes), made fresh, and runs both variants in rotating order: fio 4K random
+    writes at QD16 for `cfg.snap_seconds` over a 1 GiB VDI with data spread over it, with
+    snapshots taken on a 10 ms schedule through the control socket (a snapshot that takes
+    longer delays the next one, it is not skipped)."""
+    size = 1 << 30
+    period = 0.010
+    for rep in range(cfg.reps):
+        store = os.path.join(site.dir, f"snaps{rep}.px")
+        if os.path.exists(store):
+            os.unlink(store)
+        sh([site.bin, "--store", store, "init", "--size", "12G"])
+        px = site.parallax(label="parallax-snaps", store=store)
+        with px:
+            px.call("create", name="busy", size=size)
+            _spread(px, "busy", size, 7 + rep)
+            for mode in (("without", "with") if rep % 2 == 0 else ("with", "without")):
+                out = os.path.join(run.raw_dir, f"snaps-{site.name}-{rep}-{mode}.json")
+                bg = fio.Background(px.uri("busy"), "randwrite", "4k", 16, cfg.snap_seconds, out, size=size)
+                lat = []
+                if mode == "with":
+                    time.sleep(0.2)
+                    t0 = time.monotonic()
+                    i = 0
+                    while bg.running():
+                        lat.append(px.control.timed("snapshot", vdi="busy", snap=f"r{rep}-{i}"))
+                        i += 1
+                        delay = t0 + i * period - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                try:
+                    w = bg.finish()
+                except fio.FioError as e:
+                    run.note(f"{site.name}: continuous snapshots, rep {rep} {mode}: {e}")
+                    continue
+                rec = run.record("snaps", fs=site.name, rep=rep, mode=mode, iops=w["iops"], samples_us=lat,
+                                 snapshots_per_s=len(lat) / cfg.snap_seconds, **_stats(lat))
+                log(f"snaps {site.name} rep {rep} {mode:7s}: {w['iops']:8.0f} IOPS"
+                    + (f", {len(lat)} snapshots, p50 {rec['p50_us']:.0f} us p99 {rec['p99_us']:.0f} us"
+                       if lat else ""))
+        os.unlink(store)
