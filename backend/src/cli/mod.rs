@@ -204,7 +204,12 @@ pub fn main() -> i32 {
         }
     };
     let serving = matches!(cli.command, Command::Serve(_));
-    init_logging(if serving { "info" } else { "warn" });
+    init_logging(&if serving {
+        "info".to_string()
+    } else {
+        // The command reports a data error itself, as its one error line.
+        format!("warn,{}=off", crate::store::DATA_ERROR_TARGET)
+    });
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

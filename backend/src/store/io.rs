@@ -47,10 +47,14 @@ pub struct StoreDisk {
 /// Data-path errors a client can trigger: at most one line a second, with a count of the rest.
 static ERROR_LOG: SharedRateLimit = SharedRateLimit::new(1, Duration::from_secs(1));
 
+/// The tracing target of data-path error lines. They are for a server's operator, whose
+/// clients only see an errno; a one-shot command returns the error itself and silences them.
+pub const DATA_ERROR_TARGET: &str = "parallax::data_errors";
+
 fn log_limited(msg: std::fmt::Arguments) {
     match ERROR_LOG.check() {
-        Some(0) => error!("{msg}"),
-        Some(n) => error!("{msg} ({n} similar errors suppressed)"),
+        Some(0) => error!(target: DATA_ERROR_TARGET, "{msg}"),
+        Some(n) => error!(target: DATA_ERROR_TARGET, "{msg} ({n} similar errors suppressed)"),
         None => {}
     }
 }

@@ -48,7 +48,7 @@ mod vdi;
 pub use admin::{DeleteReport, DfReport, GcReport, TreeNode, VdiInfo, VdiSummary};
 pub use check::{CheckProgress, CheckReport};
 pub use error::{StoreError, StoreResult};
-pub use io::StoreDisk;
+pub use io::{StoreDisk, DATA_ERROR_TARGET};
 pub use registry::{validate_name, Kind};
 pub use store::{Store, StoreOptions};
 
