@@ -18,6 +18,7 @@ use std::{sync::Arc, time::Duration};
 use tracing::error;
 
 use super::{
+    blockhash::hash24_each,
     error::{StoreError, StoreResult},
     format::{hash24, is_zero, Ptr, PtrKind, BLOCK_SIZE, BLOCK_SIZE_U64},
     radix::{resolve, resolve_cached, Extents},
@@ -207,6 +208,8 @@ impl StoreDisk {
             let s = (first + k as u64) * BLOCK_SIZE_U64;
             s >= offset && s + BLOCK_SIZE_U64 <= end
         };
+        // (offset in buf, index in ptrs) of whole blocks read but not yet verified.
+        let mut unverified: Vec<(usize, usize)> = Vec::new();
         let mut k = 0usize;
         while k < ptrs.len() {
             let bstart = (first + k as u64) * BLOCK_SIZE_U64;
@@ -245,30 +248,46 @@ impl StoreDisk {
             if let Err(e) = read(run, p.addr() * BLOCK_SIZE_U64)? {
                 return Some(Err(e));
             }
-            for (i, chunk) in run.chunks(BLOCK_SIZE).enumerate() {
-                if let Err(e) = self.verify(chunk, ptrs[k + i], first + (k + i) as u64) {
-                    return Some(Err(e));
-                }
-            }
+            unverified.extend((k..j).map(|i| (at + (i - k) * BLOCK_SIZE, i)));
             k = j;
+        }
+        // Whole blocks are verified together, which hashes them side by side.
+        let blocks: Vec<&[u8]> = unverified
+            .iter()
+            .map(|&(at, _)| &buf[at..at + BLOCK_SIZE])
+            .collect();
+        let mut bad = None;
+        hash24_each(&blocks, |n, h| {
+            let k = unverified[n].1;
+            if bad.is_none() && h != ptrs[k].hash {
+                bad = Some(k);
+            }
+        });
+        if let Some(k) = bad {
+            return Some(Err(self.mismatch(ptrs[k], first + k as u64)));
         }
         Some(Ok(()))
     }
 
     fn verify(&self, data: &[u8], p: Ptr, lba: u64) -> StoreResult<()> {
         if hash24(data) != p.hash {
-            log_limited(format_args!(
-                "checksum mismatch: {} block {lba} (store block {}); answering with an I/O error",
-                self.name,
-                p.addr()
-            ));
-            return Err(StoreError::Checksum(format!(
-                "{} block {lba} (store block {})",
-                self.name,
-                p.addr()
-            )));
+            return Err(self.mismatch(p, lba));
         }
         Ok(())
+    }
+
+    /// Logs a checksum mismatch and returns the error the client gets.
+    fn mismatch(&self, p: Ptr, lba: u64) -> StoreError {
+        log_limited(format_args!(
+            "checksum mismatch: {} block {lba} (store block {}); answering with an I/O error",
+            self.name,
+            p.addr()
+        ));
+        StoreError::Checksum(format!(
+            "{} block {lba} (store block {})",
+            self.name,
+            p.addr()
+        ))
     }
 
     /// Writes `buf` at `offset`; with `fua`, durable on return.
@@ -311,16 +330,10 @@ impl StoreDisk {
     /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]).
     fn write_blocks(&self, lba: u64, data: &[u8]) -> StoreResult<()> {
         let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
-        let mut new: Vec<Ptr> = blocks
-            .iter()
-            .map(|b| {
-                if is_zero(b) {
-                    Ptr::HOLE
-                } else {
-                    Ptr::block(1, hash24(b))
-                }
-            })
-            .collect();
+        let mut new: Vec<Ptr> = vec![Ptr::HOLE; blocks.len()];
+        let nonzero: Vec<usize> = (0..blocks.len()).filter(|&i| !is_zero(blocks[i])).collect();
+        let to_hash: Vec<&[u8]> = nonzero.iter().map(|&i| blocks[i]).collect();
+        hash24_each(&to_hash, |n, h| new[nonzero[n]] = Ptr::block(1, h));
         let wanted = new.iter().filter(|p| p.is_block()).count() as u64;
         let runs = self.take_blocks(wanted)?;
         let mut addrs = runs.iter().flat_map(|&(a, n)| a..a + n);

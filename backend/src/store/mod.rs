@@ -23,6 +23,7 @@
 mod admin;
 mod apply;
 mod background;
+mod blockhash;
 mod btree;
 mod catalog;
 mod check;
