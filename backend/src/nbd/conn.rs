@@ -28,6 +28,7 @@ use crate::{
 };
 
 use super::{
+    buffers,
     config::{NbdConfig, StatsInner},
     exec::{self, Outcome},
     handshake::{Answer, Handshake, HandshakeLimits, Query, Step, MAX_OPTION_LEN},
@@ -581,7 +582,9 @@ impl Io {
                     self.inflight -= 1;
                     self.inflight_bytes -= charge;
                 }
-                self.out.pop_front();
+                if let Some(sent) = self.out.pop_front() {
+                    buffers::give(sent.bytes);
+                }
             }
         }
         Ok(())
@@ -748,7 +751,7 @@ impl Io {
                                 Command::Write { len, .. } if len > 0 => {
                                     t.recv = Recv::Payload {
                                         req,
-                                        buf: vec![0; len as usize],
+                                        buf: buffers::take(len as usize),
                                         have: 0,
                                         charge,
                                     };

@@ -4,6 +4,7 @@
 
 use crate::disk::{Disk, DiskError, ExtentState};
 
+use super::buffers;
 use super::proto::*;
 use super::transmission::{
     block_status_reply, error_reply, finish_read_reply, none_chunk, ok_reply, read_prefix_len,
@@ -79,8 +80,12 @@ pub fn try_read_inline(disk: &dyn Disk, structured: bool, req: &Request) -> Opti
         return Some(execute(disk, structured, *req, Vec::new()));
     }
     let prefix = read_prefix_len(structured);
-    let mut buf = vec![0u8; prefix + len as usize];
-    match disk.read_nowait(&mut buf[prefix..], offset)? {
+    let mut buf = buffers::take(prefix + len as usize);
+    let Some(read) = disk.read_nowait(&mut buf[prefix..], offset) else {
+        buffers::give(buf);
+        return None;
+    };
+    match read {
         Ok(()) => {
             finish_read_reply(&mut buf, structured, req.handle, offset);
             Some(Outcome {
@@ -124,7 +129,7 @@ pub fn execute(disk: &dyn Disk, structured: bool, req: Request, payload: Vec<u8>
                 return Outcome { reply, error: None };
             }
             let prefix = read_prefix_len(structured);
-            let mut buf = vec![0u8; prefix + len as usize];
+            let mut buf = buffers::take(prefix + len as usize);
             match disk.read_at(&mut buf[prefix..], offset) {
                 Ok(()) => {
                     finish_read_reply(&mut buf, structured, h, offset);
@@ -136,7 +141,11 @@ pub fn execute(disk: &dyn Disk, structured: bool, req: Request, payload: Vec<u8>
                 Err(e) => done(Err(e)),
             }
         }
-        Command::Write { offset, fua, .. } => done(disk.write_at(&payload, offset, fua)),
+        Command::Write { offset, fua, .. } => {
+            let r = disk.write_at(&payload, offset, fua);
+            buffers::give(payload);
+            done(r)
+        }
         Command::Flush => done(disk.flush()),
         Command::Trim { offset, len, fua } => {
             let r = disk.discard(offset, len.into());

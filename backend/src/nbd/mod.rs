@@ -51,6 +51,7 @@
 //! Fuzz targets call [`handshake::fuzz_handshake`] and [`transmission::fuzz_requests`] (or the
 //! parsers they use) with arbitrary bytes; none of them panics.
 
+mod buffers;
 mod config;
 mod conn;
 pub mod exec;
