@@ -66,6 +66,7 @@ enum Command {
         /// its file system if that is less. A block device is used whole.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -78,16 +79,19 @@ enum Command {
         /// Check metadata only; skip reading every data block.
         #[arg(long)]
         metadata_only: bool,
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Reclaim the space of deleted VDIs and snapshots and of discarded blocks.
     Gc {
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Show space usage and what snapshots and forks save.
     Df {
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -95,6 +99,7 @@ enum Command {
     /// log that makes flushes and snapshots fast). Crash-safe; only with no daemon serving
     /// the store. Older parallax versions cannot open the store afterwards.
     Upgrade {
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -155,12 +160,14 @@ enum VdiCommand {
     },
     /// List VDIs and snapshots.
     List {
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Size, allocation (unique vs shared), origin, snapshots of a VDI or snapshot.
     Info {
         name: String,
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -169,6 +176,7 @@ enum VdiCommand {
         /// Graphviz output.
         #[arg(long, conflicts_with = "json")]
         dot: bool,
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -188,6 +196,7 @@ enum VdiCommand {
         /// Also delete the VDI's snapshots.
         #[arg(long, short)]
         recursive: bool,
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
