@@ -1,27 +1,70 @@
 //! Running one request against the disk: decode and validate it, map the guest's pages, read
 //! into them or copy out of them and write. Never fails: errors become a response status.
+//!
+//! A request can be tried without waiting for a device ([`Executor::execute`] with `nowait`):
+//! then a read the page cache cannot answer, and a flush, are left for the queue's I/O threads
+//! (`Executed::WouldBlock`) rather than holding up the requests behind them.
 
-use super::{
-    queue::Queue,
-    split::{read_into_guest, run_parts, split_lengths, worth_splitting},
-};
+use std::sync::Arc;
+
+use super::split::{read_into_guest, run_parts, split_lengths, worth_splitting};
 use crate::{
     blkif::{
         abi::{
             BlkifRequestSegment, BlkifResponse, EntryBytes, GrantRef, BLKIF_RSP_EOPNOTSUPP,
             BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, PAGE_SIZE, SECTOR, SEGMENTS_PER_INDIRECT_PAGE,
         },
-        mem::{coalesce, copy_from_guest, GuestRange},
-        request::{self, DataOp, Request},
+        mem::{coalesce, copy_from_guest, with_guest_slice_mut, GuestRange},
+        request::{self, DataOp, Limits, Request},
         transport::{Transport, TransportError},
     },
-    disk::DiskError,
+    disk::{Disk, DiskError},
 };
+
+/// What a queue needs to run requests; shared by its thread and its I/O threads.
+pub(super) struct Executor<T: Transport> {
+    pub(super) transport: Arc<T>,
+    pub(super) disk: Arc<dyn Disk>,
+    pub(super) limits: Limits,
+    /// Threads a large request is split between.
+    pub(super) parts: usize,
+}
+
+/// Buffers one thread reuses from request to request.
+#[derive(Default)]
+pub(super) struct Scratch {
+    segments: Vec<BlkifRequestSegment>,
+    grefs: Vec<GrantRef>,
+    ranges: Vec<GuestRange>,
+    runs: Vec<GuestRange>,
+    bounce: Vec<u8>,
+}
+
+/// The result of running a request.
+pub(super) enum Executed {
+    /// Its response, and what to log if it failed.
+    Done(BlkifResponse, Option<(u8, String)>),
+    /// Tried without waiting and it would have to wait: nothing was done, run it again.
+    WouldBlock,
+}
 
 /// How a request failed: the status to answer, and what to log.
 struct Failure {
     status: i16,
     why: String,
+}
+
+/// Why a request did not complete.
+enum Stop {
+    Failed(Failure),
+    /// Tried without waiting, and it would have waited.
+    WouldBlock,
+}
+
+impl<F: Into<Failure>> From<F> for Stop {
+    fn from(f: F) -> Stop {
+        Stop::Failed(f.into())
+    }
 }
 
 impl Failure {
@@ -59,18 +102,19 @@ impl From<request::Reason> for Failure {
     }
 }
 
-impl<T: Transport> Queue<T> {
-    /// Runs one request and builds its response. Never fails: errors become a status.
-    pub(super) fn execute(&mut self, entry: &EntryBytes) -> BlkifResponse {
+impl<T: Transport> Executor<T> {
+    /// Runs one request and builds its response; errors become a status. With `nowait`, a
+    /// request that would wait for a device is not run ([`Executed::WouldBlock`]).
+    pub(super) fn execute(&self, sc: &mut Scratch, entry: &EntryBytes, nowait: bool) -> Executed {
         let req = match request::decode(entry, &self.limits) {
             Ok(r) => r,
             Err(rej) => {
-                self.warn(rej.id, rej.echo, &rej.reason.to_string());
-                return BlkifResponse {
+                let rsp = BlkifResponse {
                     id: rej.id,
                     operation: rej.echo,
                     status: rej.status,
                 };
+                return Executed::Done(rsp, Some((rej.echo, rej.reason.to_string())));
             }
         };
         let (id, echo) = (req.id(), req.echo());
@@ -80,50 +124,50 @@ impl<T: Transport> Queue<T> {
             } => self
                 .disk
                 .discard(sector * SECTOR, nr_sectors * SECTOR)
-                .map_err(Failure::from),
+                .map_err(Stop::from),
             Request::Direct {
                 op,
                 sector,
                 segments,
                 ..
-            } => self.data(op, sector, &segments),
+            } => self.data(sc, op, sector, &segments, nowait),
             Request::Indirect {
                 op,
                 sector,
                 nr_segments,
                 pages,
                 ..
-            } => match self.fetch_indirect(&pages, nr_segments) {
+            } => match self.fetch_indirect(sc, &pages, nr_segments) {
                 Ok(segs) => {
-                    let r = self.data(op, sector, &segs);
-                    self.segments = segs;
+                    let r = self.data(sc, op, sector, &segs, nowait);
+                    sc.segments = segs;
                     r
                 }
-                Err(f) => Err(f),
+                Err(f) => Err(f.into()),
             },
         };
-        let status = match result {
-            Ok(()) => BLKIF_RSP_OKAY,
-            Err(f) => {
-                self.warn(id, echo, &f.why);
-                f.status
-            }
+        let (status, failure) = match result {
+            Ok(()) => (BLKIF_RSP_OKAY, None),
+            Err(Stop::WouldBlock) => return Executed::WouldBlock,
+            Err(Stop::Failed(f)) => (f.status, Some((echo, f.why))),
         };
-        BlkifResponse {
+        let rsp = BlkifResponse {
             id,
             operation: echo,
             status,
-        }
+        };
+        Executed::Done(rsp, failure)
     }
 
     /// Copies an indirect request's segment list out of its (read-only mapped) pages.
     fn fetch_indirect(
-        &mut self,
+        &self,
+        sc: &mut Scratch,
         pages: &[GrantRef],
         n: usize,
     ) -> Result<Vec<BlkifRequestSegment>, Failure> {
         let map = self.transport.map(pages, false)?;
-        let mut segs = std::mem::take(&mut self.segments);
+        let mut segs = std::mem::take(&mut sc.segments);
         segs.clear();
         let mut buf = [0u8; PAGE_SIZE];
         for p in 0..pages.len() {
@@ -141,23 +185,29 @@ impl<T: Transport> Queue<T> {
 
     /// Read, write, flush or barrier over `segs` starting at `sector`.
     fn data(
-        &mut self,
+        &self,
+        sc: &mut Scratch,
         op: DataOp,
         sector: u64,
         segs: &[BlkifRequestSegment],
-    ) -> Result<(), Failure> {
+        nowait: bool,
+    ) -> Result<(), Stop> {
         let total = request::plan(&self.limits, sector, segs)?;
-        if matches!(op, DataOp::Flush | DataOp::Barrier) {
+        let durable = matches!(op, DataOp::Flush | DataOp::Barrier);
+        if nowait && durable {
+            return Err(Stop::WouldBlock);
+        }
+        if durable {
             // Everything acknowledged before this request becomes durable first.
             self.disk.flush()?;
         }
         if segs.is_empty() {
             return Ok(());
         }
-        self.grefs.clear();
-        self.grefs.extend(segs.iter().map(|s| s.gref));
-        self.ranges.clear();
-        self.ranges
+        sc.grefs.clear();
+        sc.grefs.extend(segs.iter().map(|s| s.gref));
+        sc.ranges.clear();
+        sc.ranges
             .extend(segs.iter().enumerate().map(|(i, s)| GuestRange {
                 page: i,
                 offset: usize::from(s.first_sect) * SECTOR as usize,
@@ -165,30 +215,42 @@ impl<T: Transport> Queue<T> {
             }));
         let offset = sector * SECTOR;
         if op == DataOp::Read {
-            let pages = self.transport.map(&self.grefs, true)?;
-            coalesce(&pages, &self.ranges, &mut self.runs);
-            read_into_guest(&*self.disk, &pages, &self.runs, offset, self.parts)?;
+            let pages = self.transport.map(&sc.grefs, true)?;
+            coalesce(&pages, &sc.ranges, &mut sc.runs);
+            let len = (total * SECTOR) as usize;
+            if nowait && !worth_splitting(len, self.parts) {
+                // From the page cache or not at all (a run read before a miss is read again).
+                let mut at = offset;
+                for &run in &sc.runs {
+                    let read =
+                        with_guest_slice_mut(&pages, run, |buf| self.disk.read_nowait(buf, at));
+                    read.ok_or(Stop::WouldBlock)??;
+                    at += run.len as u64;
+                }
+                return Ok(());
+            }
+            read_into_guest(&*self.disk, &pages, &sc.runs, offset, self.parts)?;
             return Ok(());
         }
         // WRITE data is copied out of guest memory before the store sees it: the store hashes
         // each block, and a guest changing the page between hashing and writing would leave a
         // block that fails its checksum. What we copied is what the guest wrote.
-        let pages = self.transport.map(&self.grefs, false)?;
+        let pages = self.transport.map(&sc.grefs, false)?;
         let len = (total * SECTOR) as usize;
-        self.bounce.resize(len, 0);
+        sc.bounce.resize(len, 0);
         let mut pos = 0;
-        for r in &self.ranges {
-            copy_from_guest(&pages, r.page, r.offset, &mut self.bounce[pos..pos + r.len]);
+        for r in &sc.ranges {
+            copy_from_guest(&pages, r.page, r.offset, &mut sc.bounce[pos..pos + r.len]);
             pos += r.len;
         }
         drop(pages);
-        let fua = matches!(op, DataOp::Flush | DataOp::Barrier);
+        let fua = durable;
         if !worth_splitting(len, self.parts) {
-            self.disk.write_at(&self.bounce[..len], offset, fua)?;
+            self.disk.write_at(&sc.bounce[..len], offset, fua)?;
             return Ok(());
         }
         let mut pieces = Vec::new();
-        let mut rest = &self.bounce[..len];
+        let mut rest = &sc.bounce[..len];
         let mut at = offset;
         for n in split_lengths(offset, len, self.parts) {
             let (piece, tail) = rest.split_at(n);

@@ -13,7 +13,12 @@
 //! notify only if `(new - rsp_event) < (new - old)`), and when the ring looks empty re-arm
 //! `req_event = req_cons + 1`, fence, and look again (`RING_FINAL_CHECK_FOR_REQUESTS`).
 //! Each round takes at most one ring's worth of requests and checks for a stop request
-//! between rounds. Requests of one queue are served in order; queues are independent.
+//! between rounds; queues are independent. Within a round, the queue thread runs every
+//! request that needs no device wait (page-cache reads, writes, discards) in ring order, and
+//! the ones that would wait (reads of data not in memory, flushes) side by side on a pool of
+//! I/O threads, so a device sees the guest's queue depth rather than one request at a time.
+//! A write barrier splits the round: what comes before it completes first. The round's
+//! responses are published together.
 //!
 //! A large READ or WRITE (at least [`SPLIT_BYTES`]) is split at block boundaries between the
 //! queue thread and a shared pool (rayon's, threads named `blkif-split-N`), since one thread
@@ -25,9 +30,11 @@
 //!   mod.rs    the device: parameters, start_device (map, bind, start queue threads), stop
 //!   queue.rs  one queue's thread: consume the ring, respond, publish, notify
 //!   exec.rs   one request: decode, map the guest's pages, run it against the disk
+//!   blocking.rs  the requests of a round that wait for a device, run side by side
 //!   split.rs  large requests cut at block boundaries and run on several threads
 //! ```
 
+mod blocking;
 mod exec;
 mod queue;
 mod split;

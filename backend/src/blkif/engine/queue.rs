@@ -9,12 +9,19 @@ use std::{
     },
 };
 
-use super::{split::split_parts, Shared};
+use super::{
+    blocking::{run_blocking, Answer},
+    exec::{Executed, Executor, Scratch},
+    split::split_parts,
+    Shared,
+};
 use crate::{
     blkif::{
-        abi::{BlkifRequestSegment, BlkifResponse, EntryBytes, GrantRef, RingIdx, BLKIF_RSP_OKAY},
+        abi::{
+            BlkifRequest, BlkifResponse, EntryBytes, RingIdx, BLKIF_OP_WRITE_BARRIER,
+            BLKIF_RSP_OKAY,
+        },
         event::poll_readable,
-        mem::GuestRange,
         request::Limits,
         ring::{need_notify, SharedRing},
         transport::{EventChannel, Transport},
@@ -26,12 +33,10 @@ use crate::{
 /// One queue's state: the backend's private ring indexes and reusable buffers.
 pub(super) struct Queue<T: Transport> {
     pub(super) index: usize,
-    pub(super) transport: Arc<T>,
-    pub(super) ring: SharedRing,
-    pub(super) event: T::Event,
-    pub(super) disk: Arc<dyn Disk>,
-    pub(super) limits: Limits,
-    pub(super) shared: Arc<Shared>,
+    ring: SharedRing,
+    event: T::Event,
+    exec: Executor<T>,
+    shared: Arc<Shared>,
     pub(super) size: u32,
     /// Next request to consume (private: never read back from the ring).
     pub(super) req_cons: RingIdx,
@@ -39,16 +44,15 @@ pub(super) struct Queue<T: Transport> {
     pub(super) rsp_prod_pvt: RingIdx,
     /// The `rsp_prod` value last published.
     pub(super) rsp_published: RingIdx,
-    pub(super) batch: Vec<EntryBytes>,
-    pub(super) in_flight: HashSet<u64>,
-    pub(super) segments: Vec<BlkifRequestSegment>,
-    pub(super) grefs: Vec<GrantRef>,
-    pub(super) ranges: Vec<GuestRange>,
-    pub(super) runs: Vec<GuestRange>,
-    pub(super) bounce: Vec<u8>,
-    /// Threads a large request is split between.
-    pub(super) parts: usize,
-    pub(super) log: RateLimit,
+    batch: Vec<EntryBytes>,
+    in_flight: HashSet<u64>,
+    /// Buffers of this thread (the first) and of the I/O threads working for this queue.
+    scratch: Vec<Scratch>,
+    /// The round's answers, by position in the batch.
+    answers: Vec<Option<Answer>>,
+    /// Positions in the batch of requests that must wait for a device.
+    waiting: Vec<usize>,
+    log: RateLimit,
 }
 
 impl<T: Transport> Queue<T> {
@@ -64,11 +68,14 @@ impl<T: Transport> Queue<T> {
         let size = ring.size();
         Queue {
             index,
-            transport,
             ring,
             event,
-            disk,
-            limits,
+            exec: Executor {
+                transport,
+                disk,
+                limits,
+                parts: split_parts(),
+            },
             shared,
             size,
             req_cons: 0,
@@ -76,12 +83,9 @@ impl<T: Transport> Queue<T> {
             rsp_published: 0,
             batch: Vec::with_capacity(size as usize),
             in_flight: HashSet::with_capacity(size as usize),
-            segments: Vec::new(),
-            grefs: Vec::new(),
-            ranges: Vec::new(),
-            runs: Vec::new(),
-            bounce: Vec::new(),
-            parts: split_parts(),
+            scratch: vec![Scratch::default()],
+            answers: Vec::with_capacity(size as usize),
+            waiting: Vec::new(),
             log: RateLimit::default(),
         }
     }
@@ -161,7 +165,7 @@ impl<T: Transport> Queue<T> {
         self.in_flight.clear();
         for i in 0..pending {
             let entry = self.ring.read_entry(self.req_cons.wrapping_add(i));
-            let id = crate::blkif::abi::BlkifRequest::decode(&entry).id;
+            let id = BlkifRequest::decode(&entry).id;
             if !self.in_flight.insert(id) {
                 return Err(format!("request id {id:#x} is already in flight"));
             }
@@ -169,16 +173,66 @@ impl<T: Transport> Queue<T> {
         }
         self.req_cons = prod;
         let batch = std::mem::take(&mut self.batch);
-        for entry in &batch {
-            let rsp = self.execute(entry);
+        self.answer(&batch);
+        let mut answers = std::mem::take(&mut self.answers);
+        for (rsp, failure) in answers.drain(..).flatten() {
+            if let Some((op, why)) = failure {
+                self.warn(rsp.id, op, &why);
+            }
             self.respond(&rsp);
         }
+        self.answers = answers;
         self.batch = batch;
         // One publish (and at most one notification) per round, like
         // RING_PUSH_RESPONSES_AND_CHECK_NOTIFY after a batch: publishing each response on its
         // own woke the frontend once per request.
         self.publish()?;
         Ok(pending as usize)
+    }
+
+    /// Runs the round's requests and leaves an answer for each in `self.answers`.
+    ///
+    /// Requests that can complete without waiting for a device run here, in ring order; the
+    /// others wait for each other only, side by side (`blocking.rs`). A write barrier orders
+    /// the requests around it: everything before it completes first, and nothing after it
+    /// starts until it has. Other requests in flight together have no order among themselves
+    /// (as for any block device), so a read and a write of the same sector may pass each other.
+    fn answer(&mut self, batch: &[EntryBytes]) {
+        self.answers.clear();
+        self.answers.resize_with(batch.len(), || None);
+        let mut start = 0;
+        while start < batch.len() {
+            let end = batch[start..]
+                .iter()
+                .position(|e| BlkifRequest::decode(e).operation == BLKIF_OP_WRITE_BARRIER)
+                .map_or(batch.len(), |p| start + p);
+            self.waiting.clear();
+            for (i, entry) in batch.iter().enumerate().take(end).skip(start) {
+                match self.exec.execute(&mut self.scratch[0], entry, true) {
+                    Executed::Done(rsp, failure) => self.answers[i] = Some((rsp, failure)),
+                    Executed::WouldBlock => self.waiting.push(i),
+                }
+            }
+            let waiting = &self.waiting;
+            run_blocking(
+                &self.exec,
+                &mut self.scratch,
+                batch,
+                waiting,
+                &mut self.answers,
+            );
+            if end < batch.len() {
+                // The barrier, once everything before it is done.
+                run_blocking(
+                    &self.exec,
+                    &mut self.scratch,
+                    batch,
+                    &[end],
+                    &mut self.answers,
+                );
+            }
+            start = end + 1;
+        }
     }
 
     /// Writes a response into the ring, unpublished until [`Self::publish`].
@@ -212,7 +266,7 @@ impl<T: Transport> Queue<T> {
         Ok(())
     }
 
-    pub(super) fn warn(&mut self, id: u64, op: u8, why: &str) {
+    fn warn(&mut self, id: u64, op: u8, why: &str) {
         if let Some(suppressed) = self.log.check() {
             tracing::warn!(
                 id,
