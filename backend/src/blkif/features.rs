@@ -17,8 +17,9 @@ pub struct Features {
     pub max_indirect_segments: u32,
     /// `feature-flush-cache`.
     pub flush: bool,
-    /// `feature-barrier`. Barriers order requests of their own queue only (each queue is
-    /// served in order by one thread); Linux blkfront uses flush instead.
+    /// `feature-barrier`. Barriers order requests of their own queue only (a barrier splits
+    /// its queue's round: what comes before it completes first); Linux blkfront uses flush
+    /// instead.
     pub barrier: bool,
     /// `feature-discard`.
     pub discard: bool,

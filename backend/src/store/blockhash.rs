@@ -96,7 +96,8 @@ fn hash_group(platform: Platform, group: &[&[u8]], roots: &mut [u8; WIDTH * CV_L
             &mut out,
         );
         for i in 0..n {
-            cvs[(i * CHUNKS + c) * CV_LEN..][..CV_LEN].copy_from_slice(&out[i * CV_LEN..][..CV_LEN]);
+            cvs[(i * CHUNKS + c) * CV_LEN..][..CV_LEN]
+                .copy_from_slice(&out[i * CV_LEN..][..CV_LEN]);
         }
     }
     // The two parents of each block: (chunk 0, chunk 1) and (chunk 2, chunk 3).
