@@ -140,6 +140,10 @@ fn handshake_io_close_reconnect_and_removal() {
         backend_node(&tool, &spec, "feature-max-indirect-segments").as_deref(),
         Some("256")
     );
+    assert_eq!(
+        backend_node(&tool, &spec, "feature-persistent").as_deref(),
+        Some("1")
+    );
     // Nodes the daemon created inherit the directory's permissions: the guest may read them.
     let perms = tool
         .get_perms(&format!("{}/feature-flush-cache", spec.backend()))
@@ -149,11 +153,13 @@ fn handshake_io_close_reconnect_and_removal() {
         ["n0", "r5"]
     );
 
-    // The guest connects with two queues of two-page rings and indirect requests.
+    // The guest connects with two queues of two-page rings, indirect requests and persistent
+    // grants (the reconnect below uses none of them).
     let cfg = FrontendConfig {
         ring_order: 1,
         queues: 2,
         indirect_segments: 32,
+        persistent: true,
         ..FrontendConfig::default()
     };
     let mut front = guest.connect(&cfg).unwrap();

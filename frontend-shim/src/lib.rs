@@ -50,6 +50,9 @@ pub struct FrontendConfig {
     pub depth: Option<usize>,
     /// Attach read-only.
     pub read_only: bool,
+    /// Ask for persistent grants (in-process frontends only): the slots' grants never change,
+    /// so the backend may keep them mapped.
+    pub persistent: bool,
 }
 
 impl Default for FrontendConfig {
@@ -60,6 +63,7 @@ impl Default for FrontendConfig {
             indirect_segments: 0,
             depth: None,
             read_only: false,
+            persistent: false,
         }
     }
 }
@@ -194,6 +198,7 @@ impl Frontend {
             protocol: Some(PROTOCOL_X86_64.into()),
             read_only,
             features: features.clone(),
+            persistent: cfg.persistent,
         };
         // Rings are initialised by the frontend before the backend looks at them.
         let stop_placeholder = StopSignal::new()?;

@@ -126,7 +126,7 @@ fn main() -> Result<()> {
                 queues: ring.queues,
                 indirect_segments: ring.indirect,
                 depth: *depth,
-                read_only: false,
+                ..FrontendConfig::default()
             };
             let mut front = connect(&cli, name, &cfg)?;
             let report = verify::run(
@@ -182,6 +182,7 @@ fn main() -> Result<()> {
                 indirect_segments: indirect,
                 depth: Some(*depth),
                 read_only: !matches!(rw, bench::Pattern::RandWrite | bench::Pattern::Write),
+                ..FrontendConfig::default()
             };
             let mut front = connect(&cli, name, &cfg)?;
             if front.queues()[0].depth() < *depth {

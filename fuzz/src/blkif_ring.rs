@@ -155,6 +155,8 @@ pub fn blkif_ring(data: &[u8]) {
         protocol: None,
         read_only: flags & 32 != 0,
         features,
+        // Persistent grants: the guest's pages stay mapped across requests.
+        persistent: flags & 64 != 0,
     };
     let (back, _front) = LocalEvent::pair().expect("eventfds");
     let transport = Arc::new(FuzzTransport {

@@ -371,6 +371,7 @@ impl XenGuest {
             barrier: num("feature-barrier")? == 1,
             discard: num("feature-discard")? == 1,
             discard_granularity: num("discard-granularity")?,
+            persistent: num("feature-persistent")? == 1,
             ..Features::default()
         })
     }
@@ -408,6 +409,10 @@ impl XenGuest {
             nodes.push((format!("{dir}event-channel"), port.to_string()));
         }
         nodes.push(("protocol".into(), "x86_64-abi".into()));
+        if cfg.persistent && features.persistent {
+            // The frontend's slots keep their grants (frontend-shim never changes them).
+            nodes.push(("feature-persistent".into(), "1".into()));
+        }
         self.publish(&nodes)?;
         self.wait_backend(&["4"])?;
         let sectors: u64 = self
@@ -436,7 +441,11 @@ impl XenGuest {
                     || old.starts_with("queue-")
                     || matches!(
                         old.as_str(),
-                        "event-channel" | "protocol" | "ring-page-order" | "multi-queue-num-queues"
+                        "event-channel"
+                            | "protocol"
+                            | "ring-page-order"
+                            | "multi-queue-num-queues"
+                            | "feature-persistent"
                     )
                 {
                     t.rm(&format!("{fe}/{old}"))?;

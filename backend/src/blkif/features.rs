@@ -29,6 +29,9 @@ pub struct Features {
     pub discard_granularity: u32,
     /// `discard-alignment` in bytes.
     pub discard_alignment: u32,
+    /// `feature-persistent`: a frontend that asks for it keeps its grants for good, and the
+    /// backend keeps them mapped.
+    pub persistent: bool,
 }
 
 /// Default `feature-max-indirect-segments` (Linux blkback's value: 1 MiB per request).
@@ -50,6 +53,7 @@ impl Default for Features {
             discard_secure: false,
             discard_granularity: 4096,
             discard_alignment: 0,
+            persistent: true,
         }
     }
 }
@@ -77,7 +81,7 @@ impl Features {
             ("feature-flush-cache", b(f.flush)),
             ("feature-barrier", b(f.barrier)),
             ("feature-discard", b(f.discard)),
-            ("feature-persistent", "0".to_string()),
+            ("feature-persistent", b(f.persistent)),
             ("max-ring-page-order", f.max_ring_page_order.to_string()),
             ("multi-queue-max-queues", f.max_queues.to_string()),
         ];

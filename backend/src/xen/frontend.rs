@@ -8,6 +8,7 @@
 //!  many queues:  multi-queue-num-queues = N, queue-K/{ring-ref.., event-channel}, K < N
 //!                (ring-page-order stays at the top, shared by all queues)
 //!  protocol:     absent or "x86_64-abi" (native); anything else is refused
+//!  feature-persistent = 1: persistent grants, if the backend offered them
 //! ```
 
 use xen_sys::evtchn_port_t;
@@ -24,6 +25,8 @@ pub struct FrontRings {
     pub ring_order: u32,
     pub queues: Vec<QueueParams>,
     pub protocol: Option<String>,
+    /// Persistent grants: offered by the backend and asked for by the frontend.
+    pub persistent: bool,
 }
 
 fn parse_u32(key: &str, v: &str) -> Result<u32, String> {
@@ -95,10 +98,13 @@ pub fn read_rings(
             event_channel,
         });
     }
+    let persistent =
+        offered.persistent && get("feature-persistent").is_some_and(|v| v.trim() == "1");
     Ok(FrontRings {
         ring_order: ring_order.unwrap_or(0),
         queues,
         protocol,
+        persistent,
     })
 }
 

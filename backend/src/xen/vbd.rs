@@ -662,6 +662,7 @@ impl Vbd {
                 protocol: r.protocol,
                 read_only,
                 features: self.features.clone(),
+                persistent: r.persistent,
             })),
             Err(msg) => self.refuse(out, read, &msg),
         }

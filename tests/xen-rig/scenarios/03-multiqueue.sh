@@ -3,6 +3,7 @@
 # what the frontend negotiated in xenstore (ring-page-order 2, two queue-N/ with 4 ring refs and
 # an event channel each); the guest checks its block queue (2 hardware queues, max_segments 64)
 # and writes 4 MiB in 1 MiB O_DIRECT requests (indirect descriptors), then reads it back.
+# blkfront and Parallax negotiate persistent grants, which the same I/O goes through.
 rig_backend_start
 pattern zero 2048 >"$RIG_TMP/blank.img"      # 8 MiB
 rig_vdi_new mq "$RIG_TMP/blank.img"
@@ -41,6 +42,13 @@ for q in 0 1; do
   done
   [ -n "$(xs "$fe/queue-$q/event-channel")" ] || fail "no queue-$q/event-channel"
 done
+# Persistent grants: offered by Parallax, asked for by blkfront, and kept mapped by the engine.
+[ "$(xs "$be/feature-persistent")" = 1 ] || fail "backend did not offer feature-persistent"
+[ "$(xs "$fe/feature-persistent")" = 1 ] || fail "frontend did not ask for persistent grants"
+if [ "$RIG_BACKEND" = parallax ]; then
+  grep -q 'blkif device connected.*persistent=true' "$RIG_RESULTS/serve.log" ||
+    fail "the engine does not keep the grants mapped"
+fi
 rig_guest_set mq go 1
 rig_guest_wait mq 120
 rig_vdi_export mq "$RIG_TMP/mq.out"

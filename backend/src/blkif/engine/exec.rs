@@ -7,14 +7,22 @@
 
 use std::sync::Arc;
 
-use super::split::{read_into_guest, run_parts, split_lengths, worth_splitting};
+use parking_lot::Mutex;
+
+use super::{
+    grants::{KeptGrants, KeptPages},
+    split::{read_into_guest, run_parts, split_lengths, worth_splitting},
+    Shared,
+};
 use crate::{
     blkif::{
         abi::{
             BlkifRequestSegment, BlkifResponse, EntryBytes, GrantRef, BLKIF_RSP_EOPNOTSUPP,
             BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, PAGE_SIZE, SECTOR, SEGMENTS_PER_INDIRECT_PAGE,
         },
-        mem::{coalesce, copy_from_guest, with_guest_slice_mut, GuestRange},
+        mem::{
+            coalesce, copy_from_guest, copy_to_guest, with_guest_slice_mut, GuestPages, GuestRange,
+        },
         request::{self, DataOp, Limits, Request},
         transport::{Transport, TransportError},
     },
@@ -28,6 +36,25 @@ pub(super) struct Executor<T: Transport> {
     pub(super) limits: Limits,
     /// Threads a large request is split between.
     pub(super) parts: usize,
+    /// With persistent grants negotiated: the grants kept mapped.
+    pub(super) kept: Option<KeptGrants<T>>,
+    /// The device's counters.
+    pub(super) shared: Arc<Shared>,
+}
+
+/// A request's guest pages: mapped for this request alone, or kept (persistent grants).
+enum Mapped<T: Transport> {
+    Once(T::Pages),
+    Kept(KeptPages<T>),
+}
+
+impl<T: Transport> Mapped<T> {
+    fn pages(&self) -> &dyn GuestPages {
+        match self {
+            Mapped::Once(p) => p,
+            Mapped::Kept(p) => p,
+        }
+    }
 }
 
 /// Buffers one thread reuses from request to request.
@@ -103,6 +130,25 @@ impl From<request::Reason> for Failure {
 }
 
 impl<T: Transport> Executor<T> {
+    /// Maps `refs` for one request (`writable` for a READ into them), or finds them kept.
+    fn map(&self, refs: &[GrantRef], writable: bool) -> Result<Mapped<T>, TransportError> {
+        let (mapped, new) = match &self.kept {
+            Some(kept) => {
+                let (pages, new) = kept.map(&*self.transport, refs, writable)?;
+                (Mapped::Kept(pages), new)
+            }
+            None => (
+                Mapped::Once(self.transport.map(refs, writable)?),
+                refs.len(),
+            ),
+        };
+        self.shared
+            .stats
+            .grant_maps
+            .fetch_add(new as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(mapped)
+    }
+
     /// Runs one request and builds its response; errors become a status. With `nowait`, a
     /// request that would wait for a device is not run ([`Executed::WouldBlock`]).
     pub(super) fn execute(&self, sc: &mut Scratch, entry: &EntryBytes, nowait: bool) -> Executed {
@@ -166,14 +212,14 @@ impl<T: Transport> Executor<T> {
         pages: &[GrantRef],
         n: usize,
     ) -> Result<Vec<BlkifRequestSegment>, Failure> {
-        let map = self.transport.map(pages, false)?;
+        let map = self.map(pages, false)?;
         let mut segs = std::mem::take(&mut sc.segments);
         segs.clear();
         let mut buf = [0u8; PAGE_SIZE];
         for p in 0..pages.len() {
             let here = (n - p * SEGMENTS_PER_INDIRECT_PAGE).min(SEGMENTS_PER_INDIRECT_PAGE);
             let bytes = &mut buf[..here * BlkifRequestSegment::SIZE];
-            copy_from_guest(&map, p, 0, bytes);
+            copy_from_guest(map.pages(), p, 0, bytes);
             for chunk in bytes.chunks_exact(BlkifRequestSegment::SIZE) {
                 let mut s = [0u8; 8];
                 s.copy_from_slice(chunk);
@@ -215,35 +261,45 @@ impl<T: Transport> Executor<T> {
             }));
         let offset = sector * SECTOR;
         if op == DataOp::Read {
-            let pages = self.transport.map(&sc.grefs, true)?;
-            coalesce(&pages, &sc.ranges, &mut sc.runs);
+            let mapped = self.map(&sc.grefs, true)?;
+            let pages = mapped.pages();
+            coalesce(pages, &sc.ranges, &mut sc.runs);
             let len = (total * SECTOR) as usize;
+            if sc.runs.len() > 1 && matches!(mapped, Mapped::Kept(_)) {
+                // Kept pages are separate mappings: one disk read, then a copy per page.
+                return self.read_bounced(sc, pages, offset, len, nowait);
+            }
             if nowait && !worth_splitting(len, self.parts) {
                 // From the page cache or not at all (a run read before a miss is read again).
                 let mut at = offset;
                 for &run in &sc.runs {
                     let read =
-                        with_guest_slice_mut(&pages, run, |buf| self.disk.read_nowait(buf, at));
+                        with_guest_slice_mut(pages, run, |buf| self.disk.read_nowait(buf, at));
                     read.ok_or(Stop::WouldBlock)??;
                     at += run.len as u64;
                 }
                 return Ok(());
             }
-            read_into_guest(&*self.disk, &pages, &sc.runs, offset, self.parts)?;
+            read_into_guest(&*self.disk, pages, &sc.runs, offset, self.parts)?;
             return Ok(());
         }
         // WRITE data is copied out of guest memory before the store sees it: the store hashes
         // each block, and a guest changing the page between hashing and writing would leave a
         // block that fails its checksum. What we copied is what the guest wrote.
-        let pages = self.transport.map(&sc.grefs, false)?;
+        let mapped = self.map(&sc.grefs, false)?;
         let len = (total * SECTOR) as usize;
         sc.bounce.resize(len, 0);
         let mut pos = 0;
         for r in &sc.ranges {
-            copy_from_guest(&pages, r.page, r.offset, &mut sc.bounce[pos..pos + r.len]);
+            copy_from_guest(
+                mapped.pages(),
+                r.page,
+                r.offset,
+                &mut sc.bounce[pos..pos + r.len],
+            );
             pos += r.len;
         }
-        drop(pages);
+        drop(mapped);
         let fua = durable;
         if !worth_splitting(len, self.parts) {
             self.disk.write_at(&sc.bounce[..len], offset, fua)?;
@@ -260,6 +316,44 @@ impl<T: Transport> Executor<T> {
         }
         let disk = &*self.disk;
         run_parts(&pieces, |&(data, at)| disk.write_at(data, at, fua))?;
+        Ok(())
+    }
+
+    /// A READ of `len` bytes at `offset` into `sc.ranges` of `pages` through `sc.bounce`.
+    fn read_bounced(
+        &self,
+        sc: &mut Scratch,
+        pages: &dyn GuestPages,
+        offset: u64,
+        len: usize,
+        nowait: bool,
+    ) -> Result<(), Stop> {
+        sc.bounce.resize(len, 0);
+        let buf = &mut sc.bounce[..len];
+        if nowait && !worth_splitting(len, self.parts) {
+            self.disk
+                .read_nowait(buf, offset)
+                .ok_or(Stop::WouldBlock)??;
+        } else if !worth_splitting(len, self.parts) {
+            self.disk.read_at(buf, offset)?;
+        } else {
+            let mut pieces = Vec::new();
+            let mut rest = buf;
+            let mut at = offset;
+            for n in split_lengths(offset, len, self.parts) {
+                let (piece, tail) = rest.split_at_mut(n);
+                pieces.push((Mutex::new(piece), at));
+                rest = tail;
+                at += n as u64;
+            }
+            let disk = &*self.disk;
+            run_parts(&pieces, |(piece, at)| disk.read_at(&mut piece.lock(), *at))?;
+        }
+        let mut pos = 0;
+        for r in &sc.ranges {
+            copy_to_guest(pages, r.page, r.offset, &sc.bounce[pos..pos + r.len]);
+            pos += r.len;
+        }
         Ok(())
     }
 }

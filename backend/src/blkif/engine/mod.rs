@@ -31,11 +31,13 @@
 //!   queue.rs  one queue's thread: consume the ring, respond, publish, notify
 //!   exec.rs   one request: decode, map the guest's pages, run it against the disk
 //!   blocking.rs  the requests of a round that wait for a device, run side by side
+//!   grants.rs    persistent grants: the frontend's pages kept mapped for the ring's life
 //!   split.rs  large requests cut at block boundaries and run on several threads
 //! ```
 
 mod blocking;
 mod exec;
+mod grants;
 mod queue;
 mod split;
 
@@ -83,6 +85,9 @@ pub struct DeviceParams {
     pub read_only: bool,
     /// What the backend advertised; requests beyond it are refused.
     pub features: Features,
+    /// Persistent grants: the backend offered `feature-persistent` and the frontend asked for
+    /// them, so the grants of requests stay mapped (see `grants.rs`).
+    pub persistent: bool,
 }
 
 /// Why a device could not be started.
@@ -108,6 +113,9 @@ pub struct DeviceStats {
     pub kicks: AtomicU64,
     /// Notifications sent.
     pub notifies: AtomicU64,
+    /// Grants mapped for requests (not counting the rings; with persistent grants, each
+    /// kept grant once).
+    pub grant_maps: AtomicU64,
 }
 
 /// A plain copy of [`DeviceStats`].
@@ -117,6 +125,7 @@ pub struct StatsSnapshot {
     pub errors: u64,
     pub kicks: u64,
     pub notifies: u64,
+    pub grant_maps: u64,
 }
 
 /// How a device ended.
@@ -182,6 +191,7 @@ impl Device {
             errors: s.errors.load(Ordering::Relaxed),
             kicks: s.kicks.load(Ordering::Relaxed),
             notifies: s.notifies.load(Ordering::Relaxed),
+            grant_maps: s.grant_maps.load(Ordering::Relaxed),
         }
     }
 
@@ -273,11 +283,12 @@ pub fn start_device<T: Transport>(
     });
     // Map and bind everything before starting any thread, so a bad parameter fails the start.
     let mut workers = Vec::with_capacity(nq);
+    let persistent = params.persistent && features.persistent;
     for (i, q) in params.queues.iter().enumerate() {
         let ring_pages = transport.map(&q.ring_refs, true)?;
         let ring = SharedRing::new(Box::new(ring_pages), params.ring_order)?;
         let event = transport.bind(q.event_channel)?;
-        workers.push(Queue::new(
+        let mut queue = Queue::new(
             i,
             transport.clone(),
             ring,
@@ -285,7 +296,11 @@ pub fn start_device<T: Transport>(
             disk.clone(),
             limits.clone(),
             shared.clone(),
-        ));
+        );
+        if persistent {
+            queue.keep_grants();
+        }
+        workers.push(queue);
     }
     let mut device = Device {
         shared,
@@ -299,6 +314,6 @@ pub fn start_device<T: Transport>(
             .spawn(move || w.run())?;
         device.threads.push(handle);
     }
-    tracing::info!(device = %params.name, queues = nq, order = params.ring_order, read_only = limits.read_only, "blkif device connected");
+    tracing::info!(device = %params.name, queues = nq, order = params.ring_order, read_only = limits.read_only, persistent, "blkif device connected");
     Ok(device)
 }

@@ -12,6 +12,7 @@ use std::{
 use super::{
     blocking::{run_blocking, Answer},
     exec::{Executed, Executor, Scratch},
+    grants::KeptGrants,
     split::split_parts,
     Shared,
 };
@@ -75,6 +76,8 @@ impl<T: Transport> Queue<T> {
                 disk,
                 limits,
                 parts: split_parts(),
+                kept: None,
+                shared: shared.clone(),
             },
             shared,
             size,
@@ -88,6 +91,11 @@ impl<T: Transport> Queue<T> {
             waiting: Vec::new(),
             log: RateLimit::default(),
         }
+    }
+
+    /// Keeps the grants of requests mapped (persistent grants were negotiated).
+    pub(super) fn keep_grants(&mut self) {
+        self.exec.kept = Some(KeptGrants::new());
     }
 
     pub(super) fn run(mut self) {

@@ -336,6 +336,9 @@ fn attach(
         protocol: connect.protocol,
         read_only,
         features,
+        // The local attach request has no way to ask for them (frontend-shim's in-process
+        // frontend can: FrontendConfig::persistent).
+        persistent: false,
     };
     let transport = Arc::new(LocalTransport::new(Arc::new(table), events));
     let device = start_device(transport, params, disk)?;
