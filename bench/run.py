@@ -155,6 +155,8 @@ def main():
                             ("mem", sec_mem.run)):
                 if sec not in cfg.sections:
                     continue
+                if sec in ("meta", "snaps", "forks", "mem") and not a.keep:
+                    site.release_data_copies()  # no later section reads them
                 if sec in ("forks", "mem"):
                     sec_meta.ensure_store(site)
                 log(f"== {name}: {sec}")

@@ -69,6 +69,15 @@ class Site:
         s += [Nbdkit("nbdkit file", self.raw, self.dir), NbdServer("nbd-server", self.raw, self.dir)]
         return s
 
+    def release_data_copies(self):
+        """Deletes the qcow2 file and the main store once no section needs them (the raw file
+        stays: it may be the next site's source). On tmpfs they are memory: a 12 GiB store that
+        the first sections have written all over, with the sections after them, once filled a
+        24 GiB machine and the kernel killed a daemon."""
+        for path in (self.qcow2, self.store):
+            if os.path.exists(path):
+                os.unlink(path)
+
     def cleanup(self, keep=()):
         """Removes the work directory, or everything in it but the paths in `keep`. The
         servers' logs are kept first, in the run's `raw/logs-<site>/`."""
