@@ -327,26 +327,7 @@ impl RcTable {
 
     /// Adds a reference to `addr` (which must already be referenced).
     pub fn incr(&mut self, dev: &dyn Device, addr: u64) -> StoreResult<()> {
-        let (g, p, i) = self.locate(addr)?;
-        let page = self.page(dev, g, p)?;
-        match page.rc[i] {
-            0 => {
-                return Err(StoreError::Corrupt(format!(
-                    "adding a reference to free block {addr}"
-                )))
-            }
-            u32::MAX => {
-                return Err(StoreError::Corrupt(format!(
-                    "refcount of block {addr} overflows"
-                )))
-            }
-            _ => {
-                page.touch();
-                page.rc[i] += 1;
-            }
-        }
-        self.groups[g].touch();
-        Ok(())
+        self.incr_all(dev, std::iter::once(addr))
     }
 
     /// Adds a reference to each of `addrs` (a cloned node's children): like [`RcTable::incr`]
