@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  change (under its locks) ─ append entry ─► buffer (LSN-ordered bytes)
-//!  flush ─ take buffer ─ fsync (data) ─ write chained log blocks ─ fsync ─► durable LSN
+//!  flush ─ take buffer ─ write chained log blocks ─ fsync (data and log) ─► durable LSN
 //!  checkpoint cut ─ records (head block, its sequence number, LSN, chain id) in the commit
 //!                   record: recovery replays entries from that LSN on
 //! ```
@@ -470,20 +470,19 @@ impl Log {
             if !self.prepare_pool(dev, space)? {
                 return Ok(false);
             }
-            // The entries written now follow everything the first sync makes durable.
-            let first = self.state.lock().buf_lsn;
-            let rec = self.take(first);
-            // Data blocks the entries point at (and log blocks written in the background) were
-            // written before; the first sync makes them durable before anything refers to them.
-            dev.sync()?;
-            let end = match rec {
+            // One sync makes the data, the blocks written ahead and these durable together.
+            // Until it returns, any of them may reach the disk without the others: the blocks
+            // claim only what was durable before it, and recovery checks every later entry's
+            // data (replay.rs, `drop_unwritten_tail`).
+            let synced = self.durable.load(Ordering::Acquire);
+            let end = match self.take(synced) {
                 Some(rec) => {
                     write_blocks(dev, &rec.blocks)?;
-                    dev.sync()?;
                     rec.end_lsn
                 }
                 None => self.state.lock().written_end,
             };
+            dev.sync()?;
             self.durable.fetch_max(end, Ordering::AcqRel);
         }
         Ok(true)

@@ -73,10 +73,11 @@ impl Store {
         Ok(())
     }
 
-    /// Entries after the last point the log knew durable were written ahead of a flush: their
-    /// data may not have reached the disk. Replay stops at the first write whose data does not
-    /// match: no flush returned after it (a flush makes all data durable before it writes
-    /// its own log blocks), so neither it nor anything after it was acknowledged as durable.
+    /// Entries after the last point the log knew durable were written before the sync that
+    /// would have made them durable returned (ahead of a flush, or by a flush the power cut
+    /// short): their data may not have reached the disk. Replay stops at the first write whose
+    /// data does not match: no flush returned after it (a flush's one sync covers its data
+    /// and its log blocks), so neither it nor anything after it was acknowledged as durable.
     fn drop_unwritten_tail(&self, found: &mut super::log::Found) {
         let mut b = [0u8; super::format::BLOCK_SIZE];
         let bad = found.entries.iter().position(|(lsn, e)| {
