@@ -31,7 +31,7 @@ use std::{
 };
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     background::{Background, WorkerId},
@@ -139,6 +139,11 @@ fn random_uuid() -> [u8; 16] {
 
 /// How often the log writer looks for buffered entries to write ahead of a flush.
 const WRITE_AHEAD_EVERY: Duration = Duration::from_millis(2);
+
+/// How often the writeback thread starts writing dirty pages of the store out, so that a flush,
+/// snapshot or fork pays for at most this long's writes in its sync rather than for everything
+/// written since the last one (bench/limits.md, "Snapshots").
+const WRITEBACK_EVERY: Duration = Duration::from_millis(10);
 
 /// A change in progress: the gate held shared, in generation `gen`.
 pub(super) struct Change<'a> {
@@ -413,6 +418,25 @@ impl Store {
             });
         if let Err(e) = log {
             warn!("cannot start the log writer ({e}); flushes write the whole log");
+        }
+        if !self.dev.writes_back() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let writeback = self
+            .background
+            .start("parallax-wback", WRITEBACK_EVERY, move || {
+                let Some(store) = weak.upgrade() else {
+                    return false;
+                };
+                if let Err(e) = store.dev.start_writeback() {
+                    // Only a hint: the next sync reports any real failure.
+                    debug!("starting writeback failed: {e}");
+                }
+                true
+            });
+        if let Err(e) = writeback {
+            warn!("cannot start the writeback thread ({e}); syncs write everything themselves");
         }
     }
 

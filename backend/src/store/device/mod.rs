@@ -47,6 +47,17 @@ pub trait Device: Send + Sync {
     }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Whether [`Device::start_writeback`] does anything here (a file system with a page cache
+    /// that writes back to a disk).
+    fn writes_back(&self) -> bool {
+        false
+    }
+    /// Starts writing completed writes out to the medium without waiting for them and without
+    /// promising anything about durability: it only does early what the kernel may do at any
+    /// moment anyway, so that the next [`Device::sync`] finds little left to write.
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
     /// Size in bytes.
     fn len(&self) -> u64;
     fn is_empty(&self) -> bool {
@@ -232,6 +243,28 @@ impl Device for FileDevice {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn writes_back(&self) -> bool {
+        self.nowait != NoWait::Memory
+    }
+
+    fn start_writeback(&self) -> io::Result<()> {
+        // SAFETY: the fd is open (owned by `self.file`); offset 0 and length 0 name the whole
+        // file, and SYNC_FILE_RANGE_WRITE only queues its dirty pages for writing.
+        let r = unsafe {
+            libc::sync_file_range(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn len(&self) -> u64 {
