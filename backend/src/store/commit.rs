@@ -240,6 +240,7 @@ impl Store {
     /// Hashes and writes what `cut` fixed, then the commit record (FORMAT.md §8 steps 2–6),
     /// and releases what the generation freed.
     fn write_checkpoint(&self, last: &mut CommitRecord, cut: Cut, clean: bool) -> StoreResult<()> {
+        let started = std::time::Instant::now();
         let gen = cut.gen;
         let (hashes, images) = self.finalize_nodes(gen, cut.frozen)?;
         let resolve = |p: Ptr| -> StoreResult<Ptr> {
@@ -320,6 +321,7 @@ impl Store {
             log: cut.log,
             version: self.format_version(),
         };
+        let blocks = writes.len();
         write_sorted(&*self.dev, writes)?;
         self.dev.sync()?;
         let slot = COMMIT_SLOTS[(record.gen % 2) as usize];
@@ -344,6 +346,12 @@ impl Store {
         }
         self.nodes.checkpoint_written(gen);
         *last = record;
+        tracing::debug!(
+            gen,
+            blocks,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "checkpoint written"
+        );
         Ok(())
     }
 
