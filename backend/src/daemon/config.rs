@@ -139,10 +139,21 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads a configuration file; relative paths in it are relative to its directory.
     pub fn load(path: &std::path::Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let mut cfg = Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let dir = path.parent().unwrap_or(std::path::Path::new(""));
+        for p in [&mut cfg.store, &mut cfg.control_socket, &mut cfg.nbd.unix]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -191,7 +202,10 @@ impl Config {
 
     /// The effective configuration as RON, for `--print-config`.
     pub fn to_ron(&self) -> String {
-        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::default()).unwrap_or_default()
+        // Options written as plain values, as in parallax.ron.
+        let pretty = ron::ser::PrettyConfig::default()
+            .extensions(ron::extensions::Extensions::IMPLICIT_SOME);
+        ron::ser::to_string_pretty(self, pretty).unwrap_or_default()
     }
 }
 
@@ -224,6 +238,21 @@ mod tests {
     fn the_example_in_the_repository_parses() {
         let text = include_str!("../../../parallax.ron");
         Config::parse(text).unwrap();
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("serve.ron");
+        std::fs::write(
+            &file,
+            r#"(store: "s.px", control_socket: "/run/c.sock", nbd: (unix: "sub/nbd.sock"))"#,
+        )
+        .unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.store, Some(dir.path().join("s.px")));
+        assert_eq!(c.control_socket, Some(PathBuf::from("/run/c.sock")));
+        assert_eq!(c.nbd.unix, Some(dir.path().join("sub/nbd.sock")));
     }
 
     #[test]
