@@ -246,6 +246,9 @@ struct Io {
     inflight_bytes: u64,
     /// Bytes sent so far (progress marker for `pump`).
     written: u64,
+    /// Data the client read and wrote through this connection, for the log line at close.
+    data_read: u64,
+    data_written: u64,
     readable: bool,
     writable: bool,
     /// Read nothing more: EOF, `NBD_CMD_DISC`, `NBD_OPT_ABORT`, or server shutdown.
@@ -279,6 +282,8 @@ impl Conn {
             inflight: 0,
             inflight_bytes: 0,
             written: 0,
+            data_read: 0,
+            data_written: 0,
             readable: true,
             writable: true,
             input_closed: false,
@@ -295,6 +300,19 @@ impl Conn {
 
     pub fn id(&self) -> ConnId {
         self.io.id
+    }
+
+    /// The log line for a connection that ends: at `info` with the data it moved once it
+    /// reached an export (its opening was logged too), else at `debug`.
+    pub fn log_closed(&self) {
+        self.span.in_scope(|| match &self.phase {
+            Phase::Transmission(_) => tracing::info!(
+                read_bytes = self.io.data_read,
+                written_bytes = self.io.data_written,
+                "nbd: closed"
+            ),
+            Phase::Handshake(_) => tracing::debug!("nbd: closed during the handshake"),
+        });
     }
 
     pub fn stream(&mut self) -> &mut Stream {
@@ -500,13 +518,17 @@ impl Conn {
                     Step::Transmission(n) => {
                         let Some(disk) = disk else { return Pump::Close };
                         self.span.record("export", n.export.name.as_str());
-                        tracing::debug!(
+                        tracing::info!(
                             size = n.export.size,
-                            read_only = n.export.read_only,
+                            access = if n.export.read_only {
+                                "read-only"
+                            } else {
+                                "read-write"
+                            },
                             structured = n.structured,
                             block_sizes = n.block_size_negotiated,
                             base_allocation = n.base_allocation.is_some(),
-                            "nbd: transmission"
+                            "nbd: export opened"
                         );
                         let params = Params::from(&n);
                         self.phase = Phase::Transmission(Box::new(Transfer {
@@ -623,11 +645,13 @@ impl Io {
         ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
         match req.command {
             Command::Read { len, .. } => {
+                self.data_read += u64::from(len);
                 ctx.stats
                     .bytes_read
                     .fetch_add(len.into(), Ordering::Relaxed);
             }
             Command::Write { len, .. } => {
+                self.data_written += u64::from(len);
                 ctx.stats
                     .bytes_written
                     .fetch_add(len.into(), Ordering::Relaxed);

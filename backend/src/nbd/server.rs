@@ -516,7 +516,7 @@ impl Loop {
     fn close(&mut self, key: usize) {
         if let Some(mut c) = self.conns.try_remove(key) {
             let _ = self.poll.registry().deregister(c.stream());
-            c.span().in_scope(|| tracing::debug!("nbd: closed"));
+            c.log_closed();
             self.stats.connections.fetch_sub(1, Ordering::Relaxed);
         }
     }
