@@ -10,6 +10,7 @@
 //!  log       the intent log: what makes a flush durable between checkpoints
 //!  replay    opening after a crash: the log replayed; upgrade from format 1
 //!  check     verification of the last durable checkpoint on disk
+//!  diff      changed extents between two points of history, shared subtrees skipped
 //!  vdi       one VDI in memory: record, lock, handles, reserved blocks
 //!  radix     copy-on-write radix maps        nodes     map nodes in memory (dirty, clean)
 //!  catalog   registry tree + name overlay    btree     the registry's B+tree
@@ -29,6 +30,7 @@ mod catalog;
 mod check;
 mod commit;
 pub mod device;
+mod diff;
 mod epoch;
 mod error;
 pub mod format;
@@ -48,6 +50,7 @@ mod vdi;
 
 pub use admin::{DeleteReport, DfReport, GcReport, TreeNode, VdiInfo, VdiSummary};
 pub use check::{CheckProgress, CheckReport};
+pub use diff::{ChangedExtent, DiffReport};
 pub use error::{StoreError, StoreResult};
 pub use io::{StoreDisk, DATA_ERROR_TARGET};
 pub use registry::{validate_name, Kind};
