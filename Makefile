@@ -4,13 +4,35 @@ CARGO ?= cargo
 RELEASE_BIN := target/release/parallax
 
 .PHONY: help deps build release test unit-test check fmt clippy doc run vm-test xen-test \
-        bench bench-quick fuzz fuzz-short soak soak-short images demo-image clean
+        bench bench-quick fuzz fuzz-short soak soak-short images demo-image clean install
 
 help: ## This list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 
 deps: ## Install the Debian packages and cargo tools the build and tests need
 	scripts/deps.sh base
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR := $(PREFIX)/bin
+SHAREDIR := $(PREFIX)/share
+
+install: release ## Install parallax, frontend-shim, completions, the man page and the systemd unit (PREFIX, DESTDIR)
+	install -Dm755 target/release/parallax $(DESTDIR)$(BINDIR)/parallax
+	install -Dm755 target/release/frontend-shim $(DESTDIR)$(BINDIR)/frontend-shim
+	install -d $(DESTDIR)$(SHAREDIR)/bash-completion/completions $(DESTDIR)$(SHAREDIR)/zsh/site-functions \
+	    $(DESTDIR)$(SHAREDIR)/fish/vendor_completions.d $(DESTDIR)$(SHAREDIR)/man/man1
+	target/release/parallax completions bash > $(DESTDIR)$(SHAREDIR)/bash-completion/completions/parallax
+	target/release/parallax completions zsh > $(DESTDIR)$(SHAREDIR)/zsh/site-functions/_parallax
+	target/release/parallax completions fish > $(DESTDIR)$(SHAREDIR)/fish/vendor_completions.d/parallax.fish
+	target/release/parallax man > $(DESTDIR)$(SHAREDIR)/man/man1/parallax.1
+	install -d $(DESTDIR)$(SHAREDIR)/doc/parallax
+	# The example, with the paths a system install uses instead of the repository's var/.
+	sed -e 's|store: "var/parallax.store"|store: "/var/lib/parallax/store.px"|' \
+	    -e 's|unix: "var/nbd.sock",|// unix: "/run/parallax/nbd.sock",|' \
+	    parallax.ron > $(DESTDIR)$(SHAREDIR)/doc/parallax/parallax.ron
+	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system
+	sed 's|@BINDIR@|$(BINDIR)|' packaging/parallax.service > $(DESTDIR)$(PREFIX)/lib/systemd/system/parallax.service
 
 build: ## Debug build of the workspace
 	$(CARGO) build --workspace

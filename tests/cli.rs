@@ -188,6 +188,34 @@ fn snapshot_unchanged_while_vdi_rewritten(mode: Mode) {
     assert_same("disk", &env.export("disk"), &want);
     assert_same("disk@s1", &env.export("disk@s1"), &v1);
     assert_same("disk@s2", &env.export("disk@s2"), &v2);
+
+    // What changed since s2, by extent: the rewritten first MiB, the zeroed and the discarded
+    // ranges (v2 is random, so both read differently now).
+    let diff = env.json(&["vdi", "diff", "disk@s2", "disk", "--json"]);
+    let extents: Vec<(u64, u64, bool)> = diff["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let n = |k: &str| e[k].as_u64().unwrap();
+            (n("offset"), n("length"), e["zero"].as_bool().unwrap())
+        })
+        .collect();
+    let mib = MIB as u64;
+    assert_eq!(
+        extents,
+        vec![
+            (0, mib, false),
+            (2 * mib, 65536, true),
+            (4 * mib, mib, true)
+        ],
+        "{diff:#}"
+    );
+    assert_eq!(diff["changed_bytes"], 2 * mib + 65536);
+    let same = env.run(&["vdi", "diff", "disk@s1", "disk@s1"]);
+    assert!(same.contains("hold the same content"), "{same}");
+    let text = env.run(&["vdi", "diff", "disk@s2", "disk"]);
+    assert!(text.contains("3 extent(s)"), "{text}");
     let info = env.json(&["vdi", "info", "disk@s1", "--json"]);
     assert_eq!(info["kind"], "snapshot");
     assert_eq!(info["allocated"], data_bytes(&v1), "{info:#}");
@@ -256,6 +284,16 @@ fn space_returns_after_delete(mode: Mode) {
     assert!(free(&full) + 20 * MIB as u64 <= free(&empty));
     assert_eq!(full["vdis"], 2);
     assert_eq!(full["snapshots"], 1);
+    assert_eq!(full["provisioned_bytes"], 32 * MIB as u64, "{full:#}");
+    // A VDI bigger than the store: df warns that the store is overcommitted.
+    env.run(&["vdi", "create", "huge", "--size", "1G"]);
+    let text = env.run(&["df"]);
+    assert!(
+        text.contains("warning:") && text.contains("capacity"),
+        "{text}"
+    );
+    env.run(&["vdi", "delete", "huge"]);
+    assert!(!env.run(&["df"]).contains("warning:"));
     // The snapshot and the fork share 12 MiB with the VDI: mapped 16+16+16, stored 20.
     assert_eq!(full["logical_bytes"], 48 * MIB as u64, "{full:#}");
     assert_eq!(full["stored_bytes"], 20 * MIB as u64, "{full:#}");
@@ -340,6 +378,24 @@ fn list_info_tree(mode: Mode) {
     for e in list.as_array().unwrap() {
         assert!(e["created"].as_u64().unwrap() > 1_600_000_000, "{e}");
     }
+    // Filters, alone and together; the output stays sorted by name.
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["vdi", "list", "--json"];
+        a.extend_from_slice(args);
+        env.json(&a)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&["--prefix", "vm"]), ["vm1", "vm1@monday", "vm2"]);
+    assert_eq!(names(&["-t", "snapshot"]), ["tmpl@gold", "vm1@monday"]);
+    assert_eq!(names(&["--type", "vdi", "--prefix", "vm"]), ["vm1", "vm2"]);
+    assert_eq!(names(&["--origin", "tmpl@gold"]), ["vm1", "vm2"]);
+    assert!(names(&["--prefix", "nothing"]).is_empty());
+    let text = env.run(&["vdi", "list", "--origin", "tmpl@gold"]);
+    assert_eq!(text.lines().count(), 3, "a header and two forks: {text}");
 
     let t = env.json(&["vdi", "info", "tmpl", "--json"]);
     assert_eq!(t["kind"], "vdi");
@@ -387,6 +443,28 @@ fn list_info_tree(mode: Mode) {
     );
     let text = env.run(&["vdi", "tree"]);
     assert!(text.contains("tmpl@gold"), "{text}");
+    // One subtree: the snapshot and what descends from it.
+    let sub = env.json(&["vdi", "tree", "tmpl@gold", "--json"]);
+    let mut edges = Vec::new();
+    tree_edges(&sub, "", &mut edges);
+    edges.sort();
+    assert_eq!(
+        edges,
+        [
+            " -> tmpl@gold",
+            "tmpl@gold -> vm1",
+            "tmpl@gold -> vm2",
+            "vm1 -> vm1@monday",
+        ],
+        "{sub:#}"
+    );
+    let text = env.run(&["vdi", "tree", "vm1"]);
+    assert!(
+        text.contains("vm1@monday") && !text.contains("vm2"),
+        "{text}"
+    );
+    env.fail(&["vdi", "tree", "nope"])
+        .assert_one_line(1, "no such VDI or snapshot");
 
     let dot = env.run(&["vdi", "tree", "--dot"]);
     let dot = dot.trim();
@@ -458,6 +536,17 @@ fn rename_resize_delete(mode: Mode) {
     assert_same("grown VDI after a write", &env.export("b"), &grown);
     env.fail(&["vdi", "resize", "b", "1M"])
         .assert_one_line(1, "only grow");
+    let f = env.fail(&["vdi", "resize", "b", "-1M"]);
+    assert_eq!(f.code, Some(2), "{f:?}");
+    assert!(f.stderr.contains("only grow"), "{f:?}");
+    // Relative growth.
+    env.run(&["vdi", "resize", "b", "+1M"]);
+    assert_eq!(
+        env.json(&["vdi", "info", "b", "--json"])["size"],
+        10 * MIB as u64
+    );
+    grown.resize(10 * MIB, 0);
+    assert_same("VDI grown by +1M", &env.export("b"), &grown);
     env.fail(&["vdi", "resize", "b@old", "16M"])
         .assert_one_line(1, "read-only");
     assert_eq!(
@@ -468,6 +557,29 @@ fn rename_resize_delete(mode: Mode) {
     // Delete: a VDI with snapshots needs --recursive; the fork survives its origin's deletion.
     env.fail(&["vdi", "delete", "b"])
         .assert_one_line(1, "--recursive");
+    env.fail(&["vdi", "delete", "b", "--dry-run"])
+        .assert_one_line(1, "--recursive");
+    let plan = env.json(&["vdi", "delete", "-r", "b", "--dry-run", "--json"]);
+    let mut would: Vec<&str> = plan["deleted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    would.sort();
+    assert_eq!(
+        (would, &plan["dry_run"]),
+        (vec!["b", "b@old"], &Value::from(true))
+    );
+    let text = env.run(&["vdi", "delete", "-r", "-n", "b"]);
+    assert!(text.starts_with("would delete "), "{text}");
+    assert_eq!(
+        env.json(&["vdi", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     let d = env.json(&["vdi", "delete", "-r", "b", "--json"]);
     assert_eq!(d["deleted"].as_array().unwrap().len(), 2, "{d}");
     let list = env.json(&["vdi", "list", "--json"]);
@@ -485,7 +597,10 @@ fn rename_resize_delete(mode: Mode) {
 fn fork_origin_follows_renames(mode: Mode) {
     let env = Env::new(mode, "64M");
     env.run(&["vdi", "create", "a", "--size", "1M"]);
-    env.run(&["vdi", "snapshot", "a", "s1"]);
+    // NAME@SNAP in one word, as everywhere else.
+    env.run(&["vdi", "snapshot", "a@s1"]);
+    env.fail(&["vdi", "snapshot", "a"])
+        .assert_one_line(1, "name the snapshot");
     env.run(&["vdi", "fork", "a@s1", "f"]);
     env.run(&["vdi", "rename", "a", "b"]);
     env.run(&["vdi", "rename", "b@s1", "b@old"]);
@@ -502,6 +617,21 @@ fn fork_origin_follows_renames(mode: Mode) {
         .find(|e| e["name"] == "f")
         .unwrap();
     assert_eq!(f["origin"], "b@old", "{list:#}");
+    assert_eq!(f["origin_deleted"], false, "{list:#}");
+
+    // Once the origin is gone, a new snapshot of the same name is not it.
+    env.run(&["vdi", "delete", "b@old"]);
+    env.run(&["vdi", "snapshot", "b", "old"]);
+    let info = env.json(&["vdi", "info", "f", "--json"]);
+    assert_eq!(
+        (&info["origin"], &info["origin_deleted"]),
+        (&Value::from("a@s1"), &Value::from(true)),
+        "{info:#}"
+    );
+    let text = env.run(&["vdi", "info", "f"]);
+    assert!(text.contains("origin:     a@s1 (deleted)"), "{text}");
+    let text = env.run(&["vdi", "list"]);
+    assert!(text.contains("a@s1 (deleted)"), "{text}");
     env.finish();
 }
 
@@ -531,7 +661,49 @@ fn errors_are_one_line(mode: Mode) {
         &["vdi", "resize", "nope", "2M"],
     ] {
         env.fail(args).assert_one_line(1, "no such VDI or snapshot");
+        // With --json, the same error line, the same exit code, and the error on stdout.
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let f = env.fail(&with_json);
+        f.assert_one_line(1, "no such VDI or snapshot");
+        let v: Value = serde_json::from_str(&f.stdout)
+            .unwrap_or_else(|e| panic!("{with_json:?}: no JSON error ({e}): {f:?}"));
+        assert_eq!(v["error"]["kind"], "not-found", "{with_json:?}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no such VDI or snapshot"),
+            "{v}"
+        );
     }
+    let f = env.fail(&["vdi", "create", "x", "--size", "1M", "--json"]);
+    let v: Value = serde_json::from_str(&f.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "exists", "{v}");
+    // Every command that changes something says what it did in JSON too.
+    assert_eq!(
+        env.json(&["vdi", "snapshot", "x@j1", "--json"])["snapshot"],
+        "x@j1"
+    );
+    assert_eq!(
+        env.json(&["vdi", "fork", "x@j1", "xf", "--json"])["forked"],
+        "xf"
+    );
+    assert_eq!(
+        env.json(&["vdi", "resize", "xf", "+1M", "--json"])["size"],
+        2 * MIB as u64
+    );
+    assert_eq!(
+        env.json(&["vdi", "rename", "xf", "xg", "--json"])["to"],
+        "xg"
+    );
+    assert_eq!(
+        env.json(&["vdi", "create", "xc", "--size", "1M", "--json"])["created"],
+        "xc"
+    );
+    env.run(&["vdi", "delete", "xg"]);
+    env.run(&["vdi", "delete", "xc"]);
+    env.run(&["vdi", "delete", "x@j1"]);
     assert!(
         !env.file("out.img").exists(),
         "a failed export left its file"
@@ -540,8 +712,15 @@ fn errors_are_one_line(mode: Mode) {
         .assert_one_line(1, "already exists");
     env.fail(&["vdi", "create", "bad/name", "--size", "1M"])
         .assert_one_line(1, "");
-    env.fail(&["init", "--size", "64M"])
-        .assert_one_line(1, "already exists");
+    let f = env.fail(&["init", "--size", "64M"]);
+    f.assert_one_line(1, "already exists");
+    assert!(!f.stderr.contains("refusing"), "{f:?}");
+    let dir = env.file("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    env.fail(&["vdi", "import", "d", dir.to_str().unwrap()])
+        .assert_one_line(1, "is a directory");
+    env.fail(&["vdi", "import", "d", "/dev/null"])
+        .assert_one_line(1, "character device");
 
     let qcow = env.file("disk.qcow2");
     run_ok(
@@ -666,6 +845,14 @@ fn missing_store_is_one_line() {
         let f = output_fail(parallax().arg("--store").arg(&path).args(args));
         f.assert_one_line(1, "does not exist");
     }
+    // `serve` says the same, not "no such VDI".
+    let f = output_fail(parallax().arg("--store").arg(&path).args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    f.assert_one_line(1, "does not exist");
+    assert!(!f.stderr.contains("no such VDI"), "{f:?}");
     let f = output_fail(parallax().args(["vdi", "list"]));
     f.assert_one_line(1, "no store given");
     // Not a store at all.
@@ -758,4 +945,71 @@ fn second_opener_is_told_who_holds_the_store() {
     assert_same("through the daemon", &store.export("v"), &data);
     d.stop();
     store.assert_clean();
+}
+
+/// `parallax completions` and `parallax man` are generated from the command-line definition:
+/// the commands are all there.
+#[test]
+fn completions_and_man_page() {
+    let store = TestStore::new("16M");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = store.run(&["completions", shell]);
+        for word in ["vdi", "serve", "snapshot", "diff", "json"] {
+            assert!(out.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let man = store.run(&["man"]);
+    assert!(man.contains(".TH parallax"), "not a man page: {man}");
+    for word in ["vdi", "serve", "check", "upgrade", "completions"] {
+        assert!(man.contains(word), "the man page lacks {word}");
+    }
+    let f = store.fail(&["completions", "cmd.exe"]);
+    assert_eq!(f.code, Some(2), "an unknown shell is a usage error: {f:?}");
+}
+
+/// Under systemd (`Type=notify`) the daemon says READY=1 once it listens and STOPPING=1 when
+/// SIGTERM tells it to stop.
+#[test]
+fn daemon_notifies_systemd() {
+    let store = TestStore::new("64M");
+    let path = store.file("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let d = Daemon::start_with(
+        &store,
+        DEFAULT_CONFIG,
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("no READY=1 from the daemon");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    d.stop();
+    let n = sock.recv(&mut buf).expect("no STOPPING=1 from the daemon");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg:?}");
+}
+
+/// A `RUST_LOG` that does not parse is an error with a message, not a silent default.
+#[test]
+fn malformed_rust_log_is_an_error() {
+    let store = TestStore::new("16M");
+    let out = store
+        .cmd(&["vdi", "list"])
+        .env("RUST_LOG", "parallax=loudest")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("parallax: error: RUST_LOG=") && err.lines().count() == 1,
+        "{err}"
+    );
+    let out = store
+        .cmd(&["vdi", "list"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
 }

@@ -709,3 +709,39 @@ h.shutdown()
     assert_same("unaligned writes", &img, &want);
     finish(store, d);
 }
+
+/// The daemon's log says who opened which export and how, what each connection moved when it
+/// closed, and which control commands ran or failed, in the words a user would type.
+#[test]
+fn log_lines_for_connections_and_commands() {
+    let (store, d) = setup("4M");
+    qemu_io(&d.uri("vm"), &["write -P 0x11 0 64k", "read -P 0x11 0 64k"]);
+    store.run(&["vdi", "snapshot", "vm@s1"]);
+    store.fail(&["vdi", "info", "nope"]);
+    let want = [
+        "nbd: export opened",
+        "access=\"read-write\"",
+        "export=\"vm\"",
+        "nbd: closed",
+        "read_bytes=65536",
+        "written_bytes=65536",
+        "control: vdi snapshot vm@s1",
+        "control: vdi info nope failed: no such VDI or snapshot",
+    ];
+    let until = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = d.stderr();
+        if want.iter().all(|w| log.contains(w)) || Instant::now() > until {
+            break log;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    for w in want {
+        assert!(log.contains(w), "{w:?} missing from the log:\n{log}");
+    }
+    assert!(
+        !log.contains("Snapshot {"),
+        "a request in debug form:\n{log}"
+    );
+    finish(store, d);
+}

@@ -93,6 +93,18 @@ pub fn import(
     progress: Progress,
 ) -> StoreResult<u64> {
     let ft = src.metadata()?.file_type();
+    if ft.is_dir() {
+        return Err(StoreError::Invalid(
+            "the source is a directory, not a raw disk image".into(),
+        ));
+    }
+    if ft.is_char_device() && size.is_none() {
+        return Err(StoreError::Invalid(
+            "the source is a character device (like /dev/null), not a raw disk image; \
+             give --size to read it as a stream"
+                .into(),
+        ));
+    }
     let seekable = ft.is_file() || ft.is_block_device();
     let src_size = if seekable {
         Some(file_size(src)?)

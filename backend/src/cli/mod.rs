@@ -22,11 +22,11 @@ use crate::{
     daemon::{
         addr::ControlAddr,
         config::Config,
-        control::{ControlClient, Request},
+        control::{ControlClient, RemoteError, Request},
     },
     store::{
-        CheckReport, DeleteReport, DfReport, GcReport, Store, StoreError, StoreOptions, TreeNode,
-        VdiInfo, VdiSummary,
+        CheckReport, DeleteReport, DfReport, DiffReport, GcReport, Kind, ListFilter, Store,
+        StoreError, StoreOptions, TreeNode, VdiInfo, VdiSummary,
     },
     transfer,
     util::{format_size, parse_size},
@@ -105,6 +105,13 @@ enum Command {
     },
     /// Run the daemon: serve VDIs over NBD and the block ring, and take CLI requests.
     Serve(ServeArgs),
+    /// Print a shell completion script (`make install` puts them in place).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (`man -l <(parallax man)` reads it).
+    Man,
 }
 
 #[derive(Args, Debug)]
@@ -127,52 +134,105 @@ struct ServeArgs {
 enum VdiCommand {
     /// Create an empty VDI.
     Create {
+        /// The new VDI's name: letters, digits and `. _ + - :`, up to 200 bytes, not starting
+        /// with `-` or `.`.
         name: String,
         /// Size (K/M/G/T suffixes), a multiple of 512 bytes.
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Create a VDI from a raw image; all-zero blocks stay unallocated.
     Import {
+        /// The new VDI's name: letters, digits and `. _ + - :`, up to 200 bytes, not starting
+        /// with `-` or `.`.
         name: String,
         /// A raw image (convert others with qemu-img convert -O raw), or `-` for stdin.
         file: PathBuf,
         /// VDI size, if larger than the image (required when reading a pipe).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a VDI or snapshot to a raw file (sparse), a block device, or `-` for stdout.
     Export {
         /// NAME or NAME@SNAP.
         name: String,
+        /// Where to write the image: a file (created; see --force), a block device, or `-`.
         file: PathBuf,
         /// Overwrite FILE if it exists.
         #[arg(long)]
         force: bool,
+        /// Print the result as JSON, for scripts (not with `-`: the image is the output).
+        #[arg(long)]
+        json: bool,
     },
     /// Freeze a VDI as NAME@SNAP (read-only, instant, durable when this returns).
-    Snapshot { name: String, snap: String },
+    Snapshot {
+        /// The VDI, or NAME@SNAP in one word.
+        name: String,
+        /// The snapshot's name, unless NAME@SNAP was given: letters, digits and `. _ + - :`, up
+        /// to 200 bytes, not starting with `-` or `.`.
+        snap: Option<String>,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make NEWNAME, a writable copy of snapshot NAME@SNAP (instant).
     Fork {
-        /// NAME@SNAP
+        /// The snapshot to copy: NAME@SNAP.
         source: String,
+        /// The new VDI's name: letters, digits and `. _ + - :`, up to 200 bytes, not starting
+        /// with `-` or `.`.
         new_name: String,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
-    /// List VDIs and snapshots.
+    /// List VDIs and snapshots, sorted by name.
     List {
+        /// Only names starting with PREFIX (a snapshot is listed as NAME@SNAP).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only forks of this snapshot (NAME@SNAP).
+        #[arg(long, value_name = "NAME@SNAP")]
+        origin: Option<String>,
+        /// Only VDIs, or only snapshots.
+        #[arg(long = "type", short = 't', value_name = "TYPE")]
+        kind: Option<KindArg>,
         /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Size, allocation (unique vs shared), origin, snapshots of a VDI or snapshot.
     Info {
+        /// NAME or NAME@SNAP.
         name: String,
         /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
-    /// Show the snapshot-and-fork tree.
+    /// The byte ranges whose content differs between FROM and TO, usually two points of one
+    /// VDI's history (NAME@SNAP, or NAME for its current content), older first. Costs time in
+    /// proportion to what changed, not to the size of the VDI. Writes to a VDI named here wait
+    /// while the walk runs.
+    Diff {
+        /// The older point: NAME@SNAP or NAME.
+        from: String,
+        /// The newer point: NAME@SNAP or NAME.
+        to: String,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the snapshot-and-fork tree, or the part of it that starts at NAME.
     Tree {
+        /// A VDI or snapshot (NAME@SNAP): show it and what descends from it.
+        name: Option<String>,
         /// Graphviz output.
         #[arg(long, conflicts_with = "json")]
         dot: bool,
@@ -181,12 +241,26 @@ enum VdiCommand {
         json: bool,
     },
     /// Rename a VDI (its snapshots follow), or NAME@A to NAME@B.
-    Rename { old: String, new: String },
+    Rename {
+        /// NAME or NAME@SNAP.
+        old: String,
+        /// The new name: a VDI name (letters, digits and `. _ + - :`, up to 200 bytes, not
+        /// starting with `-` or `.`), or NAME@NEWSNAP for a snapshot.
+        new: String,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Grow a VDI.
     Resize {
+        /// The VDI (snapshots never change).
         name: String,
-        #[arg(value_parser = parse_size)]
-        size: u64,
+        /// The new size, or +SIZE to grow by that much (K/M/G/T suffixes; a multiple of 512).
+        #[arg(value_parser = parse_new_size, allow_hyphen_values = true)]
+        size: NewSize,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a VDI or snapshot and reclaim its space. Forks of a deleted snapshot keep
     /// everything they share with it.
@@ -196,10 +270,37 @@ enum VdiCommand {
         /// Also delete the VDI's snapshots.
         #[arg(long, short)]
         recursive: bool,
+        /// Say what would be deleted (or why it would be refused), and delete nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
         /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `vdi list --type`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Vdi,
+    Snapshot,
+}
+
+/// `vdi resize`'s size: absolute, or `+SIZE` relative to the current one.
+#[derive(Debug, Clone, Copy)]
+enum NewSize {
+    To(u64),
+    By(u64),
+}
+
+fn parse_new_size(text: &str) -> Result<NewSize, String> {
+    match text.strip_prefix('+') {
+        Some(rest) => parse_size(rest).map(NewSize::By),
+        None if text.starts_with('-') => {
+            Err("VDIs only grow (shrinking could cut off a guest's data)".into())
+        }
+        None => parse_size(text).map(NewSize::To),
+    }
 }
 
 /// Entry point of the `parallax` binary; returns the process exit code.
@@ -213,17 +314,69 @@ pub fn main() -> i32 {
         }
     };
     let serving = matches!(cli.command, Command::Serve(_));
-    init_logging(&if serving {
+    if let Err(e) = init_logging(&if serving {
         "info".to_string()
     } else {
         // The command reports a data error itself, as its one error line.
         format!("warn,{}=off", crate::store::DATA_ERROR_TARGET)
-    });
+    }) {
+        eprintln!("parallax: error: {e}");
+        return 2;
+    }
+    let json = cli.command.wants_json();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("parallax: error: {}", chain(&e));
+            let message = chain(&e);
+            eprintln!("parallax: error: {message}");
+            if json {
+                // Scripts read stdout: the error, in the shape the control socket uses.
+                let kind = error_kind(&e);
+                let _ = print_json(&serde_json::json!({
+                    "error": { "kind": kind, "message": message }
+                }));
+            }
             1
+        }
+    }
+}
+
+/// The machine-readable kind of a failure (`StoreError::kind`, also across the control
+/// socket), or `error` for anything else.
+fn error_kind(e: &anyhow::Error) -> String {
+    e.chain()
+        .find_map(|c| {
+            c.downcast_ref::<StoreError>()
+                .map(|s| s.kind().to_string())
+                .or_else(|| c.downcast_ref::<RemoteError>().map(|r| r.kind.clone()))
+        })
+        .unwrap_or_else(|| "error".into())
+}
+
+impl Command {
+    /// Whether the command was asked for `--json` output (its errors then come as JSON too).
+    fn wants_json(&self) -> bool {
+        match self {
+            Command::Init { json, .. }
+            | Command::Check { json, .. }
+            | Command::Gc { json }
+            | Command::Df { json }
+            | Command::Upgrade { json } => *json,
+            Command::Vdi(v) => match v {
+                VdiCommand::Create { json, .. }
+                | VdiCommand::Import { json, .. }
+                | VdiCommand::Export { json, .. }
+                | VdiCommand::Snapshot { json, .. }
+                | VdiCommand::Fork { json, .. }
+                | VdiCommand::List { json, .. }
+                | VdiCommand::Info { json, .. }
+                | VdiCommand::Tree { json, .. }
+                | VdiCommand::Diff { json, .. }
+                | VdiCommand::Rename { json, .. }
+                | VdiCommand::Resize { json, .. }
+                | VdiCommand::Delete { json, .. } => *json,
+            },
+            Command::Serve(_) | Command::Completions { .. } | Command::Man => false,
         }
     }
 }
@@ -239,15 +392,21 @@ fn chain(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+/// Logging to stderr: `RUST_LOG` if set (a malformed one is an error, not silence), else
+/// `default`.
+fn init_logging(default: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
+            .map_err(|e| anyhow!("RUST_LOG={spec:?} is not a log filter: {e}"))?,
+        _ => tracing_subscriber::EnvFilter::new(default),
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal())
         .with_target(false)
         .try_init();
+    Ok(())
 }
 
 fn store_path(p: &Option<PathBuf>) -> anyhow::Result<&Path> {
@@ -306,10 +465,12 @@ impl Bar {
             return Bar(None);
         }
         let b = indicatif::ProgressBar::new(0);
+        // The bar takes what the terminal's width leaves; the message is cut to 20 columns,
+        // so that the line fits 80 columns without wrapping.
         let tmpl = if bytes {
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+            "{msg:20!} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
         } else {
-            "{msg} [{bar:40}] {pos}/{len}"
+            "{msg:20!} [{wide_bar}] {pos}/{len} {per_sec} eta {eta}"
         };
         if let Ok(style) = indicatif::ProgressStyle::with_template(tmpl) {
             b.set_style(style.progress_chars("=> "));
@@ -369,6 +530,20 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints what a command did: `value` as JSON for scripts, else the line `text` makes.
+fn report(
+    json: bool,
+    value: serde_json::Value,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        print_json(&value)
+    } else {
+        println!("{}", text());
+        Ok(())
+    }
+}
+
 /// Default size of a new store file: 64 GiB, or 90% of the free space where it goes.
 fn default_store_size(path: &Path) -> u64 {
     let dir = path
@@ -392,6 +567,16 @@ fn default_store_size(path: &Path) -> u64 {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve(cli.store, args),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "parallax", &mut io::stdout());
+            Ok(0)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut io::stdout())?;
+            Ok(0)
+        }
         Command::Init { size, json } => {
             let path = store_path(&cli.store)?;
             let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
@@ -502,7 +687,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
 fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
     let t = target(path)?;
     match cmd {
-        VdiCommand::Create { name, size } => {
+        VdiCommand::Create { name, size, json } => {
             t.call::<()>(
                 Request::Create {
                     name: name.clone(),
@@ -512,9 +697,18 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 None,
                 |s, _| s.create_vdi(&name, size),
             )?;
-            println!("created {name} ({})", format_size(size));
+            report(
+                json,
+                serde_json::json!({ "created": name, "size": size }),
+                || format!("created {name} ({})", format_size(size)),
+            )?;
         }
-        VdiCommand::Import { name, file, size } => {
+        VdiCommand::Import {
+            name,
+            file,
+            size,
+            json,
+        } => {
             let f = if file.as_os_str() == "-" {
                 // SAFETY: dup of our own stdin descriptor; the File owns the duplicate.
                 let fd = unsafe { libc::dup(0) };
@@ -540,14 +734,30 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 t.call(Request::Info { name: name.clone() }, None, None, |s, _| {
                     s.info(&name)
                 })?;
-            println!(
-                "imported {} as {name}: {}, {} allocated",
-                file.display(),
-                format_size(vsize),
-                format_size(info.allocated)
-            );
+            let value = serde_json::json!({
+                "imported": name,
+                "from": file.display().to_string(),
+                "size": vsize,
+                "allocated": info.allocated,
+            });
+            report(json, value, || {
+                format!(
+                    "imported {} as {name}: {}, {} allocated",
+                    file.display(),
+                    format_size(vsize),
+                    format_size(info.allocated)
+                )
+            })?;
         }
-        VdiCommand::Export { name, file, force } => {
+        VdiCommand::Export {
+            name,
+            file,
+            force,
+            json,
+        } => {
+            if json && file.as_os_str() == "-" {
+                bail!("--json cannot go with `-`: the image itself is written to stdout");
+            }
             let bar = Bar::new(&format!("exporting {name}"), true, file.as_os_str() == "-");
             let written: u64 = if file.as_os_str() == "-" {
                 let stdout = io::stdout();
@@ -586,16 +796,37 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                     let _ = std::fs::remove_file(&file);
                 }
                 let n = r?;
-                eprintln!(
-                    "exported {name} to {} ({} of data)",
-                    file.display(),
-                    format_size(n)
-                );
+                if json {
+                    print_json(&serde_json::json!({
+                        "exported": name,
+                        "to": file.display().to_string(),
+                        "data_bytes": n,
+                    }))?;
+                } else {
+                    eprintln!(
+                        "exported {name} to {} ({} of data)",
+                        file.display(),
+                        format_size(n)
+                    );
+                }
                 n
             };
             let _ = written;
         }
-        VdiCommand::Snapshot { name, snap } => {
+        VdiCommand::Snapshot { name, snap, json } => {
+            let split = name
+                .split_once('@')
+                .map(|(v, s)| (v.to_string(), s.to_string()));
+            let (name, snap) = match (snap, split) {
+                (Some(snap), None) => (name, snap),
+                (None, Some(vdi_snap)) => vdi_snap,
+                (Some(_), Some(_)) => {
+                    bail!("give the snapshot's name once: `vdi snapshot {name}` or `vdi snapshot NAME SNAP`")
+                }
+                (None, None) => bail!(
+                    "name the snapshot: `vdi snapshot {name} SNAP` or `vdi snapshot {name}@SNAP`"
+                ),
+            };
             t.call::<()>(
                 Request::Snapshot {
                     vdi: name.clone(),
@@ -605,9 +836,16 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 None,
                 |s, _| s.snapshot(&name, &snap),
             )?;
-            println!("snapshot {name}@{snap} taken");
+            let full = format!("{name}@{snap}");
+            report(json, serde_json::json!({ "snapshot": full }), || {
+                format!("snapshot {full} taken")
+            })?;
         }
-        VdiCommand::Fork { source, new_name } => {
+        VdiCommand::Fork {
+            source,
+            new_name,
+            json,
+        } => {
             t.call::<()>(
                 Request::Fork {
                     src: source.clone(),
@@ -617,14 +855,33 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 None,
                 |s, _| s.fork(&source, &new_name),
             )?;
-            println!("forked {source} as {new_name}");
+            let value = serde_json::json!({ "forked": new_name, "origin": source });
+            report(json, value, || format!("forked {source} as {new_name}"))?;
         }
-        VdiCommand::List { json } => {
-            let v: Vec<VdiSummary> = t.call(Request::List, None, None, |s, _| s.list())?;
+        VdiCommand::List {
+            prefix,
+            origin,
+            kind,
+            json,
+        } => {
+            let filter = ListFilter {
+                prefix,
+                origin,
+                kind: kind.map(|k| match k {
+                    KindArg::Vdi => Kind::Vdi,
+                    KindArg::Snapshot => Kind::Snapshot,
+                }),
+            };
+            let req = Request::List {
+                prefix: filter.prefix.clone(),
+                origin: filter.origin.clone(),
+                kind: filter.kind,
+            };
+            let v: Vec<VdiSummary> = t.call(req, None, None, |s, _| s.list_filtered(&filter))?;
             if json {
                 print_json(&v)?;
             } else {
-                output::list(&v);
+                output::list(&v, filter != ListFilter::default());
             }
         }
         VdiCommand::Info { name, json } => {
@@ -637,8 +894,24 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 output::info(&v);
             }
         }
-        VdiCommand::Tree { dot, json } => {
-            let v: Vec<TreeNode> = t.call(Request::Tree, None, None, |s, _| s.tree())?;
+        VdiCommand::Diff { from, to, json } => {
+            let req = Request::Diff {
+                from: from.clone(),
+                to: to.clone(),
+            };
+            let v: DiffReport = t.call(req, None, None, |s, _| s.diff(&from, &to))?;
+            if json {
+                print_json(&v)?;
+            } else {
+                output::diff(&v);
+            }
+        }
+        VdiCommand::Tree { name, dot, json } => {
+            let req = Request::Tree { name: name.clone() };
+            let v: Vec<TreeNode> = t.call(req, None, None, |s, _| match &name {
+                Some(n) => Ok(vec![s.subtree(n)?]),
+                None => s.tree(),
+            })?;
             if json {
                 print_json(&v)?;
             } else if dot {
@@ -647,7 +920,7 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 print!("{}", output::tree_text(&v));
             }
         }
-        VdiCommand::Rename { old, new } => {
+        VdiCommand::Rename { old, new, json } => {
             t.call::<()>(
                 Request::Rename {
                     old: old.clone(),
@@ -657,9 +930,20 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 None,
                 |s, _| s.rename(&old, &new),
             )?;
-            println!("renamed {old} to {new}");
+            let value = serde_json::json!({ "renamed": old, "to": new });
+            report(json, value, || format!("renamed {old} to {new}"))?;
         }
-        VdiCommand::Resize { name, size } => {
+        VdiCommand::Resize { name, size, json } => {
+            let size = match size {
+                NewSize::To(n) => n,
+                NewSize::By(n) => {
+                    let req = Request::Stat { name: name.clone() };
+                    let v: VdiSummary = t.call(req, None, None, |s, _| s.stat(&name))?;
+                    v.size
+                        .checked_add(n)
+                        .ok_or_else(|| anyhow!("{name} cannot grow by {n} bytes"))?
+                }
+            };
             t.call::<()>(
                 Request::Resize {
                     name: name.clone(),
@@ -669,21 +953,30 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 None,
                 |s, _| s.resize(&name, size),
             )?;
-            println!("{name} is now {}", format_size(size));
+            report(
+                json,
+                serde_json::json!({ "resized": name, "size": size }),
+                || format!("{name} is now {}", format_size(size)),
+            )?;
         }
         VdiCommand::Delete {
             name,
             recursive,
+            dry_run,
             json,
         } => {
             let r: DeleteReport = t.call(
                 Request::Delete {
                     name: name.clone(),
                     recursive,
+                    dry_run,
                 },
                 None,
                 None,
                 |s, _| {
+                    if dry_run {
+                        return s.delete_dry_run(&name, recursive);
+                    }
                     let r = s.delete(&name, recursive)?;
                     s.gc(&mut |_| {})?;
                     Ok(r)
@@ -691,6 +984,8 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             )?;
             if json {
                 print_json(&r)?;
+            } else if dry_run {
+                println!("would delete {}", r.deleted.join(", "));
             } else {
                 println!("deleted {}", r.deleted.join(", "));
             }

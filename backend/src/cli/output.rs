@@ -3,7 +3,7 @@
 use std::{fmt::Write, path::Path};
 
 use crate::{
-    store::{CheckReport, DfReport, Kind, TreeNode, VdiInfo, VdiSummary},
+    store::{CheckReport, DfReport, DiffReport, Kind, TreeNode, VdiInfo, VdiSummary},
     util::format_size,
 };
 
@@ -36,7 +36,21 @@ fn kind(k: Kind) -> &'static str {
     }
 }
 
-pub fn list(v: &[VdiSummary]) {
+/// A fork's origin, marked when it has been deleted (as `vdi tree` marks it).
+fn origin(name: &Option<String>, deleted: bool) -> String {
+    match name {
+        None => "-".into(),
+        Some(n) if deleted => format!("{n} (deleted)"),
+        Some(n) => n.clone(),
+    }
+}
+
+/// `vdi list`; `filtered` if only some entries were asked for.
+pub fn list(v: &[VdiSummary], filtered: bool) {
+    if v.is_empty() && filtered {
+        println!("nothing matches");
+        return;
+    }
     if v.is_empty() {
         println!(
             "no VDIs (create one with `parallax vdi create NAME --size SIZE` or `vdi import`)"
@@ -55,7 +69,7 @@ pub fn list(v: &[VdiSummary]) {
             kind(s.kind),
             format_size(s.size),
             utc(s.created),
-            s.origin.as_deref().unwrap_or("-")
+            origin(&s.origin, s.origin_deleted)
         );
     }
 }
@@ -73,8 +87,8 @@ pub fn info(v: &VdiInfo) {
     );
     println!("size:       {} ({} bytes)", format_size(v.size), v.size);
     println!("created:    {}", utc(v.created));
-    if let Some(o) = &v.origin {
-        println!("origin:     {o}");
+    if v.origin.is_some() {
+        println!("origin:     {}", origin(&v.origin, v.origin_deleted));
     }
     println!(
         "allocated:  {} (unique {}, shared {})",
@@ -92,6 +106,30 @@ pub fn info(v: &VdiInfo) {
     if v.open_handles > 0 {
         println!("open:       {} handle(s)", v.open_handles);
     }
+}
+
+pub fn diff(r: &DiffReport) {
+    if r.extents.is_empty() {
+        println!("{} and {} hold the same content", r.from, r.to);
+        return;
+    }
+    println!("{:>16} {:>16}  change", "offset", "length");
+    for e in &r.extents {
+        println!(
+            "{:>16} {:>16}  {}",
+            e.offset,
+            e.length,
+            if e.zero { "zeroed" } else { "data" }
+        );
+    }
+    println!(
+        "{} changed in {} extent(s) of {} ({} from {})",
+        format_size(r.changed_bytes),
+        r.extents.len(),
+        format_size(r.size),
+        r.to,
+        r.from
+    );
 }
 
 pub fn df(path: &Path, r: &DfReport) {
@@ -123,10 +161,18 @@ pub fn df(path: &Path, r: &DfReport) {
     }
     let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     println!(
-        "VDIs:       {} ({})",
+        "VDIs:       {} ({}), {} provisioned",
         r.vdis,
-        plural(r.snapshots, "snapshot", "snapshots")
+        plural(r.snapshots, "snapshot", "snapshots"),
+        format_size(r.provisioned_bytes)
     );
+    if r.provisioned_bytes > r.capacity_bytes {
+        println!(
+            "warning:    the VDIs can grow to {:.1}x the store's capacity: writes fail with \
+             \"no space\" once it is full",
+            r.provisioned_bytes as f64 / r.capacity_bytes.max(1) as f64
+        );
+    }
     println!(
         "sharing:    {} mapped by VDIs and snapshots, {} stored ({:.1}x)",
         format_size(r.logical_bytes),

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     blkif::local::{recv_with_fds, send_with_fds},
-    store::{Store, StoreError},
+    store::{Kind, ListFilter, Store, StoreError},
     transfer,
 };
 
@@ -58,11 +58,31 @@ pub enum Request {
         src: String,
         new: String,
     },
-    List,
+    /// Every entry when no filter field is given.
+    List {
+        #[serde(default)]
+        prefix: Option<String>,
+        #[serde(default)]
+        origin: Option<String>,
+        #[serde(default)]
+        kind: Option<Kind>,
+    },
     Info {
         name: String,
     },
-    Tree,
+    /// Name, kind, size and origin, without walking the map (cheaper than `Info`).
+    Stat {
+        name: String,
+    },
+    /// The whole forest, or the subtree that starts at `name`.
+    Tree {
+        #[serde(default)]
+        name: Option<String>,
+    },
+    Diff {
+        from: String,
+        to: String,
+    },
     Rename {
         old: String,
         new: String,
@@ -74,6 +94,8 @@ pub enum Request {
     Delete {
         name: String,
         recursive: bool,
+        #[serde(default)]
+        dry_run: bool,
     },
     Check {
         verify_data: bool,
@@ -81,6 +103,70 @@ pub enum Request {
     Gc,
     Df,
     Flush,
+}
+
+/// How the daemon's log names a request: the command a user would type, not Rust's debug form.
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Hello => write!(f, "hello"),
+            Request::Create { name, size } => write!(f, "vdi create {name} --size {size}"),
+            Request::Import { name, size } => {
+                write!(f, "vdi import {name}")?;
+                size.map_or(Ok(()), |s| write!(f, " --size {s}"))
+            }
+            Request::Export { name, stream } => {
+                write!(f, "vdi export {name}{}", if *stream { " -" } else { "" })
+            }
+            Request::Snapshot { vdi, snap } => write!(f, "vdi snapshot {vdi}@{snap}"),
+            Request::Fork { src, new } => write!(f, "vdi fork {src} {new}"),
+            Request::List {
+                prefix,
+                origin,
+                kind,
+            } => {
+                write!(f, "vdi list")?;
+                if let Some(p) = prefix {
+                    write!(f, " --prefix {p}")?;
+                }
+                if let Some(o) = origin {
+                    write!(f, " --origin {o}")?;
+                }
+                match kind {
+                    Some(Kind::Vdi) => write!(f, " --type vdi"),
+                    Some(Kind::Snapshot) => write!(f, " --type snapshot"),
+                    None => Ok(()),
+                }
+            }
+            Request::Info { name } => write!(f, "vdi info {name}"),
+            Request::Stat { name } => write!(f, "vdi stat {name}"),
+            Request::Tree { name } => match name {
+                Some(n) => write!(f, "vdi tree {n}"),
+                None => write!(f, "vdi tree"),
+            },
+            Request::Diff { from, to } => write!(f, "vdi diff {from} {to}"),
+            Request::Rename { old, new } => write!(f, "vdi rename {old} {new}"),
+            Request::Resize { name, size } => write!(f, "vdi resize {name} {size}"),
+            Request::Delete {
+                name,
+                recursive,
+                dry_run,
+            } => write!(
+                f,
+                "vdi delete {name}{}{}",
+                if *recursive { " --recursive" } else { "" },
+                if *dry_run { " --dry-run" } else { "" }
+            ),
+            Request::Check { verify_data } => write!(
+                f,
+                "check{}",
+                if *verify_data { "" } else { " --metadata-only" }
+            ),
+            Request::Gc => write!(f, "gc"),
+            Request::Df => write!(f, "df"),
+            Request::Flush => write!(f, "flush"),
+        }
+    }
 }
 
 /// A line the daemon sends back.
@@ -290,7 +376,7 @@ fn handle(stream: UnixStream, ctx: &ControlContext, mut slot: Slot) -> io::Resul
             )
         }
     };
-    info!(?req, "control request");
+    info!("control: {req}");
     let mut fds = fds.into_iter();
     // A panic here is a bug; it must not leave the client without an answer, nor the store
     // taking writes on in-memory state the panic may have left half changed.
@@ -309,7 +395,7 @@ fn handle(stream: UnixStream, ctx: &ControlContext, mut slot: Slot) -> io::Resul
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            error!(?req, panic = %what, "control request panicked (a bug)");
+            error!(panic = %what, "control: {req} panicked (a bug)");
             ctx.store
                 .poison(&format_args!("a control request panicked: {what}"));
             Reply::Error {
@@ -320,6 +406,9 @@ fn handle(stream: UnixStream, ctx: &ControlContext, mut slot: Slot) -> io::Resul
             }
         }
     };
+    if let Reply::Error { message, .. } = &reply {
+        info!("control: {req} failed: {message}");
+    }
     send(&stream, &reply)
 }
 
@@ -373,12 +462,30 @@ fn execute(
         }
         Request::Snapshot { vdi, snap } => to_value(s.snapshot(vdi, snap)?),
         Request::Fork { src, new } => to_value(s.fork(src, new)?),
-        Request::List => to_value(s.list()?),
+        Request::List {
+            prefix,
+            origin,
+            kind,
+        } => to_value(s.list_filtered(&ListFilter {
+            prefix: prefix.clone(),
+            origin: origin.clone(),
+            kind: *kind,
+        })?),
         Request::Info { name } => to_value(s.info(name)?),
-        Request::Tree => to_value(s.tree()?),
+        Request::Stat { name } => to_value(s.stat(name)?),
+        Request::Tree { name: None } => to_value(s.tree()?),
+        Request::Tree { name: Some(n) } => to_value(vec![s.subtree(n)?]),
+        Request::Diff { from, to } => to_value(s.diff(from, to)?),
         Request::Rename { old, new } => to_value(s.rename(old, new)?),
         Request::Resize { name, size } => to_value(s.resize(name, *size)?),
-        Request::Delete { name, recursive } => {
+        Request::Delete {
+            name,
+            recursive,
+            dry_run: true,
+        } => to_value(s.delete_dry_run(name, *recursive)?),
+        Request::Delete {
+            name, recursive, ..
+        } => {
             let r = s.delete(name, *recursive)?;
             s.gc(&mut |_| {})?;
             to_value(r)

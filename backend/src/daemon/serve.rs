@@ -98,10 +98,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_default(),
         l.control
     );
+    // Under systemd (Type=notify) the unit is started once this arrives; without
+    // $NOTIFY_SOCKET it does nothing.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        warn!("cannot tell systemd the daemon is ready: {e}");
+    }
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {
         info!(signal = sig, "shutting down");
     }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     handle.close();
     daemon.stop()
 }

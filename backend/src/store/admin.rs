@@ -25,8 +25,39 @@ pub struct VdiSummary {
     pub size: u64,
     /// Creation time, Unix seconds.
     pub created: u64,
-    /// For forks: the snapshot they came from.
+    /// For forks: the snapshot they came from (as it is called now, or as it was called when
+    /// the fork was made if it has been deleted since).
     pub origin: Option<String>,
+    /// The origin has been deleted (a snapshot of the same name may exist now: it is another).
+    #[serde(default)]
+    pub origin_deleted: bool,
+}
+
+/// Which entries `vdi list` shows (all of them by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListFilter {
+    /// Only names starting with this (a snapshot's name is `VDI@SNAP`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Only forks of this snapshot (`NAME@SNAP`, as it is called now).
+    #[serde(default)]
+    pub origin: Option<String>,
+    /// Only VDIs, or only snapshots.
+    #[serde(default)]
+    pub kind: Option<Kind>,
+}
+
+impl ListFilter {
+    fn admits(&self, v: &VdiSummary) -> bool {
+        self.prefix
+            .as_ref()
+            .is_none_or(|p| v.name.starts_with(p.as_str()))
+            && self.kind.is_none_or(|k| v.kind == k)
+            && self
+                .origin
+                .as_ref()
+                .is_none_or(|o| !v.origin_deleted && v.origin.as_ref() == Some(o))
+    }
 }
 
 /// `vdi info`.
@@ -46,6 +77,9 @@ pub struct VdiInfo {
     /// Map metadata bytes (radix nodes) reachable from this VDI.
     pub metadata: u64,
     pub origin: Option<String>,
+    /// See [`VdiSummary::origin_deleted`].
+    #[serde(default)]
+    pub origin_deleted: bool,
     pub snapshots: Vec<String>,
     pub forks: Vec<String>,
     pub open_handles: usize,
@@ -70,6 +104,10 @@ pub struct DfReport {
     pub orphan_nodes: u64,
     pub vdis: u64,
     pub snapshots: u64,
+    /// What the VDIs (not their snapshots) could hold if every block were written: the sum
+    /// of their sizes. More than `capacity_bytes` means the store is overcommitted.
+    #[serde(default)]
+    pub provisioned_bytes: u64,
     /// Data bytes all VDIs and snapshots map, counting shared blocks once per mapping.
     pub logical_bytes: u64,
     /// Data bytes actually stored for them.
@@ -101,10 +139,12 @@ pub struct GcReport {
     pub free_bytes: u64,
 }
 
-/// What `vdi delete` removed.
+/// What `vdi delete` removed (or, with `dry_run`, would remove).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteReport {
     pub deleted: Vec<String>,
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 fn check_size(size: u64) -> StoreResult<()> {
@@ -149,16 +189,19 @@ impl Store {
     }
 
     /// What a fork's origin is called now (it may have been renamed since the fork), or the
-    /// name it had at fork time if it has been deleted since.
-    fn origin_name(&self, cat: &mut Catalog, rec: &Record) -> Option<String> {
+    /// name it had at fork time and `true` if it has been deleted since.
+    fn origin_name(&self, cat: &mut Catalog, rec: &Record) -> (Option<String>, bool) {
         if rec.origin == 0 {
-            return None;
+            return (None, false);
         }
         let current = self
             .record_of(cat, rec.origin)
             .ok()
             .and_then(|o| self.full_name(cat, &o).ok());
-        Some(current.unwrap_or_else(|| rec.origin_name.clone()))
+        match current {
+            Some(name) => (Some(name), false),
+            None => (Some(rec.origin_name.clone()), true),
+        }
     }
 
     /// Every live record: the catalog's as of the last cut, with loaded VDIs' changes.
@@ -291,41 +334,70 @@ impl Store {
         let deleted = {
             let change = self.change();
             let mut cat = self.catalog.lock();
-            let id = cat.resolve(&*self.dev, full)?;
-            let rec = self.record_of(&mut cat, id)?;
-            let mut victims = Vec::new();
-            if rec.kind == Kind::Vdi {
-                let snaps = cat.scan_names(&*self.dev, &snapshot_prefix(id))?;
-                if !snaps.is_empty() && !recursive {
-                    let names: Vec<String> = snaps
-                        .iter()
-                        .map(|(k, _)| format!("{full}@{}", String::from_utf8_lossy(&k[9..])))
-                        .collect();
-                    return Err(StoreError::Busy(format!(
-                        "{full} has snapshots ({}); delete them first or pass --recursive",
-                        names.join(", ")
-                    )));
-                }
-                for (_, v) in snaps {
-                    victims.push(decode_id(&v)?);
-                }
-            }
-            victims.push(id);
-            for &vid in &victims {
-                let v = self.vdi_locked(&mut cat, vid)?;
-                let n = v.handles();
-                if n > 0 {
-                    let r = v.state.read().rec.clone();
-                    let what = self.full_name(&mut cat, &r)?;
-                    return Err(StoreError::Busy(format!(
-                        "{what} is in use ({n} open handle(s)); disconnect its clients first"
-                    )));
-                }
-            }
+            let victims = self.delete_victims(&mut cat, full, recursive)?;
             self.apply_delete(&mut cat, &victims, change.gen)?
         };
         self.flush()?;
-        Ok(DeleteReport { deleted })
+        Ok(DeleteReport {
+            deleted,
+            dry_run: false,
+        })
+    }
+
+    /// What [`Store::delete`] would delete, refusing what it would refuse; changes nothing.
+    pub fn delete_dry_run(&self, full: &str, recursive: bool) -> StoreResult<DeleteReport> {
+        let mut cat = self.catalog.lock();
+        let mut deleted = Vec::new();
+        for id in self.delete_victims(&mut cat, full, recursive)? {
+            let rec = self.record_of(&mut cat, id)?;
+            deleted.push(self.full_name(&mut cat, &rec)?);
+        }
+        Ok(DeleteReport {
+            deleted,
+            dry_run: true,
+        })
+    }
+
+    /// The records deleting `full` takes with it (its snapshots, with `recursive`), once it is
+    /// sure that none of them is open.
+    fn delete_victims(
+        &self,
+        cat: &mut Catalog,
+        full: &str,
+        recursive: bool,
+    ) -> StoreResult<Vec<u64>> {
+        let id = cat.resolve(&*self.dev, full)?;
+        let rec = self.record_of(cat, id)?;
+        let mut victims = Vec::new();
+        if rec.kind == Kind::Vdi {
+            let snaps = cat.scan_names(&*self.dev, &snapshot_prefix(id))?;
+            if !snaps.is_empty() && !recursive {
+                let names: Vec<String> = snaps
+                    .iter()
+                    .map(|(k, _)| format!("{full}@{}", String::from_utf8_lossy(&k[9..])))
+                    .collect();
+                return Err(StoreError::Busy(format!(
+                    "{full} has snapshots ({}); delete them first or pass --recursive",
+                    names.join(", ")
+                )));
+            }
+            for (_, v) in snaps {
+                victims.push(decode_id(&v)?);
+            }
+        }
+        victims.push(id);
+        for &vid in &victims {
+            let v = self.vdi_locked(cat, vid)?;
+            let n = v.handles();
+            if n > 0 {
+                let r = v.state.read().rec.clone();
+                let what = self.full_name(cat, &r)?;
+                return Err(StoreError::Busy(format!(
+                    "{what} is in use ({n} open handle(s)); disconnect its clients first"
+                )));
+            }
+        }
+        Ok(victims)
     }
 
     /// Reclaims everything deleted or discarded: takes every queued orphan node apart and
@@ -356,6 +428,11 @@ impl Store {
     }
 
     pub fn list(&self) -> StoreResult<Vec<VdiSummary>> {
+        self.list_filtered(&ListFilter::default())
+    }
+
+    /// The entries of `vdi list` that `filter` admits, sorted by name.
+    pub fn list_filtered(&self, filter: &ListFilter) -> StoreResult<Vec<VdiSummary>> {
         let mut cat = self.catalog.lock();
         let mut recs = self.all_records(&mut cat)?;
         drop(cat);
@@ -390,8 +467,10 @@ impl Store {
                         .cloned()
                         .unwrap_or_else(|| r.origin_name.clone())
                 }),
+                origin_deleted: r.origin != 0 && !names.contains_key(&r.origin),
             })
             .collect();
+        out.retain(|v| filter.admits(v));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -401,12 +480,14 @@ impl Store {
         let mut cat = self.catalog.lock();
         let id = cat.resolve(&*self.dev, full)?;
         let rec = self.record_of(&mut cat, id)?;
+        let (origin, origin_deleted) = self.origin_name(&mut cat, &rec);
         Ok(VdiSummary {
             name: self.full_name(&mut cat, &rec)?,
             kind: rec.kind,
             size: rec.size,
             created: secs(rec.created_ns),
-            origin: self.origin_name(&mut cat, &rec),
+            origin,
+            origin_deleted,
         })
     }
 
@@ -448,11 +529,29 @@ impl Store {
             unique: usage.unique * BLOCK_SIZE_U64,
             shared: (usage.data - usage.unique) * BLOCK_SIZE_U64,
             metadata: usage.nodes * BLOCK_SIZE_U64,
-            origin,
+            origin: origin.0,
+            origin_deleted: origin.1,
             snapshots,
             forks,
             open_handles: handles,
         })
+    }
+
+    /// The part of [`Store::tree`] that starts at `name` (a VDI or snapshot): it, and what
+    /// descends from it.
+    pub fn subtree(&self, name: &str) -> StoreResult<TreeNode> {
+        fn find(nodes: Vec<TreeNode>, name: &str) -> Option<TreeNode> {
+            for n in nodes {
+                if n.name == name && !n.deleted {
+                    return Some(n);
+                }
+                if let Some(found) = find(n.children, name) {
+                    return Some(found);
+                }
+            }
+            None
+        }
+        find(self.tree()?, name).ok_or_else(|| StoreError::NotFound(name.to_string()))
     }
 
     pub fn tree(&self) -> StoreResult<Vec<TreeNode>> {
@@ -566,6 +665,11 @@ impl Store {
             orphan_nodes: space.orphans.list.len() as u64,
             vdis,
             snapshots: recs.len() as u64 - vdis,
+            provisioned_bytes: recs
+                .iter()
+                .filter(|r| r.kind == Kind::Vdi)
+                .map(|r| r.size)
+                .sum(),
             logical_bytes: logical * BLOCK_SIZE_U64,
             stored_bytes,
             sharing_ratio: if stored_bytes == 0 {

@@ -17,6 +17,9 @@ pub enum StoreError {
     Checksum(String),
     #[error("not a Parallax store: {0}")]
     NotAStore(String),
+    /// Nothing at the store's path.
+    #[error("store {} does not exist (create it with `parallax --store {} init`)", .0.display(), .0.display())]
+    NoStore(std::path::PathBuf),
     #[error("unsupported store format version {0} (this parallax reads versions 1 and 2)")]
     Version(u64),
     #[error("store is truncated: it should be {expected} bytes, the device has {found}")]
@@ -64,7 +67,7 @@ impl StoreError {
             }
             StoreError::InUse { .. } => "in-use",
             StoreError::Invalid(_) => "invalid",
-            StoreError::NotFound(_) => "not-found",
+            StoreError::NotFound(_) | StoreError::NoStore(_) => "not-found",
             StoreError::Exists(_) => "exists",
             StoreError::NoSpace => "no-space",
             StoreError::ReadOnly(_) => "read-only",

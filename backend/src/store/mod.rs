@@ -48,7 +48,7 @@ mod space;
 mod store;
 mod vdi;
 
-pub use admin::{DeleteReport, DfReport, GcReport, TreeNode, VdiInfo, VdiSummary};
+pub use admin::{DeleteReport, DfReport, GcReport, ListFilter, TreeNode, VdiInfo, VdiSummary};
 pub use check::{CheckProgress, CheckReport};
 pub use diff::{ChangedExtent, DiffReport};
 pub use error::{StoreError, StoreResult};

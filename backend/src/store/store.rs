@@ -169,7 +169,7 @@ impl Store {
             d.read_at(&mut head, 0)?;
             if head == magic::SUPERBLOCK {
                 return Err(StoreError::Exists(format!(
-                    "a Parallax store on {} (refusing to overwrite it)",
+                    "a Parallax store on {}",
                     path.display()
                 )));
             }
@@ -186,9 +186,7 @@ impl Store {
                 size.ok_or_else(|| StoreError::Invalid("a store file needs a size".into()))?;
             Geometry::for_size(size)?;
             let d = FileDevice::create(path, size).map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => {
-                    StoreError::Exists(format!("{} (refusing to overwrite it)", path.display()))
-                }
+                std::io::ErrorKind::AlreadyExists => StoreError::Exists(path.display().to_string()),
                 _ => StoreError::Io(e),
             })?;
             super::lock::lock_exclusive(d.file())?;
@@ -204,11 +202,7 @@ impl Store {
     /// Opens the store at `path` (a file or block device), taking it exclusively.
     pub fn open(path: &Path, options: StoreOptions) -> StoreResult<Arc<Store>> {
         let dev = FileDevice::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StoreError::NotFound(format!(
-                "store {} (create one with `parallax --store {} init`)",
-                path.display(),
-                path.display()
-            )),
+            std::io::ErrorKind::NotFound => StoreError::NoStore(path.to_path_buf()),
             _ => StoreError::Io(e),
         })?;
         super::lock::lock_exclusive(dev.file())?;
