@@ -1013,27 +1013,35 @@ fn power_cut_under_concurrent_writers_and_background_checkpoints() {
     }
 }
 
+/// A store on a crash-simulating device whose VDI `v` (64 blocks) holds 1s, flushed, then
+/// block `b` rewritten with `2 + b`, unflushed, the entries of the first `ahead` blocks written
+/// ahead to log blocks (8 at a time).
+fn flushed_then_written_ahead(ahead: u64) -> (Arc<CrashDevice>, Arc<Store>, super::StoreDisk) {
+    let dev = Arc::new(CrashDevice::new(16 << 20));
+    Store::format(&*dev, 16 << 20).unwrap();
+    dev.sync().unwrap();
+    let s = Store::open_device(dev.clone(), small_opts()).unwrap();
+    s.create_vdi("v", 64 * 4096).unwrap();
+    let d = s.open_vdi("v", true).unwrap();
+    d.write(&[1u8; 64 * 4096], 0, false).unwrap();
+    s.flush().unwrap();
+    for b in 0..64u64 {
+        d.write(&[2 + b as u8; 4096], b * 4096, false).unwrap();
+        if b % 8 == 7 && b < ahead {
+            s.log.write_ahead(&*s.dev, &s.space, 0).unwrap();
+        }
+    }
+    (dev, s, d)
+}
+
 /// Log blocks written ahead of a flush, without a sync, may reach the disk without the data
 /// they point at. After a power cut there, the store opens, every block reads (no checksum
 /// error), and each holds its flushed content or a later write.
 #[test]
 fn power_cut_after_the_log_was_written_ahead() {
     for seed in 0..60u64 {
-        let dev = Arc::new(CrashDevice::new(16 << 20));
-        Store::format(&*dev, 16 << 20).unwrap();
-        dev.sync().unwrap();
-        let s = Store::open_device(dev.clone(), small_opts()).unwrap();
-        s.create_vdi("v", 64 * 4096).unwrap();
-        let d = s.open_vdi("v", true).unwrap();
-        d.write(&[1u8; 64 * 4096], 0, false).unwrap();
-        s.flush().unwrap();
         // Unflushed writes, their entries written ahead to log blocks, then the power goes.
-        for b in 0..64u64 {
-            d.write(&[2 + b as u8; 4096], b * 4096, false).unwrap();
-            if b % 8 == 7 {
-                s.log.write_ahead(&*s.dev, &s.space, 0).unwrap();
-            }
-        }
+        let (dev, s, d) = flushed_then_written_ahead(64);
         dev.cut_after(0);
         drop(d);
         drop(s);
@@ -1064,21 +1072,8 @@ fn power_cut_inside_a_flush() {
     for cut in 0..4u64 {
         for seed in 0..40u64 {
             let ctx = format!("cut {cut} seed {seed}");
-            let dev = Arc::new(CrashDevice::new(16 << 20));
-            Store::format(&*dev, 16 << 20).unwrap();
-            dev.sync().unwrap();
-            let s = Store::open_device(dev.clone(), small_opts()).unwrap();
-            s.create_vdi("v", 64 * 4096).unwrap();
-            let d = s.open_vdi("v", true).unwrap();
-            d.write(&[1u8; 64 * 4096], 0, false).unwrap();
-            s.flush().unwrap();
             // Half the new writes' entries go to log blocks ahead of the flush.
-            for b in 0..64u64 {
-                d.write(&[2 + b as u8; 4096], b * 4096, false).unwrap();
-                if b % 8 == 7 && b < 32 {
-                    s.log.write_ahead(&*s.dev, &s.space, 0).unwrap();
-                }
-            }
+            let (dev, s, d) = flushed_then_written_ahead(32);
             dev.cut_after(cut);
             let flushed = s.flush().is_ok();
             drop(d);
