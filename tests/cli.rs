@@ -396,6 +396,44 @@ fn list_info_tree(mode: Mode) {
     assert!(names(&["--prefix", "nothing"]).is_empty());
     let text = env.run(&["vdi", "list", "--origin", "tmpl@gold"]);
     assert_eq!(text.lines().count(), 3, "a header and two forks: {text}");
+    // Scripted: chosen columns, no header, tabs, exact numbers; used and unique per entry.
+    let text = env.run(&[
+        "vdi",
+        "list",
+        "-H",
+        "-p",
+        "-o",
+        "name,size,used,unique",
+        "--prefix",
+        "tmpl",
+    ]);
+    let d = data_bytes(&tmpl).to_string();
+    let m4s = m4.to_string();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            // The VDI and its snapshot share every block: neither holds any alone.
+            ["tmpl", m4s.as_str(), d.as_str(), "0"].join("\t"),
+            ["tmpl@gold", m4s.as_str(), d.as_str(), "0"].join("\t"),
+        ],
+        "{text}"
+    );
+    let j = env.json(&[
+        "vdi",
+        "list",
+        "-o",
+        "name,used",
+        "--prefix",
+        "empty",
+        "--json",
+    ]);
+    assert_eq!(
+        (&j[0]["used"], &j[0]["unique"]),
+        (&Value::from(0), &Value::from(0)),
+        "{j}"
+    );
+    let text = env.run(&["vdi", "list", "-o", "name,used"]);
+    assert!(text.starts_with("NAME") && text.contains("USED"), "{text}");
 
     let t = env.json(&["vdi", "info", "tmpl", "--json"]);
     assert_eq!(t["kind"], "vdi");

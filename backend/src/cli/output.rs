@@ -45,32 +45,125 @@ fn origin(name: &Option<String>, deleted: bool) -> String {
     }
 }
 
-/// `vdi list`; `filtered` if only some entries were asked for.
-pub fn list(v: &[VdiSummary], filtered: bool) {
-    if v.is_empty() && filtered {
-        println!("nothing matches");
+/// A column of `vdi list -o`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Column {
+    Name,
+    Kind,
+    Size,
+    Used,
+    Unique,
+    Created,
+    Origin,
+}
+
+impl Column {
+    fn header(self) -> &'static str {
+        match self {
+            Column::Name => "NAME",
+            Column::Kind => "KIND",
+            Column::Size => "SIZE",
+            Column::Used => "USED",
+            Column::Unique => "UNIQUE",
+            Column::Created => "CREATED",
+            Column::Origin => "ORIGIN",
+        }
+    }
+
+    fn numeric(self) -> bool {
+        matches!(self, Column::Size | Column::Used | Column::Unique)
+    }
+
+    fn cell(self, s: &VdiSummary, exact: bool) -> String {
+        let bytes = |n: Option<u64>| match n {
+            None => "-".to_string(),
+            Some(n) if exact => n.to_string(),
+            Some(n) => format_size(n),
+        };
+        match self {
+            Column::Name => s.name.clone(),
+            Column::Kind => kind(s.kind).to_string(),
+            Column::Size => bytes(Some(s.size)),
+            Column::Used => bytes(s.used),
+            Column::Unique => bytes(s.unique),
+            Column::Created if exact => s.created.to_string(),
+            Column::Created => utc(s.created),
+            Column::Origin => origin(&s.origin, s.origin_deleted),
+        }
+    }
+}
+
+/// How `vdi list` prints.
+pub struct ListStyle<'a> {
+    pub columns: &'a [Column],
+    /// A header line and aligned columns; without it (`-H`), one tab between columns.
+    pub header: bool,
+    /// Bytes and Unix seconds instead of human sizes and dates (`-p`).
+    pub exact: bool,
+    /// Only some entries were asked for.
+    pub filtered: bool,
+}
+
+pub fn list(v: &[VdiSummary], style: &ListStyle) {
+    if v.is_empty() && style.header {
+        if style.filtered {
+            println!("nothing matches");
+        } else {
+            println!(
+                "no VDIs (create one with `parallax vdi create NAME --size SIZE` or `vdi import`)"
+            );
+        }
         return;
     }
-    if v.is_empty() {
-        println!(
-            "no VDIs (create one with `parallax vdi create NAME --size SIZE` or `vdi import`)"
-        );
+    let rows: Vec<Vec<String>> = v
+        .iter()
+        .map(|s| {
+            style
+                .columns
+                .iter()
+                .map(|c| c.cell(s, style.exact))
+                .collect()
+        })
+        .collect();
+    if !style.header {
+        for r in rows {
+            println!("{}", r.join("\t"));
+        }
         return;
     }
-    let w = v.iter().map(|s| s.name.len()).max().unwrap_or(4).max(4);
-    println!(
-        "{:<w$}  {:<8}  {:>10}  {:<23}  ORIGIN",
-        "NAME", "KIND", "SIZE", "CREATED"
-    );
-    for s in v {
-        println!(
-            "{:<w$}  {:<8}  {:>10}  {:<23}  {}",
-            s.name,
-            kind(s.kind),
-            format_size(s.size),
-            utc(s.created),
-            origin(&s.origin, s.origin_deleted)
-        );
+    let widths: Vec<usize> = style
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([c.header().len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, c)) in cells.iter().zip(style.columns).enumerate() {
+            let w = widths[i];
+            let last = i + 1 == cells.len();
+            if i > 0 {
+                out.push_str("  ");
+            }
+            if c.numeric() {
+                let _ = write!(out, "{cell:>w$}");
+            } else if last {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<w$}");
+            }
+        }
+        println!("{out}");
+    };
+    line(style.columns.iter().map(|c| c.header()).collect());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
     }
 }
 

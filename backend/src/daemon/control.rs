@@ -66,6 +66,9 @@ pub enum Request {
         origin: Option<String>,
         #[serde(default)]
         kind: Option<Kind>,
+        /// Count used and unique bytes too (a map walk per entry).
+        #[serde(default)]
+        usage: bool,
     },
     Info {
         name: String,
@@ -124,8 +127,12 @@ impl std::fmt::Display for Request {
                 prefix,
                 origin,
                 kind,
+                usage,
             } => {
                 write!(f, "vdi list")?;
+                if *usage {
+                    write!(f, " -o used,unique")?;
+                }
                 if let Some(p) = prefix {
                     write!(f, " --prefix {p}")?;
                 }
@@ -466,10 +473,12 @@ fn execute(
             prefix,
             origin,
             kind,
+            usage,
         } => to_value(s.list_filtered(&ListFilter {
             prefix: prefix.clone(),
             origin: origin.clone(),
             kind: *kind,
+            usage: *usage,
         })?),
         Request::Info { name } => to_value(s.info(name)?),
         Request::Stat { name } => to_value(s.stat(name)?),

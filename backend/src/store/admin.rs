@@ -31,6 +31,12 @@ pub struct VdiSummary {
     /// The origin has been deleted (a snapshot of the same name may exist now: it is another).
     #[serde(default)]
     pub origin_deleted: bool,
+    /// Data bytes its map points at, and of those the bytes nothing else shares: only when
+    /// asked for (`ListFilter::usage`), since each costs a walk of the map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique: Option<u64>,
 }
 
 /// Which entries `vdi list` shows (all of them by default).
@@ -45,6 +51,9 @@ pub struct ListFilter {
     /// Only VDIs, or only snapshots.
     #[serde(default)]
     pub kind: Option<Kind>,
+    /// Also count each entry's used and unique bytes (a walk of its map each).
+    #[serde(default)]
+    pub usage: bool,
 }
 
 impl ListFilter {
@@ -453,26 +462,38 @@ impl Store {
             }
         };
         let names: HashMap<u64, String> = recs.iter().map(|r| (r.id, full(r))).collect();
-        let mut out: Vec<VdiSummary> = recs
+        let mut out: Vec<(VdiSummary, &Record)> = recs
             .iter()
-            .map(|r| VdiSummary {
-                name: names[&r.id].clone(),
-                kind: r.kind,
-                size: r.size,
-                created: secs(r.created_ns),
-                // The origin's current name (forks outlive renames and deletions).
-                origin: (r.origin != 0).then(|| {
-                    names
-                        .get(&r.origin)
-                        .cloned()
-                        .unwrap_or_else(|| r.origin_name.clone())
-                }),
-                origin_deleted: r.origin != 0 && !names.contains_key(&r.origin),
+            .map(|r| {
+                let v = VdiSummary {
+                    name: names[&r.id].clone(),
+                    kind: r.kind,
+                    size: r.size,
+                    created: secs(r.created_ns),
+                    // The origin's current name (forks outlive renames and deletions).
+                    origin: (r.origin != 0).then(|| {
+                        names
+                            .get(&r.origin)
+                            .cloned()
+                            .unwrap_or_else(|| r.origin_name.clone())
+                    }),
+                    origin_deleted: r.origin != 0 && !names.contains_key(&r.origin),
+                    used: None,
+                    unique: None,
+                };
+                (v, r)
             })
             .collect();
-        out.retain(|v| filter.admits(v));
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        out.retain(|(v, _)| filter.admits(v));
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        if filter.usage {
+            for (v, r) in &mut out {
+                let u = self.usage(r.root, r.height)?;
+                v.used = Some(u.data * BLOCK_SIZE_U64);
+                v.unique = Some(u.unique * BLOCK_SIZE_U64);
+            }
+        }
+        Ok(out.into_iter().map(|(v, _)| v).collect())
     }
 
     /// Name, kind, size, origin of one VDI or snapshot, without walking its map.
@@ -488,6 +509,8 @@ impl Store {
             created: secs(rec.created_ns),
             origin,
             origin_deleted,
+            used: None,
+            unique: None,
         })
     }
 
