@@ -371,17 +371,12 @@ impl Store {
         let Some(every) = self.options.checkpoint_interval else {
             return;
         };
-        let weak = Arc::downgrade(self);
-        let checkpoints = self.background.start("parallax-ckpt", every, move || {
-            let Some(store) = weak.upgrade() else {
-                return false;
-            };
+        let checkpoints = self.start_worker("parallax-ckpt", every, |store| {
             if !store.is_poisoned() {
                 if let Err(e) = store.checkpoint() {
                     warn!("background checkpoint failed: {e}");
                 }
             }
-            true
         });
         match checkpoints {
             Ok(id) => {
@@ -389,49 +384,53 @@ impl Store {
             }
             Err(e) => warn!("cannot start the checkpoint thread ({e}); checkpoints only on flush"),
         }
-        let weak = Arc::downgrade(self);
-        let log = self
-            .background
-            .start("parallax-log", WRITE_AHEAD_EVERY, move || {
-                let Some(store) = weak.upgrade() else {
-                    return false;
-                };
-                if store.is_poisoned() || !store.log.enabled() {
-                    return true;
+        let log = self.start_worker("parallax-log", WRITE_AHEAD_EVERY, |store| {
+            if store.is_poisoned() || !store.log.enabled() {
+                return;
+            }
+            let written = store
+                .log
+                .write_ahead(&*store.dev, &store.space, LOG_BLOCK_ENTRIES / 2);
+            if let Err(e) = written {
+                if !matches!(e, StoreError::NoSpace) {
+                    store.poison(&e);
                 }
-                let written =
-                    store
-                        .log
-                        .write_ahead(&*store.dev, &store.space, LOG_BLOCK_ENTRIES / 2);
-                if let Err(e) = written {
-                    if !matches!(e, StoreError::NoSpace) {
-                        store.poison(&e);
-                    }
-                }
-                true
-            });
+            }
+        });
         if let Err(e) = log {
             warn!("cannot start the log writer ({e}); flushes write the whole log");
         }
         if !self.dev.writes_back() {
             return;
         }
-        let weak = Arc::downgrade(self);
-        let writeback = self
-            .background
-            .start("parallax-wback", WRITEBACK_EVERY, move || {
-                let Some(store) = weak.upgrade() else {
-                    return false;
-                };
-                if let Err(e) = store.dev.start_writeback() {
-                    // Only a hint: the next sync reports any real failure.
-                    debug!("starting writeback failed: {e}");
-                }
-                true
-            });
+        let writeback = self.start_worker("parallax-wback", WRITEBACK_EVERY, |store| {
+            if let Err(e) = store.dev.start_writeback() {
+                // Only a hint: the next sync reports any real failure.
+                debug!("starting writeback failed: {e}");
+            }
+        });
         if let Err(e) = writeback {
             warn!("cannot start the writeback thread ({e}); syncs write everything themselves");
         }
+    }
+
+    /// Starts a background worker running `task` on this store; it ends once the store is gone
+    /// (the worker holds it only while the task runs).
+    fn start_worker(
+        self: &Arc<Self>,
+        name: &str,
+        every: Duration,
+        task: impl Fn(&Store) + Send + 'static,
+    ) -> std::io::Result<WorkerId> {
+        let weak = Arc::downgrade(self);
+        self.background
+            .start(name, every, move || match weak.upgrade() {
+                Some(store) => {
+                    task(&store);
+                    true
+                }
+                None => false,
+            })
     }
 
     /// The format version the store is in.
