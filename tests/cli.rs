@@ -88,6 +88,8 @@ both_modes!(
     rename_resize_delete,
     errors_are_one_line,
     corrupt_data_block_is_detected,
+    rollback_restores_a_snapshot,
+    interrupted_import_leaves_nothing,
 );
 
 fn assert_same(what: &str, got: &[u8], want: &[u8]) {
@@ -1050,4 +1052,95 @@ fn malformed_rust_log_is_an_error() {
         .output()
         .unwrap();
     assert!(out.status.success());
+}
+
+fn rollback_restores_a_snapshot(mode: Mode) {
+    let env = Env::new(mode, "256M");
+    let img = random_bytes(7, 4 * MIB);
+    env.import("v", &img);
+    env.run(&["vdi", "snapshot", "v@s1"]);
+    let mut changed = img.clone();
+    changed[MIB..2 * MIB].fill(0x33);
+    env.with_nbd(|d| {
+        let mut c = d.nbd("v");
+        c.write(MIB as u64, &changed[MIB..2 * MIB]).unwrap();
+        c.flush().unwrap();
+    });
+    env.run(&["vdi", "snapshot", "v", "s2"]);
+    env.run(&["vdi", "resize", "v", "+4M"]);
+    assert_same("before rollback", &env.export("v")[..4 * MIB], &changed);
+
+    env.fail(&["vdi", "rollback", "v"])
+        .assert_one_line(1, "v@SNAP");
+    env.fail(&["vdi", "rollback", "v@nope"])
+        .assert_one_line(1, "no such VDI or snapshot");
+    let r = env.json(&["vdi", "rollback", "v@s1", "--json"]);
+    assert_eq!(
+        r,
+        serde_json::json!({"vdi": "v", "snapshot": "v@s1", "size": 4 * MIB, "detached": 0})
+    );
+    assert_same("after rollback", &env.export("v"), &img);
+    assert_same("later snapshot kept", &env.export("v@s2"), &changed);
+
+    if let Some(d) = &env.daemon {
+        // Open by a client: refused, unless forced; the forced one detaches the client.
+        let mut c = d.nbd("v");
+        c.write(0, &[1u8; 4096]).unwrap();
+        env.fail(&["vdi", "rollback", "v@s2"])
+            .assert_one_line(1, "--force");
+        let out = env.run(&["vdi", "rollback", "v@s2", "--force"]);
+        assert!(out.contains("detached 1 open handle"), "{out}");
+        assert!(c.read(0, 4096).is_err(), "a detached client's I/O fails");
+        assert!(d.wait_stderr("with --force: 1 open handle(s) detached"));
+        drop(c);
+        let mut c = d.nbd("v");
+        assert_eq!(c.read(MIB as u64, 4096).unwrap(), vec![0x33u8; 4096]);
+    }
+    env.finish();
+}
+
+fn interrupted_import_leaves_nothing(mode: Mode) {
+    let env = Env::new(mode, "256M");
+    let mut child = env
+        .cmd(&["vdi", "import", "big", "-", "--size", "64M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&random_bytes(3, 8 * MIB)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // As a Ctrl-C would, without the chance to clean up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+    let staged = ".part:big";
+    let gone = || {
+        env.cmd(&["vdi", "info", staged, "--json"])
+            .output()
+            .is_ok_and(|o| !o.status.success())
+    };
+    // The daemon finds its client gone at once (it reads to the end of the pipe first);
+    // a store opened anew drops what a killed process left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gone() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the interrupted import is still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let names: Vec<Value> = env
+        .json(&["vdi", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(names.is_empty(), "{names:?}");
+    env.fail(&["vdi", "info", "big"])
+        .assert_one_line(1, "no such VDI");
+    assert_eq!(df(&env)["vdis"], 0);
+    // The name is free again.
+    env.import("big", &random_bytes(4, MIB));
+    env.finish();
 }

@@ -23,8 +23,9 @@ use crate::{
 /// Bytes moved per read/write call.
 const CHUNK: u64 = 4 << 20;
 
-/// Bytes an import or export has to move and has moved, for progress bars.
-pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+/// Told the bytes a transfer has moved and has to move (for progress bars); an error from it
+/// stops the transfer (the daemon's client went away), which then leaves nothing behind.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> StoreResult<()>;
 
 /// Size of a regular file or block device.
 pub fn file_size(f: &File) -> io::Result<u64> {
@@ -137,12 +138,14 @@ pub fn import(
             "the image is {fmt}, not raw; convert it first: qemu-img convert -O raw IMAGE IMAGE.raw"
         )));
     }
-    store.create_vdi(name, vdi_size)?;
-    let result = (|| -> StoreResult<()> {
-        let disk = store.open_vdi(name, true)?;
+    // Under a staging name until complete: an interrupt or a crash leaves no VDI that looks
+    // whole and is not.
+    let staged = store.create_staged(name, vdi_size)?;
+    {
+        let disk = store.open_vdi(staged.staging_name(), true)?;
         match src_size {
             Some(total) => {
-                progress(0, total);
+                progress(0, total)?;
                 let mut pos = 0u64;
                 while let Some((start, end)) = next_data(src, pos, total) {
                     let mut at = start;
@@ -154,11 +157,11 @@ pub fn import(
                         }
                         disk.write(&buf[..got], at, false)?;
                         at += got as u64;
-                        progress(at, total);
+                        progress(at, total)?;
                     }
                     pos = end.max(pos + 1);
                 }
-                progress(total, total);
+                progress(total, total)?;
             }
             None => {
                 // The chunk read to sniff the format is the first chunk of data.
@@ -172,18 +175,15 @@ pub fn import(
                     }
                     disk.write(&buf[..got], at, false)?;
                     at += got as u64;
-                    progress(at, vdi_size);
+                    progress(at, vdi_size)?;
                     got = read_stream(src, &mut buf)?;
                 }
             }
         }
-        store.flush()
-    })();
-    if let Err(e) = result {
-        // Leave nothing half-made behind (best effort: the store may be what failed).
-        let _ = store.delete(name, false);
-        return Err(e);
+        // The last word before the name appears: a daemon's client that went away stops it.
+        progress(vdi_size, vdi_size)?;
     }
+    staged.publish()?;
     Ok(vdi_size)
 }
 
@@ -233,7 +233,7 @@ pub fn export(store: &Arc<Store>, name: &str, sink: Sink, progress: Progress) ->
     let size = disk.size();
     let mut buf = vec![0u8; CHUNK as usize];
     let mut written = 0u64;
-    progress(0, size);
+    progress(0, size)?;
     match sink {
         Sink::File(f) => {
             let blockdev = f.metadata()?.file_type().is_block_device();
@@ -266,7 +266,7 @@ pub fn export(store: &Arc<Store>, name: &str, sink: Sink, progress: Progress) ->
                             f.write_all_at(&buf[..n], at)?;
                         }
                         at += n as u64;
-                        progress(at, size);
+                        progress(at, size)?;
                     }
                     pos = end;
                 }
@@ -281,7 +281,7 @@ pub fn export(store: &Arc<Store>, name: &str, sink: Sink, progress: Progress) ->
                 w.write_all(&buf[..n])?;
                 written += n as u64;
                 pos += n as u64;
-                progress(pos, size);
+                progress(pos, size)?;
             }
             w.flush()?;
         }

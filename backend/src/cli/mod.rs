@@ -25,8 +25,8 @@ use crate::{
         control::{ControlClient, RemoteError, Request},
     },
     store::{
-        CheckReport, DeleteReport, DfReport, DiffReport, GcReport, Kind, ListFilter, Store,
-        StoreError, StoreOptions, TreeNode, VdiInfo, VdiSummary,
+        CheckReport, DeleteReport, DfReport, DiffReport, GcReport, Kind, ListFilter,
+        RollbackReport, Store, StoreError, StoreOptions, TreeNode, VdiInfo, VdiSummary,
     },
     transfer,
     util::{format_size, parse_size},
@@ -266,6 +266,20 @@ enum VdiCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Roll a VDI back to one of its snapshots: afterwards it reads exactly as the snapshot
+    /// (contents and size). Its snapshots, older and newer, all stay. Refused while the VDI is
+    /// open, unless --force.
+    Rollback {
+        /// NAME@SNAP: the snapshot of VDI NAME to go back to.
+        snapshot: String,
+        /// Roll back even while clients have the VDI open: they are detached, and their I/O
+        /// fails until they reconnect.
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Grow a VDI.
     Resize {
         /// The VDI (snapshots never change).
@@ -390,6 +404,7 @@ impl Command {
                 | VdiCommand::Tree { json, .. }
                 | VdiCommand::Diff { json, .. }
                 | VdiCommand::Rename { json, .. }
+                | VdiCommand::Rollback { json, .. }
                 | VdiCommand::Resize { json, .. }
                 | VdiCommand::Delete { json, .. } => *json,
             },
@@ -539,6 +554,14 @@ impl Target {
             b.finish();
         }
         r
+    }
+}
+
+/// A progress callback for a transfer run here: nothing stops it but an interrupt.
+fn quiet(p: &mut dyn FnMut(u64, u64)) -> impl FnMut(u64, u64) -> Result<(), StoreError> + '_ {
+    move |d, t| {
+        p(d, t);
+        Ok(())
     }
 }
 
@@ -745,7 +768,7 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 },
                 Some(&f),
                 Some(&bar),
-                |s, p| transfer::import(s, &name, &f, size, p),
+                |s, p| transfer::import(s, &name, &f, size, &mut quiet(p)),
             )?;
             let info: VdiInfo =
                 t.call(Request::Info { name: name.clone() }, None, None, |s, _| {
@@ -796,7 +819,9 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                     },
                     Some(&out),
                     None,
-                    |s, p| transfer::export(s, &name, transfer::Sink::Stream(&mut w), p),
+                    |s, p| {
+                        transfer::export(s, &name, transfer::Sink::Stream(&mut w), &mut quiet(p))
+                    },
                 )?
             } else {
                 let out = open_export_target(&file, force)?;
@@ -807,7 +832,7 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                     },
                     Some(&out),
                     Some(&bar),
-                    |s, p| transfer::export(s, &name, transfer::Sink::File(&out), p),
+                    |s, p| transfer::export(s, &name, transfer::Sink::File(&out), &mut quiet(p)),
                 );
                 if r.is_err() && !force {
                     let _ = std::fs::remove_file(&file);
@@ -966,6 +991,37 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             )?;
             let value = serde_json::json!({ "renamed": old, "to": new });
             report(json, value, || format!("renamed {old} to {new}"))?;
+        }
+        VdiCommand::Rollback {
+            snapshot,
+            force,
+            json,
+        } => {
+            let r: RollbackReport = t.call(
+                Request::Rollback {
+                    snapshot: snapshot.clone(),
+                    force,
+                },
+                None,
+                None,
+                |s, _| s.rollback(&snapshot, force),
+            )?;
+            let value = serde_json::to_value(&r)?;
+            report(json, value, || {
+                let mut line = format!(
+                    "rolled {} back to {} ({})",
+                    r.vdi,
+                    r.snapshot,
+                    format_size(r.size)
+                );
+                if r.detached > 0 {
+                    line.push_str(&format!(
+                        "; detached {} open handle(s): their clients get I/O errors until they reconnect",
+                        r.detached
+                    ));
+                }
+                line
+            })?;
         }
         VdiCommand::Resize { name, size, json } => {
             let size = match size {

@@ -90,6 +90,11 @@ pub enum Request {
         old: String,
         new: String,
     },
+    Rollback {
+        snapshot: String,
+        #[serde(default)]
+        force: bool,
+    },
     Resize {
         name: String,
         size: u64,
@@ -153,6 +158,13 @@ impl std::fmt::Display for Request {
             },
             Request::Diff { from, to } => write!(f, "vdi diff {from} {to}"),
             Request::Rename { old, new } => write!(f, "vdi rename {old} {new}"),
+            Request::Rollback { snapshot, force } => {
+                write!(
+                    f,
+                    "vdi rollback {snapshot}{}",
+                    if *force { " --force" } else { "" }
+                )
+            }
             Request::Resize { name, size } => write!(f, "vdi resize {name} {size}"),
             Request::Delete {
                 name,
@@ -431,13 +443,20 @@ fn execute(
 ) -> Result<serde_json::Value, StoreError> {
     let s = &ctx.store;
     let mut last_pct = u64::MAX;
-    let mut progress = |done: u64, total: u64| {
-        // At most ~100 progress lines per operation.
+    // At most ~100 progress lines per operation, and always the last. A client that went
+    // away stops a transfer (which then leaves nothing behind).
+    let mut progress = |done: u64, total: u64| -> Result<(), StoreError> {
         let pct = (done * 100).checked_div(total).unwrap_or(100);
-        if pct != last_pct {
+        if pct != last_pct || done == total {
             last_pct = pct;
-            let _ = send(stream, &Reply::Progress { done, total });
+            send(stream, &Reply::Progress { done, total }).map_err(|e| {
+                StoreError::Io(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("the client went away ({e})"),
+                ))
+            })?;
         }
+        Ok(())
     };
     let need_file = |fd: Option<OwnedFd>| {
         fd.map(File::from)
@@ -464,7 +483,7 @@ fn execute(
             } else {
                 transfer::Sink::File(&f)
             };
-            let n = transfer::export(s, name, sink, &mut |d, t| progress(d, t))?;
+            let n = transfer::export(s, name, sink, &mut progress)?;
             to_value(n)
         }
         Request::Snapshot { vdi, snap } => to_value(s.snapshot(vdi, snap)?),
@@ -486,6 +505,17 @@ fn execute(
         Request::Tree { name: Some(n) } => to_value(vec![s.subtree(n)?]),
         Request::Diff { from, to } => to_value(s.diff(from, to)?),
         Request::Rename { old, new } => to_value(s.rename(old, new)?),
+        Request::Rollback { snapshot, force } => {
+            let r = s.rollback(snapshot, *force)?;
+            if r.detached > 0 {
+                warn!(
+                    "{} rolled back to {snapshot} with --force: {} open handle(s) detached; \
+                     their clients get I/O errors until they reconnect",
+                    r.vdi, r.detached
+                );
+            }
+            to_value(r)
+        }
         Request::Resize { name, size } => to_value(s.resize(name, *size)?),
         Request::Delete {
             name,
@@ -501,11 +531,13 @@ fn execute(
         }
         Request::Check { verify_data } => {
             let r = s.check(*verify_data, &mut |p| {
-                progress(p.blocks_visited, p.blocks_total)
+                let _ = progress(p.blocks_visited, p.blocks_total);
             })?;
             to_value(r)
         }
-        Request::Gc => to_value(s.gc(&mut |left| progress(0, left))?),
+        Request::Gc => to_value(s.gc(&mut |left| {
+            let _ = progress(0, left);
+        })?),
         Request::Df => to_value(s.df()?),
         Request::Flush => to_value(s.flush()?),
     }

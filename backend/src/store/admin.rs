@@ -14,6 +14,7 @@ use super::{
     error::{StoreError, StoreResult},
     format::{Ptr, BLOCK_SIZE_U64, FANOUT, MAX_VDI_BYTES},
     registry::{decode_id, snapshot_key, snapshot_prefix, split_name, validate_name, Kind, Record},
+    staging::is_staging,
     store::{now_ns, Store},
 };
 
@@ -234,6 +235,11 @@ impl Store {
     /// Creates an empty VDI.
     pub fn create_vdi(&self, name: &str, size: u64) -> StoreResult<()> {
         validate_name(name, "VDI")?;
+        self.create_unchecked(name, size)
+    }
+
+    /// Creates an empty VDI under a name the caller checked (a user's, or a staging name).
+    pub(super) fn create_unchecked(&self, name: &str, size: u64) -> StoreResult<()> {
         check_size(size)?;
         self.check_writable()?;
         {
@@ -484,7 +490,7 @@ impl Store {
                 (v, r)
             })
             .collect();
-        out.retain(|(v, _)| filter.admits(v));
+        out.retain(|(v, _)| !is_staging(&v.name) && filter.admits(v));
         out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         if filter.usage {
             for (v, r) in &mut out {
@@ -590,6 +596,7 @@ impl Store {
         for r in &recs {
             match r.kind {
                 Kind::Snapshot => snaps_of.entry(r.parent).or_default().push(r),
+                Kind::Vdi if is_staging(&r.name) => {}
                 Kind::Vdi if r.origin == 0 => roots.push(r),
                 Kind::Vdi if by_id.contains_key(&r.origin) => {
                     forks_of.entry(r.origin).or_default().push(r)

@@ -17,6 +17,7 @@ use super::{
     nodes::{Node, UNSET},
     radix::Tx,
     registry::{name_key, snapshot_key, validate_name, Kind, Record},
+    staging::validate_stored_name,
     store::Store,
     vdi::{Vdi, VdiState},
 };
@@ -149,7 +150,7 @@ impl Store {
         size: u64,
         created: u64,
     ) -> StoreResult<()> {
-        validate_name(name, "VDI")?;
+        validate_stored_name(name)?;
         if size == 0 || size > MAX_VDI_BYTES || cat.resolve(&*self.dev, name).is_ok() {
             return Err(bad(format!("create {name}")));
         }
@@ -371,5 +372,44 @@ impl Store {
             });
         }
         Ok(names)
+    }
+
+    /// Makes VDI `vdi` read as its snapshot `sid` again: the snapshot's map, size and height
+    /// (the snapshot stays). Handles open on the VDI are detached: their next I/O fails.
+    pub(super) fn apply_rollback(
+        &self,
+        cat: &mut Catalog,
+        vdi: u64,
+        sid: u64,
+        gen: u64,
+    ) -> StoreResult<()> {
+        let s = self.vdi_locked(cat, sid)?;
+        let (snap, snap_deleted) = {
+            let st = s.state.read();
+            (st.rec.clone(), st.deleted)
+        };
+        let v = self.vdi_locked(cat, vdi)?;
+        let mut st = v.state.write();
+        if snap.kind != Kind::Snapshot
+            || snap.parent != vdi
+            || snap_deleted
+            || st.rec.kind != Kind::Vdi
+            || st.deleted
+        {
+            return Err(bad(format!("rollback {vdi} to {sid}")));
+        }
+        if snap.root.is_block() {
+            self.space.lock().rc.incr(&*self.dev, snap.root.addr())?;
+        }
+        let old = std::mem::replace(&mut st.rec.root, snap.root);
+        let old_height = std::mem::replace(&mut st.rec.height, snap.height);
+        st.rec.size = snap.size;
+        st.detached += 1;
+        self.touch(&v, &mut st);
+        drop(st);
+        let mut space = self.space.lock();
+        self.tx(&mut space, gen).drop_ref(old, old_height)?;
+        self.log.append(&Entry::Rollback { vdi, snapshot: sid });
+        Ok(())
     }
 }

@@ -23,7 +23,8 @@ use super::{
     device::Device,
     error::{StoreError, StoreResult},
     format::{
-        hash24, CommitRecord, Hash24, LogPosition, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64, COMMIT_SLOTS,
+        commit_layout, hash24, CommitRecord, Hash24, LogPosition, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64,
+        COMMIT_SLOTS,
     },
     nodes::{Node, UNSET},
     orphans::{chain_blocks, encode_chain, Orphan},
@@ -319,7 +320,7 @@ impl Store {
             clean,
             group_selectors: rc_images.group_selectors.clone(),
             log: cut.log,
-            version: self.format_version(),
+            version: commit_layout(self.format_version()),
         };
         let blocks = writes.len();
         write_sorted(&*self.dev, writes)?;

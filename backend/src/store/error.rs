@@ -20,7 +20,7 @@ pub enum StoreError {
     /// Nothing at the store's path.
     #[error("store {} does not exist (create it with `parallax --store {} init`)", .0.display(), .0.display())]
     NoStore(std::path::PathBuf),
-    #[error("unsupported store format version {0} (this parallax reads versions 1 and 2)")]
+    #[error("unsupported store format version {0} (this parallax reads versions 1 to 3)")]
     Version(u64),
     #[error("store is truncated: it should be {expected} bytes, the device has {found}")]
     Truncated { expected: u64, found: u64 },
@@ -39,6 +39,9 @@ pub enum StoreError {
     ReadOnly(String),
     #[error("{0}")]
     Busy(String),
+    /// The handle's VDI was rolled back under it (`rollback --force`).
+    #[error("{0} was rolled back while open (rollback --force); reopen it")]
+    Detached(String),
     /// An earlier write or sync failed; the store refuses writes until it is reopened.
     #[error("the store refuses writes after an earlier I/O error; restart or reopen it")]
     Poisoned,
@@ -72,6 +75,7 @@ impl StoreError {
             StoreError::NoSpace => "no-space",
             StoreError::ReadOnly(_) => "read-only",
             StoreError::Busy(_) => "busy",
+            StoreError::Detached(_) => "detached",
             StoreError::Poisoned => "poisoned",
         }
     }

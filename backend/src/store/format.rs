@@ -11,9 +11,10 @@ use super::error::{StoreError, StoreResult};
 /// Bytes per block.
 pub const BLOCK_SIZE: usize = 4096;
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
-/// The format this code writes. Version 1 stores (no intent log) are read and written in
-/// their own format until `parallax upgrade` moves them to version 2.
-pub const FORMAT_VERSION: u64 = 2;
+/// The format this code writes. Older stores (version 1: no intent log; version 2: no
+/// rollback entries or staging names) are read and written in their own format until
+/// `parallax upgrade` moves them to this one.
+pub const FORMAT_VERSION: u64 = 3;
 /// The oldest format this code opens.
 pub const OLDEST_VERSION: u64 = 1;
 
@@ -556,32 +557,45 @@ impl Superblock {
 
 impl Superblock {
     /// A superblock that fails its checksum but differs from a valid one only in the bytes an
-    /// upgrade rewrites (the version fields, each reading 1 or 2, and the checksum): an upgrade
-    /// interrupted by a crash. It is read as version 1, since an upgrade writes no version-2
-    /// commit record before the new superblock is durable. (Damage to the UUID or creation
-    /// time alone looks the same; those fields carry no structure.)
+    /// upgrade rewrites (the version fields, each reading `v` or `v + 1`, and the checksum): an
+    /// upgrade step interrupted by a crash. It is read as the older version `v` (both fields
+    /// reading `v + 1` are read as `v`), since an upgrade step writes nothing of the new
+    /// version before the new superblock is durable, and it starts from a store closed
+    /// cleanly, which reads the same in either version. (Damage to the UUID or creation time
+    /// alone looks the same; those fields carry no structure.)
     pub fn decode_torn_upgrade(b: &[u8], device_blocks: u64) -> Option<Superblock> {
         if b.len() != BLOCK_SIZE || b[0..8] != magic::SUPERBLOCK {
             return None;
         }
         let p = &b[FRAME_HEADER..];
         let total_blocks = u64_at(p, superblock_at::TOTAL_BLOCKS);
-        let geometry = Geometry::for_version(total_blocks * BLOCK_SIZE_U64, 1).ok()?;
+        let fields = [
+            u64_at(b, frame_at::AUX),
+            u32_at(p, superblock_at::VERSION) as u64,
+        ];
+        let (lo, hi) = (fields[0].min(fields[1]), fields[0].max(fields[1]));
+        // Both fields alike: either both new (read as the older version) or both old with
+        // only the checksum torn; a store closed cleanly reads the same either way.
+        let version = if lo == hi {
+            lo.saturating_sub(1).max(OLDEST_VERSION)
+        } else {
+            lo
+        };
+        if lo < OLDEST_VERSION || hi - lo > 1 || hi > FORMAT_VERSION {
+            return None;
+        }
+        let geometry = Geometry::for_version(total_blocks * BLOCK_SIZE_U64, version).ok()?;
         if total_blocks > device_blocks {
             return None;
         }
         let sb = Superblock {
-            version: 1,
+            version,
             uuid: p[superblock_at::UUID..superblock_at::UUID + 16]
                 .try_into()
                 .ok()?,
             created_ns: u64_at(p, superblock_at::CREATED),
             geometry,
         };
-        let both = |v: u64| v == 1 || v == 2;
-        if !both(u64_at(b, frame_at::AUX)) || !both(u32_at(p, superblock_at::VERSION) as u64) {
-            return None;
-        }
         let want = sb.encode();
         let version_at = FRAME_HEADER + superblock_at::VERSION;
         let same = (0..BLOCK_SIZE).all(|i| {
@@ -640,8 +654,14 @@ pub struct CommitRecord {
     pub group_selectors: Vec<Selector>,
     /// Where recovery reads the intent log from (version 2; all zero in version 1).
     pub log: LogPosition,
-    /// The layout this record was (or is to be) written in: 1 or 2.
+    /// The layout this record was (or is to be) written in: 1 or 2 ([`commit_layout`]).
     pub version: u64,
+}
+
+/// The commit record layout a store of format `version` writes: 1 for format 1, else 2
+/// (format 3 changed no layout).
+pub fn commit_layout(version: u64) -> u64 {
+    version.min(2)
 }
 
 /// A checkpoint's place in the intent log: entries from `lsn` on are not in the checkpoint,
@@ -966,12 +986,12 @@ mod tests {
             old
         );
         let future = Superblock {
-            version: 3,
+            version: FORMAT_VERSION + 1,
             ..sb.clone()
         };
         assert!(matches!(
             Superblock::decode(&future.encode()[..], geo.total_blocks),
-            Err(StoreError::Version(3))
+            Err(StoreError::Version(v)) if v == FORMAT_VERSION + 1
         ));
         let mut cr = CommitRecord {
             gen: 12,
@@ -1023,19 +1043,26 @@ mod tests {
         assert_eq!(out, rc);
     }
 
-    /// An upgrade rewrites the version fields and the checksum of the superblock; whatever
-    /// mix of old and new bytes a crash leaves there is read as version 1, and nothing else.
+    /// An upgrade step rewrites the version fields and the checksum of the superblock;
+    /// whatever mix of old and new bytes a crash leaves there reads as a version at most the
+    /// new one and at least 1, the geometry unchanged, and nothing else.
     #[test]
-    fn a_torn_upgrade_reads_as_version_1() {
+    fn a_torn_upgrade_reads_as_the_old_version() {
+        for from in OLDEST_VERSION..FORMAT_VERSION {
+            torn_upgrade_step(from);
+        }
+    }
+
+    fn torn_upgrade_step(from: u64) {
         let geo = Geometry::for_size(1 << 30).unwrap();
         let v1 = Superblock {
-            version: 1,
+            version: from,
             uuid: [3; 16],
             created_ns: 9,
             geometry: geo,
         };
         let v2 = Superblock {
-            version: 2,
+            version: from + 1,
             ..v1.clone()
         };
         let (old, new) = (v1.encode(), v2.encode());
@@ -1055,7 +1082,11 @@ mod tests {
                 .ok()
                 .or_else(|| Superblock::decode_torn_upgrade(&torn[..], geo.total_blocks));
             let got = got.expect("a torn upgrade opens");
-            assert!(got == v1 || got == v2, "{got:?}");
+            let fine = got.version <= from + 1
+                && got.geometry == v1.geometry
+                && got.uuid == v1.uuid
+                && got.created_ns == v1.created_ns;
+            assert!(fine, "{got:?}");
         }
         for at in [
             FRAME_HEADER + superblock_at::GROUP_BLOCKS,

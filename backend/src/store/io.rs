@@ -43,6 +43,8 @@ pub struct StoreDisk {
     vdi: Arc<Vdi>,
     name: String,
     read_only: bool,
+    /// The VDI's detach count when this handle opened (see [`StoreDisk::attached`]).
+    attached_at: u64,
 }
 
 /// Data-path errors a client can trigger: at most one line a second, with a count of the rest.
@@ -65,7 +67,10 @@ impl Store {
     /// handle, which a snapshot refuses.
     pub fn open_vdi(self: &Arc<Self>, name: &str, write: bool) -> StoreResult<StoreDisk> {
         let vdi = self.vdi_named(name)?;
-        let snapshot = vdi.state.read().rec.kind == Kind::Snapshot;
+        let (snapshot, attached_at) = {
+            let st = vdi.state.read();
+            (st.rec.kind == Kind::Snapshot, st.detached)
+        };
         if write && snapshot {
             return Err(StoreError::ReadOnly(format!("snapshot {name}")));
         }
@@ -75,6 +80,7 @@ impl Store {
             vdi,
             name: name.to_string(),
             read_only: snapshot || !write,
+            attached_at,
         })
     }
 
@@ -119,7 +125,17 @@ impl StoreDisk {
         &self.store
     }
 
+    /// Refuses I/O through a handle whose VDI was rolled back since it opened: what it
+    /// cached (size, contents) no longer holds.
+    fn attached(&self, st: &VdiState) -> StoreResult<()> {
+        if st.detached != self.attached_at {
+            return Err(StoreError::Detached(self.name.clone()));
+        }
+        Ok(())
+    }
+
     fn check(&self, st: &VdiState, offset: u64, len: u64) -> StoreResult<()> {
+        self.attached(st)?;
         let size = st.rec.size;
         check_range(size, offset, len).map_err(|_| {
             StoreError::Invalid(format!(
@@ -473,6 +489,7 @@ impl StoreDisk {
         self.prepare(lba, new.len() as u64)?;
         let change = self.store.change();
         let mut st = self.vdi.state.write();
+        self.attached(&st)?;
         let mut space = self.store.space.lock();
         let mut tx = self.store.tx(&mut space, change.gen);
         self.store.set_map(&self.vdi, &mut st, &mut tx, lba, new)
@@ -538,6 +555,12 @@ impl StoreDisk {
             self.prepare(lba, 1)?;
             let change = self.store.change();
             let mut st = self.vdi.state.write();
+            if let Err(e) = self.attached(&st) {
+                drop(st);
+                drop(change);
+                self.give_back(&runs);
+                return Err(e);
+            }
             let mut cur = Vec::with_capacity(1);
             resolve(
                 &self.store.nodes,
@@ -619,6 +642,7 @@ impl StoreDisk {
     fn fill(&self, first: u64, end: u64, zero: bool) -> StoreResult<()> {
         let change = self.store.change();
         let mut st = self.vdi.state.write();
+        self.attached(&st)?;
         let mut space = self.store.space.lock();
         let mut tx = self.store.tx(&mut space, change.gen);
         self.store

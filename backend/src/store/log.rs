@@ -51,6 +51,8 @@ mod kind {
     pub const RENAME: u8 = 6;
     pub const RESIZE: u8 = 7;
     pub const DELETE: u8 = 8;
+    /// Format 3.
+    pub const ROLLBACK: u8 = 9;
 }
 
 /// One change, as the log records it (FORMAT.md §9.2).
@@ -100,6 +102,11 @@ pub(super) enum Entry {
     /// VDIs and snapshots deleted together, in this order.
     Delete {
         ids: Vec<u64>,
+    },
+    /// VDI `vdi` reads as its snapshot `snapshot` again (map, size and height).
+    Rollback {
+        vdi: u64,
+        snapshot: u64,
     },
 }
 
@@ -227,6 +234,11 @@ impl Entry {
                 }
                 kind::DELETE
             }
+            Entry::Rollback { vdi, snapshot } => {
+                out.extend_from_slice(&vdi.to_le_bytes());
+                out.extend_from_slice(&snapshot.to_le_bytes());
+                kind::ROLLBACK
+            }
         };
         let len = out.len() - start - ENTRY_HEADER;
         out[start] = k;
@@ -306,7 +318,15 @@ impl Entry {
                 r.at = body.len();
                 Entry::Delete { ids }
             }
-            _ => return Err(Body::bad()),
+            kind::ROLLBACK => Entry::Rollback {
+                vdi: r.u64()?,
+                snapshot: r.u64()?,
+            },
+            k => {
+                return Err(StoreError::Corrupt(format!(
+                    "log entry of unknown kind {k} (written by a newer Parallax?)"
+                )))
+            }
         };
         r.done()?;
         Ok((e, ENTRY_HEADER + len))
@@ -751,6 +771,10 @@ mod tests {
             },
             Entry::Resize { id: 11, size: 4096 },
             Entry::Delete { ids: vec![10, 9] },
+            Entry::Rollback {
+                vdi: 11,
+                snapshot: 12,
+            },
         ]
     }
 

@@ -8,9 +8,11 @@
 //!  admin     create / snapshot / fork / rename / resize / delete, reports, gc
 //!  apply     every change, applied alike live and in replay
 //!  log       the intent log: what makes a flush durable between checkpoints
-//!  replay    opening after a crash: the log replayed; upgrade from format 1
+//!  replay    opening after a crash: the log replayed; upgrades from older formats
 //!  check     verification of the last durable checkpoint on disk
 //!  diff      changed extents between two points of history, shared subtrees skipped
+//!  rollback  a VDI back to one of its snapshots
+//!  staging   VDIs under construction (import, recv) under a reserved name
 //!  vdi       one VDI in memory: record, lock, handles, reserved blocks
 //!  radix     copy-on-write radix maps        nodes     map nodes in memory (dirty, clean)
 //!  catalog   registry tree + name overlay    btree     the registry's B+tree
@@ -43,7 +45,9 @@ mod radix;
 mod refcount;
 mod registry;
 mod replay;
+mod rollback;
 mod space;
+mod staging;
 #[allow(clippy::module_inception)]
 mod store;
 mod vdi;
@@ -54,6 +58,8 @@ pub use diff::{ChangedExtent, DiffReport};
 pub use error::{StoreError, StoreResult};
 pub use io::{StoreDisk, DATA_ERROR_TARGET};
 pub use registry::{validate_name, Kind};
+pub use rollback::RollbackReport;
+pub use staging::{is_staging, Staged, STAGING_PREFIX};
 pub use store::{Store, StoreOptions};
 
 #[cfg(test)]

@@ -164,27 +164,41 @@ impl Store {
                 let mut cat = self.catalog.lock();
                 self.apply_delete(&mut cat, &ids, change.gen).map(|_| ())
             }
+            Entry::Rollback { .. } if self.format_version() < 3 => Err(StoreError::Corrupt(
+                "a rollback entry in a store of format 2 (rollbacks came with format 3)".into(),
+            )),
+            Entry::Rollback { vdi, snapshot } => {
+                let mut cat = self.catalog.lock();
+                self.apply_rollback(&mut cat, vdi, snapshot, change.gen)
+            }
         }
     }
 
-    /// Moves a format-1 store to format 2 (the intent log). Crash-safe: the store is first
-    /// checkpointed and closed cleanly in format 1, then the superblock names format 2; a
-    /// superblock torn by a crash there reads as format 1 (FORMAT.md §10). Commit records say
-    /// which layout they are in, so either superblock reads them. Returns false if there was nothing
-    /// to do. Background checkpoints stop; the store stays usable.
+    /// Moves an older store to the current format, one version at a time. Crash-safe: for
+    /// each step the store is first checkpointed and closed cleanly in its format, then the
+    /// superblock names the next; a superblock torn by a crash there reads as the older format
+    /// (FORMAT.md §10). Commit records say which layout they are in, so either superblock
+    /// reads them. Returns false if there was nothing to do. Background checkpoints stop; the
+    /// store stays usable.
     pub fn upgrade(&self) -> StoreResult<bool> {
         if self.format_version() >= FORMAT_VERSION {
             return Ok(false);
         }
+        while self.format_version() < FORMAT_VERSION {
+            self.upgrade_step(self.format_version() + 1)?;
+        }
+        Ok(true)
+    }
+
+    fn upgrade_step(&self, to: u64) -> StoreResult<()> {
+        let from = self.format_version();
         let geo = self.geometry();
-        Geometry::for_version(geo.total_blocks * BLOCK_SIZE_U64, FORMAT_VERSION).map_err(|e| {
-            StoreError::Invalid(format!(
-                "this store cannot move to format {FORMAT_VERSION}: {e}"
-            ))
+        Geometry::for_version(geo.total_blocks * BLOCK_SIZE_U64, to).map_err(|e| {
+            StoreError::Invalid(format!("this store cannot move to format {to}: {e}"))
         })?;
         self.close()?;
         let sb = Superblock {
-            version: FORMAT_VERSION,
+            version: to,
             ..self.superblock().clone()
         };
         let result = self
@@ -195,11 +209,14 @@ impl Store {
             self.poison(&e);
             return Err(e.into());
         }
-        self.set_format_version(FORMAT_VERSION);
-        self.log.reset(0);
-        self.log.enable();
-        info!("store upgraded to format {FORMAT_VERSION}");
-        Ok(true)
+        self.set_format_version(to);
+        if from < 2 {
+            // Format 2 brought the intent log; a format-1 session kept none.
+            self.log.reset(0);
+            self.log.enable();
+        }
+        info!("store upgraded from format {from} to format {to}");
+        Ok(())
     }
 
     fn set_format_version(&self, v: u64) {

@@ -40,9 +40,9 @@ use super::{
     epoch::Epoch,
     error::{StoreError, StoreResult},
     format::{
-        magic, CommitRecord, Geometry, LogPosition, Ptr, Selector, Superblock, BLOCK_SIZE,
-        BLOCK_SIZE_U64, COMMIT_SLOTS, FORMAT_VERSION, GROUP_DATA_BLOCKS, LOG_BLOCK_ENTRIES,
-        SUPERBLOCK_ADDR,
+        commit_layout, magic, CommitRecord, Geometry, LogPosition, Ptr, Selector, Superblock,
+        BLOCK_SIZE, BLOCK_SIZE_U64, COMMIT_SLOTS, FORMAT_VERSION, GROUP_DATA_BLOCKS,
+        LOG_BLOCK_ENTRIES, SUPERBLOCK_ADDR,
     },
     log::Log,
     nodes::NodeTable,
@@ -231,7 +231,7 @@ impl Store {
             clean: true,
             group_selectors: vec![Selector::default(); geo.groups as usize],
             log: LogPosition::default(),
-            version: FORMAT_VERSION,
+            version: commit_layout(FORMAT_VERSION),
         };
         // Commit slots first (the other one zeroed, in case the device held an old store),
         // then the superblock that makes this a store.
@@ -277,7 +277,10 @@ impl Store {
             },
         };
         if torn {
-            warn!("the superblock was torn by an interrupted `parallax upgrade`; the store stays format 1 (run `parallax upgrade` again)");
+            warn!(
+                "the superblock was torn by an interrupted `parallax upgrade`; the store stays format {} (run `parallax upgrade` again)",
+                sb.version
+            );
             dev.write_at(&sb.encode()[..], SUPERBLOCK_ADDR * BLOCK_SIZE_U64)?;
             dev.sync()?;
         }
@@ -362,6 +365,7 @@ impl Store {
         if store.format_version() >= 2 {
             store.recover(log_pos)?;
         }
+        store.remove_staging_leftovers()?;
         store.start_background();
         Ok(store)
     }

@@ -368,7 +368,12 @@ enum Outcome {
     /// The workload ran to the end.
     Finished,
     /// The power went during an operation; these names may or may not exist now.
-    Cut { uncertain: Vec<String> },
+    Cut {
+        uncertain: Vec<String>,
+        /// A rollback the power cut short: the VDI, and what it reads if the rollback happened
+        /// (else it reads as before it).
+        rolling_back: Option<(String, Vec<u8>)>,
+    },
 }
 
 /// A deterministic workload; stops at the first failing operation (the power cut).
@@ -382,6 +387,7 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                 Err(_) => {
                     return Outcome::Cut {
                         uncertain: $uncertain,
+                        rolling_back: None,
                     }
                 }
             }
@@ -420,6 +426,7 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                 if d.write(&buf, off as u64, false).is_err() {
                     return Outcome::Cut {
                         uncertain: Vec::new(),
+                        rolling_back: None,
                     };
                 }
             }
@@ -435,6 +442,7 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                 if d.discard(off as u64, len as u64).is_err() {
                     return Outcome::Cut {
                         uncertain: Vec::new(),
+                        rolling_back: None,
                     };
                 }
             }
@@ -462,7 +470,29 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                 t.snapshot = false;
                 model.insert(name, t);
             }
-            92..=95 => {
+            95 => {
+                // Roll a live VDI back to one of its snapshots.
+                let own: Vec<String> = snaps
+                    .iter()
+                    .filter(|n| live.iter().any(|l| n.starts_with(&format!("{l}@"))))
+                    .cloned()
+                    .collect();
+                let Some(snap) = pick(&mut rng, &own).cloned() else {
+                    continue;
+                };
+                let vdi = snap.split('@').next().unwrap().to_string();
+                let image = model[&snap].current.clone();
+                if s.rollback(&snap, false).is_err() {
+                    return Outcome::Cut {
+                        uncertain: Vec::new(),
+                        rolling_back: Some((vdi, image)),
+                    };
+                }
+                let t = model.get_mut(&vdi).unwrap();
+                t.current = image;
+                model.values_mut().for_each(Tracked::committed);
+            }
+            92..=94 => {
                 let all: Vec<String> = model.keys().filter(|n| *n != "base").cloned().collect();
                 let Some(victim) = pick(&mut rng, &all).cloned() else {
                     continue;
@@ -481,6 +511,7 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                 if s.gc(&mut |_| {}).is_err() {
                     return Outcome::Cut {
                         uncertain: Vec::new(),
+                        rolling_back: None,
                     };
                 }
                 model.values_mut().for_each(Tracked::committed);
@@ -503,9 +534,12 @@ fn crash_case(seed: u64, cut: Option<u64>, image_seed: u64) -> u64 {
     let outcome = crash_workload(&s, seed, &mut model);
     let ops = dev.ops();
     drop(s);
-    let uncertain = match outcome {
-        Outcome::Finished => Vec::new(),
-        Outcome::Cut { uncertain } => uncertain,
+    let (uncertain, rolling_back) = match outcome {
+        Outcome::Finished => (Vec::new(), None),
+        Outcome::Cut {
+            uncertain,
+            rolling_back,
+        } => (uncertain, rolling_back),
     };
     let ctx = format!("seed {seed} cut {cut:?} image {image_seed}");
     let after: Arc<dyn Device> = Arc::new(dev.after_crash(image_seed));
@@ -526,6 +560,13 @@ fn crash_case(seed: u64, cut: Option<u64>, image_seed: u64) -> u64 {
         let mut buf = vec![0u8; t.current.len()];
         d.read(&mut buf, 0)
             .unwrap_or_else(|e| panic!("{ctx}: reading {name}: {e}"));
+        if rolling_back
+            .as_ref()
+            .is_some_and(|(v, image)| v == name && *image == buf)
+        {
+            // The rollback happened, wholly.
+            continue;
+        }
         for b in 0..buf.len() / 4096 {
             let got = &buf[b * 4096..(b + 1) * 4096];
             if got == &t.durable[b * 4096..(b + 1) * 4096] {
@@ -1224,4 +1265,118 @@ fn diff_costs_what_changed() {
     );
     // Height 4 (128^4 blocks = 1 TiB): at most the four nodes on the path, on each side.
     assert!(one.nodes_visited <= 8, "visited {}", one.nodes_visited);
+}
+
+#[test]
+fn rollback_reads_the_snapshot_and_keeps_history() {
+    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(64 << 20));
+    let s = new_store(dev.clone());
+    s.create_vdi("a", 1 << 20).unwrap();
+    let d = s.open_vdi("a", true).unwrap();
+    d.write(&[1u8; 8192], 0, false).unwrap();
+    drop(d);
+    s.snapshot("a", "s1").unwrap();
+    let d = s.open_vdi("a", true).unwrap();
+    d.write(&[2u8; 4096], 4096, false).unwrap();
+    d.write(&[3u8; 4096], 65536, false).unwrap();
+    drop(d);
+    s.snapshot("a", "s2").unwrap();
+    s.resize("a", 2 << 20).unwrap();
+    let d = s.open_vdi("a", true).unwrap();
+    d.write(&[4u8; 4096], (1 << 20) + 4096, false).unwrap();
+
+    // Open: refused, unless forced; a forced rollback detaches the open handle.
+    assert!(matches!(
+        s.rollback("a@s1", false),
+        Err(StoreError::Busy(_))
+    ));
+    assert!(matches!(
+        s.rollback("a", false),
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.rollback("a@nope", false),
+        Err(StoreError::NotFound(_))
+    ));
+    let r = s.rollback("a@s1", true).unwrap();
+    assert_eq!((r.detached, r.size), (1, 1 << 20));
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(d.read(&mut buf, 0), Err(StoreError::Detached(_))));
+    assert!(matches!(
+        d.write(&buf, 0, false),
+        Err(StoreError::Detached(_))
+    ));
+    drop(d);
+
+    let image = |s: &Arc<Store>, name: &str| {
+        let d = s.open_vdi(name, false).unwrap();
+        let mut b = vec![0u8; d.size() as usize];
+        d.read(&mut b, 0).unwrap();
+        b
+    };
+    let mut s1 = vec![0u8; 1 << 20];
+    s1[..8192].fill(1);
+    assert_eq!(image(&s, "a"), s1, "the VDI reads exactly the snapshot");
+    assert_eq!(image(&s, "a@s1"), s1);
+    let mut s2 = s1.clone();
+    s2[4096..8192].fill(2);
+    s2[65536..65536 + 4096].fill(3);
+    assert_eq!(image(&s, "a@s2"), s2, "later snapshots stay");
+
+    // The VDI is writable afterwards without touching the snapshot; rolling forward works.
+    let d = s.open_vdi("a", true).unwrap();
+    d.write(&[9u8; 4096], 0, false).unwrap();
+    drop(d);
+    assert_eq!(image(&s, "a@s1"), s1);
+    s.rollback("a@s2", false).unwrap();
+    assert_eq!(image(&s, "a"), s2);
+    assert_clean(&s);
+    s.gc(&mut |_| {}).unwrap();
+    assert_clean(&s);
+
+    // It survives a restart (checkpointed or replayed from the log).
+    s.rollback("a@s1", false).unwrap();
+    drop(s);
+    let s = Store::open_device(dev, small_opts()).unwrap();
+    assert_eq!(image(&s, "a"), s1);
+    assert_clean(&s);
+}
+
+#[test]
+fn an_import_interrupted_leaves_nothing_after_reopen() {
+    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(64 << 20));
+    let s = new_store(dev.clone());
+    let staged = s.create_staged("img", 1 << 20).unwrap();
+    let d = s.open_vdi(staged.staging_name(), true).unwrap();
+    d.write(&[5u8; 4096], 0, false).unwrap();
+    drop(d);
+    assert!(s.list().unwrap().is_empty(), "not listed while being made");
+    assert!(matches!(
+        s.create_staged("img", 1 << 20),
+        Err(StoreError::Busy(_))
+    ));
+    s.flush().unwrap();
+    // A crash here: the process goes away without publishing or deleting it.
+    std::mem::forget(staged);
+    drop(s);
+    let s = Store::open_device(dev.clone(), small_opts()).unwrap();
+    assert!(s.list().unwrap().is_empty());
+    assert!(s.stat(&format!("{}img", super::STAGING_PREFIX)).is_err());
+    s.gc(&mut |_| {}).unwrap();
+    assert_eq!(s.df().unwrap().vdis, 0);
+    assert_clean(&s);
+    // Published, it appears under its name with its contents.
+    let staged = s.create_staged("img", 1 << 20).unwrap();
+    let d = s.open_vdi(staged.staging_name(), true).unwrap();
+    d.write(&[6u8; 4096], 0, false).unwrap();
+    drop(d);
+    staged.publish().unwrap();
+    let names: Vec<String> = s.list().unwrap().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["img"]);
+    drop(s);
+    let s = Store::open_device(dev, small_opts()).unwrap();
+    let d = s.open_vdi("img", false).unwrap();
+    let mut b = vec![0u8; 4096];
+    d.read(&mut b, 0).unwrap();
+    assert_eq!(b, vec![6u8; 4096]);
 }

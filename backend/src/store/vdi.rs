@@ -30,6 +30,8 @@ pub(super) struct VdiState {
     /// record.
     pub changed: bool,
     pub deleted: bool,
+    /// Bumped by a rollback: handles opened before it are detached (not on disk).
+    pub detached: u64,
 }
 
 /// Blocks reserved for a VDI's data, handed out in order.
@@ -92,6 +94,7 @@ impl Vdi {
                 rec,
                 changed,
                 deleted: false,
+                detached: 0,
             }),
             handles: AtomicUsize::new(0),
             batch: Mutex::new(Batch::default()),
