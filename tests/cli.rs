@@ -90,6 +90,7 @@ both_modes!(
     corrupt_data_block_is_detected,
     rollback_restores_a_snapshot,
     interrupted_import_leaves_nothing,
+    send_recv_through_a_pipe,
 );
 
 fn assert_same(what: &str, got: &[u8], want: &[u8]) {
@@ -1142,5 +1143,113 @@ fn interrupted_import_leaves_nothing(mode: Mode) {
     assert_eq!(df(&env)["vdis"], 0);
     // The name is free again.
     env.import("big", &random_bytes(4, MIB));
+    env.finish();
+}
+
+/// `vdi send SNAP | vdi recv NAME` between two processes, with `recv` on `env`'s store.
+fn pipe_send_recv(from: &TestStore, send: &[&str], to: &TestStore, recv: &[&str]) -> String {
+    let mut sender = from
+        .cmd(send)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = to
+        .cmd(recv)
+        .stdin(sender.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(sender.wait().unwrap().success(), "{send:?}");
+    assert!(
+        out.status.success(),
+        "{recv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn send_recv_through_a_pipe(mode: Mode) {
+    let env = Env::new(mode, "256M");
+    let img = image_with_holes(2, 8 * MIB);
+    env.import("vm", &img);
+    env.run(&["vdi", "snapshot", "vm@mon"]);
+    env.with_nbd(|d| {
+        let mut c = d.nbd("vm");
+        c.write(MIB as u64, &[0x44u8; 65536]).unwrap();
+        c.flush().unwrap();
+    });
+    env.run(&["vdi", "snapshot", "vm@tue"]);
+    let tue = env.export("vm@tue");
+
+    // Full, then incremental, to another store; and back into this one.
+    let other = TestStore::new("256M");
+    let out = pipe_send_recv(
+        &env,
+        &["vdi", "send", "vm@mon"],
+        &other,
+        &["vdi", "recv", "copy"],
+    );
+    assert!(out.contains("received vm@mon as copy@mon"), "{out}");
+    assert_same("full", &other.export("copy@mon"), &img);
+    assert_same("full, the VDI", &other.export("copy"), &img);
+    let inc = env.file("inc.stream");
+    let r = env.json(&[
+        "vdi",
+        "send",
+        "vm@tue",
+        "--from",
+        "vm@mon",
+        "-o",
+        inc.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r["data_bytes"], 65536, "only the change is sent: {r}");
+    let r = other.json(&["vdi", "recv", "copy2", inc.to_str().unwrap(), "--json"]);
+    assert_eq!(r["base"], "copy@mon", "{r}");
+    assert_same("incremental", &other.export("copy2@tue"), &tue);
+    other.assert_clean();
+    if mode == Mode::Daemon {
+        // Both ends through the one daemon holding the store.
+        pipe_send_recv(
+            &env,
+            &["vdi", "send", "vm@tue"],
+            &env,
+            &["vdi", "recv", "back"],
+        );
+    } else {
+        // Two processes cannot both hold the store: through a file.
+        let f = env.file("tue.stream");
+        env.run(&["vdi", "send", "vm@tue", "-o", f.to_str().unwrap()]);
+        env.run(&["vdi", "recv", "back", f.to_str().unwrap()]);
+    }
+    assert_same("into the same store", &env.export("back@tue"), &tue);
+
+    // Damaged or truncated: refused, nothing left; no base: refused.
+    let bytes = std::fs::read(&inc).unwrap();
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 0x10;
+    std::fs::write(env.file("flipped"), &flipped).unwrap();
+    std::fs::write(env.file("short"), &bytes[..bytes.len() - 40]).unwrap();
+    let before = env.run(&["vdi", "list", "-H", "-o", "name"]);
+    for (file, why) in [("flipped", "damaged"), ("short", "truncated")] {
+        env.fail(&["vdi", "recv", "bad", env.file(file).to_str().unwrap()])
+            .assert_one_line(1, why);
+        assert_eq!(env.run(&["vdi", "list", "-H", "-o", "name"]), before);
+        assert!(!env
+            .cmd(&["vdi", "info", ".part:bad"])
+            .output()
+            .unwrap()
+            .status
+            .success());
+    }
+    other.run(&["vdi", "delete", "-r", "copy2"]);
+    other.run(&["vdi", "delete", "-r", "copy"]);
+    other
+        .fail(&["vdi", "recv", "again", inc.to_str().unwrap()])
+        .assert_one_line(1, "receive it first");
+    other
+        .fail(&["vdi", "send", "nope@x"])
+        .assert_one_line(1, "no such");
+    other.assert_clean();
     env.finish();
 }

@@ -21,6 +21,7 @@ pub mod disk;
 pub mod nbd;
 pub mod ratelimit;
 pub mod store;
+pub mod stream;
 pub mod transfer;
 pub mod util;
 pub mod xen;

@@ -5,6 +5,7 @@
 //! line on stderr and a non-zero exit: 1 for errors, 2 for usage, 3 when `check` finds damage.
 
 mod output;
+mod stream;
 
 use std::{
     fs::{File, OpenOptions},
@@ -168,6 +169,37 @@ enum VdiCommand {
         #[arg(long)]
         force: bool,
         /// Print the result as JSON, for scripts (not with `-`: the image is the output).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a snapshot as a stream for `vdi recv` (here or on another host): every block it
+    /// holds, or with --from only what changed since an older snapshot of the same VDI. The
+    /// stream is self-describing and checksummed (docs/STREAM.md).
+    Send {
+        /// NAME@SNAP: the snapshot to send.
+        snapshot: String,
+        /// NAME@OLDER: send only the changes since this snapshot (the receiver must have it,
+        /// received earlier).
+        #[arg(long, value_name = "NAME@OLDER")]
+        from: Option<String>,
+        /// Write the stream to FILE instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Print the result as JSON, for scripts (needs --output).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new VDI from a stream `vdi send` wrote: NAME and NAME@SNAP, holding exactly the
+    /// sent snapshot. An incremental stream needs its base here; it becomes a fork of it.
+    /// NAME appears only once the whole stream arrived and checked out.
+    Recv {
+        /// The new VDI's name (letters, digits and `. _ + - :`, up to 200 bytes, not starting
+        /// with `-` or `.`).
+        name: String,
+        /// The stream: a file, or `-` for stdin.
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -405,6 +437,8 @@ impl Command {
                 | VdiCommand::Diff { json, .. }
                 | VdiCommand::Rename { json, .. }
                 | VdiCommand::Rollback { json, .. }
+                | VdiCommand::Send { json, .. }
+                | VdiCommand::Recv { json, .. }
                 | VdiCommand::Resize { json, .. }
                 | VdiCommand::Delete { json, .. } => *json,
             },
@@ -855,6 +889,13 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             };
             let _ = written;
         }
+        VdiCommand::Send {
+            snapshot,
+            from,
+            output,
+            json,
+        } => stream::send(&t, snapshot, from, output.as_deref(), json)?,
+        VdiCommand::Recv { name, file, json } => stream::recv(&t, name, &file, json)?,
         VdiCommand::Snapshot { name, snap, json } => {
             let split = name
                 .split_once('@')

@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     blkif::local::{recv_with_fds, send_with_fds},
     store::{Kind, ListFilter, Store, StoreError},
-    transfer,
+    stream, transfer,
 };
 
 /// A request on the control socket.
@@ -89,6 +89,14 @@ pub enum Request {
     Rename {
         old: String,
         new: String,
+    },
+    Send {
+        snapshot: String,
+        #[serde(default)]
+        from: Option<String>,
+    },
+    Recv {
+        name: String,
     },
     Rollback {
         snapshot: String,
@@ -158,6 +166,11 @@ impl std::fmt::Display for Request {
             },
             Request::Diff { from, to } => write!(f, "vdi diff {from} {to}"),
             Request::Rename { old, new } => write!(f, "vdi rename {old} {new}"),
+            Request::Send { snapshot, from } => match from {
+                Some(b) => write!(f, "vdi send {snapshot} --from {b}"),
+                None => write!(f, "vdi send {snapshot}"),
+            },
+            Request::Recv { name } => write!(f, "vdi recv {name}"),
             Request::Rollback { snapshot, force } => {
                 write!(
                     f,
@@ -505,6 +518,20 @@ fn execute(
         Request::Tree { name: Some(n) } => to_value(vec![s.subtree(n)?]),
         Request::Diff { from, to } => to_value(s.diff(from, to)?),
         Request::Rename { old, new } => to_value(s.rename(old, new)?),
+        Request::Send { snapshot, from } => {
+            let mut f = need_file(fd)?;
+            to_value(stream::send(
+                s,
+                snapshot,
+                from.as_deref(),
+                &mut f,
+                &mut progress,
+            )?)
+        }
+        Request::Recv { name } => {
+            let mut f = need_file(fd)?;
+            to_value(stream::recv(s, name, &mut f, &mut progress)?)
+        }
         Request::Rollback { snapshot, force } => {
             let r = s.rollback(snapshot, *force)?;
             if r.detached > 0 {

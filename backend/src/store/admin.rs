@@ -191,7 +191,7 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("id {id}")))
     }
 
-    fn full_name(&self, cat: &mut Catalog, rec: &Record) -> StoreResult<String> {
+    pub(super) fn full_name(&self, cat: &mut Catalog, rec: &Record) -> StoreResult<String> {
         Ok(match rec.kind {
             Kind::Vdi => rec.name.clone(),
             Kind::Snapshot => format!("{}@{}", self.record_of(cat, rec.parent)?.name, rec.name),
@@ -215,7 +215,7 @@ impl Store {
     }
 
     /// Every live record: the catalog's as of the last cut, with loaded VDIs' changes.
-    fn all_records(&self, cat: &mut Catalog) -> StoreResult<Vec<Record>> {
+    pub(super) fn all_records(&self, cat: &mut Catalog) -> StoreResult<Vec<Record>> {
         let mut by_id: BTreeMap<u64, Record> = cat
             .records(&*self.dev)?
             .into_iter()
@@ -256,6 +256,17 @@ impl Store {
 
     /// Freezes VDI `vdi` as `vdi@snap`, in O(1); durable when this returns.
     pub fn snapshot(&self, vdi: &str, snap: &str) -> StoreResult<()> {
+        self.snapshot_as(vdi, snap, now_ns(), 0)
+    }
+
+    /// [`Store::snapshot`] with a given creation time and identity (a received snapshot's).
+    pub(super) fn snapshot_as(
+        &self,
+        vdi: &str,
+        snap: &str,
+        created: u64,
+        guid: u64,
+    ) -> StoreResult<()> {
         validate_name(snap, "snapshot")?;
         self.check_writable()?;
         {
@@ -271,7 +282,7 @@ impl Store {
                 return Err(StoreError::Exists(format!("snapshot {vdi}@{snap}")));
             }
             let sid = cat.allocate_id();
-            self.apply_snapshot(&mut cat, id, sid, snap, now_ns())?;
+            self.apply_snapshot(&mut cat, id, sid, snap, created, guid)?;
         }
         self.flush()
     }
@@ -279,6 +290,11 @@ impl Store {
     /// Makes `new`, a writable copy of snapshot `src` (`NAME@SNAP`), in O(1).
     pub fn fork(&self, src: &str, new: &str) -> StoreResult<()> {
         validate_name(new, "VDI")?;
+        self.fork_unchecked(src, new)
+    }
+
+    /// [`Store::fork`] to a name the caller checked (a user's, or a staging name).
+    pub(super) fn fork_unchecked(&self, src: &str, new: &str) -> StoreResult<()> {
         self.check_writable()?;
         {
             let _change = self.change();

@@ -167,6 +167,7 @@ impl Store {
             origin: 0,
             name: name.to_string(),
             origin_name: String::new(),
+            guid: 0,
         });
         self.log.append(&Entry::Create {
             id,
@@ -184,6 +185,7 @@ impl Store {
         sid: u64,
         name: &str,
         created: u64,
+        guid: u64,
     ) -> StoreResult<()> {
         validate_name(name, "snapshot")?;
         let v = self.vdi_locked(cat, vdi)?;
@@ -207,6 +209,7 @@ impl Store {
             created_ns: created,
             name: name.to_string(),
             origin_name: String::new(),
+            guid,
             ..st.rec.clone()
         };
         drop(st);
@@ -218,6 +221,7 @@ impl Store {
             id: sid,
             created,
             name: name.to_string(),
+            guid,
         });
         Ok(())
     }
@@ -231,7 +235,7 @@ impl Store {
         origin_name: &str,
         created: u64,
     ) -> StoreResult<()> {
-        validate_name(name, "VDI")?;
+        validate_stored_name(name)?;
         let s = self.vdi_locked(cat, sid)?;
         let snap = s.state.read().rec.clone();
         if snap.kind != Kind::Snapshot || cat.resolve(&*self.dev, name).is_ok() {
@@ -250,6 +254,7 @@ impl Store {
             created_ns: created,
             name: name.to_string(),
             origin_name: origin_name.to_string(),
+            guid: 0,
             ..snap
         });
         self.log.append(&Entry::Fork {

@@ -82,6 +82,8 @@ pub(super) enum Entry {
         id: u64,
         created: u64,
         name: String,
+        /// A received snapshot's identity (format 3; written only when not 0).
+        guid: u64,
     },
     Fork {
         snapshot: u64,
@@ -197,11 +199,15 @@ impl Entry {
                 id,
                 created,
                 name,
+                guid,
             } => {
                 out.extend_from_slice(&vdi.to_le_bytes());
                 out.extend_from_slice(&id.to_le_bytes());
                 out.extend_from_slice(&created.to_le_bytes());
                 put_str(out, name);
+                if *guid != 0 {
+                    out.extend_from_slice(&guid.to_le_bytes());
+                }
                 kind::SNAPSHOT
             }
             Entry::Fork {
@@ -294,6 +300,7 @@ impl Entry {
                 id: r.u64()?,
                 created: r.u64()?,
                 name: r.string()?,
+                guid: if r.at < body.len() { r.u64()? } else { 0 },
             },
             kind::FORK => Entry::Fork {
                 snapshot: r.u64()?,
@@ -757,6 +764,14 @@ mod tests {
                 id: 10,
                 created: 43,
                 name: "s".into(),
+                guid: 0,
+            },
+            Entry::Snapshot {
+                vdi: 9,
+                id: 13,
+                created: 44,
+                name: "received".into(),
+                guid: 0xfeed_beef,
             },
             Entry::Fork {
                 snapshot: 10,
@@ -849,8 +864,12 @@ mod tests {
         assert!(found.blocks.len() > 10);
         assert!(found.entries.windows(2).all(|w| w[0].0 < w[1].0));
         assert_eq!(found.entries[0].1, all[1]);
+        let resize = all
+            .iter()
+            .position(|e| matches!(e, Entry::Resize { .. }))
+            .unwrap();
         assert_eq!(
-            found.entries[1 + all.len() + 6].1,
+            found.entries[1 + all.len() + resize].1,
             Entry::Resize { id: 11, size: 1 }
         );
         // Another chain id reads nothing; a checkpoint releases blocks before its head.

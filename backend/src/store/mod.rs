@@ -13,6 +13,7 @@
 //!  diff      changed extents between two points of history, shared subtrees skipped
 //!  rollback  a VDI back to one of its snapshots
 //!  staging   VDIs under construction (import, recv) under a reserved name
+//!  identity  snapshot guids, the same in every store a snapshot is sent to
 //!  vdi       one VDI in memory: record, lock, handles, reserved blocks
 //!  radix     copy-on-write radix maps        nodes     map nodes in memory (dirty, clean)
 //!  catalog   registry tree + name overlay    btree     the registry's B+tree
@@ -36,6 +37,7 @@ mod diff;
 mod epoch;
 mod error;
 pub mod format;
+mod identity;
 mod io;
 mod lock;
 mod log;
@@ -56,8 +58,9 @@ pub use admin::{DeleteReport, DfReport, GcReport, ListFilter, TreeNode, VdiInfo,
 pub use check::{CheckProgress, CheckReport};
 pub use diff::{ChangedExtent, DiffReport};
 pub use error::{StoreError, StoreResult};
+pub use identity::SnapshotIdentity;
 pub use io::{StoreDisk, DATA_ERROR_TARGET};
-pub use registry::{validate_name, Kind};
+pub use registry::{split_name, validate_name, Kind};
 pub use rollback::RollbackReport;
 pub use staging::{is_staging, Staged, STAGING_PREFIX};
 pub use store::{Store, StoreOptions};

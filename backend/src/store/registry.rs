@@ -16,6 +16,7 @@ mod at {
     pub const ID: usize = 8;
     pub const SIZE: usize = 16;
     pub const ROOT: usize = 24;
+    pub const GUID: usize = 56;
     pub const CREATED: usize = 64;
     pub const PARENT: usize = 72;
     pub const ORIGIN: usize = 80;
@@ -51,6 +52,11 @@ pub struct Record {
     pub name: String,
     /// The origin's full name when the fork was made (for display once it is gone).
     pub origin_name: String,
+    /// A received snapshot's identity in the store it was sent from (format 3); 0 for
+    /// everything else, whose identity is derived ([`Store::snapshot_identity`]).
+    ///
+    /// [`Store::snapshot_identity`]: super::Store::snapshot_identity
+    pub guid: u64,
 }
 
 impl Record {
@@ -64,7 +70,7 @@ impl Record {
         put_u64(&mut b, at::ID, self.id);
         put_u64(&mut b, at::SIZE, self.size);
         self.root.encode(&mut b[at::ROOT..at::ROOT + PTR_LEN]);
-        // Bytes 56..64 are reserved (zero): usage is computed from the map.
+        put_u64(&mut b, at::GUID, self.guid);
         put_u64(&mut b, at::CREATED, self.created_ns);
         put_u64(&mut b, at::PARENT, self.parent);
         put_u64(&mut b, at::ORIGIN, self.origin);
@@ -112,6 +118,7 @@ impl Record {
             origin: u64_at(b, at::ORIGIN),
             name,
             origin_name,
+            guid: u64_at(b, at::GUID),
         };
         r.root.kind()?;
         if r.height == 0 || r.height > MAX_HEIGHT {
@@ -202,6 +209,7 @@ mod tests {
             origin: 0,
             name: "gold".into(),
             origin_name: "template@v1".into(),
+            guid: 0x1234,
         };
         assert_eq!(Record::decode(&r.encode()).unwrap(), r);
         let mut bad = r.encode();

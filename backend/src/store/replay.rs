@@ -138,9 +138,10 @@ impl Store {
                 id,
                 created,
                 name,
+                guid,
             } => {
                 let mut cat = self.catalog.lock();
-                self.apply_snapshot(&mut cat, vdi, id, &name, created)
+                self.apply_snapshot(&mut cat, vdi, id, &name, created, guid)
             }
             Entry::Fork {
                 snapshot,

@@ -39,6 +39,19 @@ impl Store {
     /// Creates an empty VDI that will be called `name` once published; refuses if `name`
     /// exists or is under construction already.
     pub fn create_staged(&self, name: &str, size: u64) -> StoreResult<Staged<'_>> {
+        self.staged(name, |staging| self.create_unchecked(staging, size))
+    }
+
+    /// Like [`Store::create_staged`], but a fork of snapshot `base` (`NAME@SNAP`).
+    pub fn create_staged_fork(&self, name: &str, base: &str) -> StoreResult<Staged<'_>> {
+        self.staged(name, |staging| self.fork_unchecked(base, staging))
+    }
+
+    fn staged(
+        &self,
+        name: &str,
+        create: impl FnOnce(&str) -> StoreResult<()>,
+    ) -> StoreResult<Staged<'_>> {
         validate_name(name, "VDI")?;
         if self.stat(name).is_ok() {
             return Err(StoreError::Exists(format!("VDI {name}")));
@@ -48,7 +61,7 @@ impl Store {
         } else {
             name.to_string()
         };
-        match self.create_unchecked(&staging, size) {
+        match create(&staging) {
             Err(StoreError::Exists(_)) if staging != name => {
                 return Err(StoreError::Busy(format!(
                     "{name} is being made already (an import or receive in progress)"
@@ -90,6 +103,11 @@ impl Staged<'_> {
     /// The name to write it under until it is published.
     pub fn staging_name(&self) -> &str {
         &self.staging
+    }
+
+    /// Takes snapshot `snap` of it, with a given creation time and identity.
+    pub fn snapshot(&self, snap: &str, created: u64, guid: u64) -> StoreResult<()> {
+        self.store.snapshot_as(&self.staging, snap, created, guid)
     }
 
     /// Makes everything written durable, then gives the VDI its name (durable on return).

@@ -1,0 +1,67 @@
+//! A snapshot's identity across stores (its *guid*), for incremental `vdi send`/`vdi recv`:
+//! a received snapshot keeps the guid it had where it was sent from (its record holds it);
+//! every other snapshot's is derived from the store's UUID, its id and its creation time, so it
+//! never needs storing and never changes.
+
+use super::{
+    error::{StoreError, StoreResult},
+    registry::{split_name, Kind, Record},
+    staging::is_staging,
+    store::Store,
+};
+
+/// Who a snapshot is, wherever it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotIdentity {
+    pub guid: u64,
+    /// Creation time, Unix nanoseconds (a received snapshot keeps the sender's).
+    pub created_ns: u64,
+}
+
+impl Store {
+    /// The identity of snapshot `full` (`NAME@SNAP`).
+    pub fn snapshot_identity(&self, full: &str) -> StoreResult<SnapshotIdentity> {
+        if split_name(full)?.1.is_none() {
+            return Err(StoreError::Invalid(format!(
+                "{full} is a VDI; send a snapshot of it (`vdi snapshot {full} SNAP`)"
+            )));
+        }
+        let v = self.vdi_named(full)?;
+        let rec = v.state.read().rec.clone();
+        Ok(SnapshotIdentity {
+            guid: self.guid_of(&rec),
+            created_ns: rec.created_ns,
+        })
+    }
+
+    fn guid_of(&self, rec: &Record) -> u64 {
+        if rec.guid != 0 {
+            return rec.guid;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"parallax snapshot guid");
+        h.update(&self.uuid());
+        h.update(&rec.id.to_le_bytes());
+        h.update(&rec.created_ns.to_le_bytes());
+        let b = h.finalize();
+        u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+    }
+
+    /// The full name of the snapshot whose guid is `guid`: `hint` if that one has it, else
+    /// the first found by a walk of the registry.
+    pub fn find_snapshot(&self, guid: u64, hint: &str) -> StoreResult<Option<String>> {
+        if self.snapshot_identity(hint).is_ok_and(|i| i.guid == guid) {
+            return Ok(Some(hint.to_string()));
+        }
+        let mut cat = self.catalog.lock();
+        for rec in self.all_records(&mut cat)? {
+            if rec.kind == Kind::Snapshot && self.guid_of(&rec) == guid {
+                let name = self.full_name(&mut cat, &rec)?;
+                if !is_staging(&name) {
+                    return Ok(Some(name));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
