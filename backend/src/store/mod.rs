@@ -19,6 +19,7 @@
 //!  epoch     reader epochs for safe reuse    format    on-disk constants and layouts
 //!  device    file / memory / crash-simulating / fault-injecting devices
 //!  lock      exclusive ownership of a store file
+//!  observe   what the store reports to a watcher (checkpoint times, dirty nodes)
 //! ```
 
 mod admin;
@@ -38,6 +39,7 @@ mod io;
 mod lock;
 mod log;
 mod nodes;
+mod observe;
 mod orphans;
 mod radix;
 mod refcount;
