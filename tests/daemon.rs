@@ -745,3 +745,301 @@ fn log_lines_for_connections_and_commands() {
     );
     finish(store, d);
 }
+
+/// The config of a daemon with the metrics endpoint on (an ephemeral port).
+const METRICS_CONFIG: &str =
+    r#"(commit_interval_ms: 500, nbd: (workers: 4), metrics: (listen: "127.0.0.1:0"))"#;
+
+/// `GET /metrics`, asserting a 200 in the text exposition format; returns the body.
+fn scrape(d: &Daemon) -> String {
+    let addr = d.metrics.expect("the daemon serves metrics");
+    let (status, headers, body) = http_get(addr, "/metrics");
+    assert!(status.contains(" 200 "), "{status}\n{headers}\n{body}");
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{headers}"
+    );
+    body
+}
+
+/// The value of the sample `name` whose labels include every pair in `labels`; `None` if
+/// there is none (a series that has not appeared yet).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let have: Vec<&str> = rest.split(',').collect();
+        let all = labels
+            .iter()
+            .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()));
+        (n == name && all).then(|| value.parse().expect("a number"))
+    })
+}
+
+/// TCP ports the process `pid` listens on (its sockets in LISTEN state, from /proc).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for l in text.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT, st 0A is LISTEN, inode is field 9.
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                let port = f[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports.sort();
+    ports
+}
+
+/// With `metrics.listen` set, a scrape over plain TCP shows what a real client (qemu-io) moved
+/// through NBD, byte for byte, its latency histograms, the store's space and a checkpoint.
+#[test]
+fn metrics_count_what_an_nbd_client_moved() {
+    let store = TestStore::new("512M");
+    store.run(&["vdi", "create", "vm", "--size", "4M"]);
+    let d = Daemon::start_with(&store, METRICS_CONFIG, &[]);
+    let addr = d
+        .metrics
+        .expect("the ready line names the metrics endpoint");
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    assert!(
+        d.wait_stderr("metrics endpoint listening"),
+        "{}",
+        d.stderr()
+    );
+    assert!(!d.stderr().contains("reveal VDI names"), "{}", d.stderr());
+    assert!(listening_ports(d.pid()).contains(&addr.port()));
+
+    let export = [("export", "vm"), ("transport", "nbd")];
+    let op = |op| [("export", "vm"), ("transport", "nbd"), ("op", op)];
+    let before = scrape(&d);
+    let val = |text: &str, name: &str, labels: &[(&str, &str)]| -> f64 {
+        sample(text, name, labels).unwrap_or(0.0)
+    };
+    qemu_io(
+        &d.uri("vm"),
+        &[
+            "write -P 0x5a 0 192k",
+            "write -P 0x5b 1M 4k",
+            "flush",
+            "read -P 0x5a 0 64k",
+            "read -P 0x5a 64k 64k",
+        ],
+    );
+    let after = scrape(&d);
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        val(&after, name, labels) - val(&before, name, labels)
+    };
+    assert_eq!(
+        delta("parallax_export_written_bytes_total", &export),
+        (192 * 1024 + 4096) as f64,
+        "{after}"
+    );
+    assert_eq!(
+        delta("parallax_export_read_bytes_total", &export),
+        (128 * 1024) as f64,
+        "{after}"
+    );
+    let writes = delta("parallax_export_operations_total", &op("write"));
+    assert!(writes >= 2.0, "{after}");
+    assert_eq!(
+        delta(
+            "parallax_export_operation_duration_seconds_count",
+            &op("write")
+        ),
+        writes,
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "parallax_export_operation_duration_seconds_bucket",
+            &[("op", "write"), ("export", "vm"), ("le", "+Inf")]
+        ),
+        sample(
+            &after,
+            "parallax_export_operation_duration_seconds_count",
+            &op("write")
+        ),
+        "{after}"
+    );
+    assert!(delta("parallax_export_operations_total", &op("read")) >= 2.0);
+    assert!(delta("parallax_export_operations_total", &op("flush")) >= 1.0);
+    assert_eq!(
+        val(&after, "parallax_export_errors_total", &op("write")),
+        0.0,
+        "{after}"
+    );
+
+    let free = sample(&after, "parallax_store_free_bytes", &[]).expect("free space");
+    let capacity = sample(&after, "parallax_store_capacity_bytes", &[]).expect("capacity");
+    assert!(free > 0.0 && free < capacity, "{after}");
+    assert_eq!(sample(&after, "parallax_store_vdis", &[]), Some(1.0));
+    assert!(sample(&after, "parallax_store_dirty_map_nodes", &[]).is_some());
+    assert_eq!(sample(&after, "parallax_ring_devices", &[]), Some(0.0));
+
+    // The writes are checkpointed within the commit interval; the hook times it.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape(&d);
+        let n = val(
+            &text,
+            "parallax_store_checkpoint_duration_seconds_count",
+            &[],
+        );
+        if n > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < until, "no checkpoint was timed:\n{text}");
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    for path in ["/", "/metrics/x", "/nope"] {
+        let (status, _, _) = http_get(addr, path);
+        assert!(status.contains(" 404 "), "{path}: {status}");
+    }
+    finish(store, d);
+}
+
+/// Without `metrics.listen` nothing serves metrics: the daemon listens on its NBD port alone
+/// and says nothing about metrics.
+#[test]
+fn metrics_are_off_by_default() {
+    let (store, d) = setup("4M");
+    assert_eq!(d.metrics, None);
+    assert_eq!(listening_ports(d.pid()), vec![d.port()]);
+    qemu_io(&d.uri("vm"), &["write -P 0x11 0 4k"]);
+    assert!(!d.stderr().contains("metrics"), "{}", d.stderr());
+    finish(store, d);
+}
+
+/// A metrics address that cannot be had is a one-line startup error naming the setting, and
+/// `--print-config` shows the flag's value.
+#[test]
+fn metrics_address_errors_and_print_config() {
+    let store = TestStore::new("64M");
+    let shown = store.run(&[
+        "serve",
+        "--metrics-listen",
+        "127.0.0.1:9810",
+        "--print-config",
+    ]);
+    assert!(shown.contains(r#"listen: "127.0.0.1:9810""#), "{shown}");
+    let off = store.run(&["serve", "--print-config"]);
+    assert!(
+        off.contains("metrics: (") && off.contains("listen: None"),
+        "{off}"
+    );
+
+    store
+        .fail(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "nonsense",
+        ])
+        .assert_one_line(1, "metrics.listen: \"nonsense\" is not an address");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = taken.local_addr().unwrap().to_string();
+    let unix = store.file("nbd.sock");
+    let f = store.fail(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--unix",
+        unix.to_str().unwrap(),
+        "--metrics-listen",
+        &a,
+    ]);
+    // The store was opened first (its log line comes before): the error is the last line.
+    assert_eq!(f.code, Some(1), "{f:?}");
+    let last = f.stderr.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("parallax: error: cannot serve metrics on ")
+            && last.contains(&format!("{a}: address in use")),
+        "{f:?}"
+    );
+    drop(taken);
+}
+
+/// A blkif ring (frontend-shim, attached through the control socket) is counted twice: its
+/// requests, segments and errors as the ring saw them, and its disk I/O under
+/// `transport="ring"`. The counters outlive the attach.
+#[test]
+fn metrics_count_ring_requests() {
+    use frontend_shim::{
+        verify::{self, VerifyConfig},
+        Frontend, FrontendConfig,
+    };
+    let store = TestStore::new("512M");
+    store.run(&["vdi", "create", "vm", "--size", "4M"]);
+    let d = Daemon::start_with(&store, METRICS_CONFIG, &[]);
+    let mut front =
+        Frontend::attach_store(&store.path, "vm", &FrontendConfig::default()).expect("attach");
+    assert_eq!(sample(&scrape(&d), "parallax_ring_devices", &[]), Some(1.0));
+    let r = verify::run(
+        &mut front,
+        &VerifyConfig {
+            ops: 300,
+            seed: 7,
+            span: Some(2 * MIB as u64),
+        },
+    )
+    .expect("verified I/O over the ring");
+    front.detach().expect("detach");
+
+    let ring = [("device", "vm")];
+    let io = [("export", "vm"), ("transport", "ring")];
+    let until = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape(&d);
+        if sample(&text, "parallax_ring_devices", &[]) == Some(0.0) || Instant::now() > until {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(sample(&text, "parallax_ring_devices", &[]), Some(0.0));
+    assert_eq!(
+        sample(&text, "parallax_ring_requests_total", &ring),
+        Some(r.ops as f64),
+        "{r:?}\n{text}"
+    );
+    assert_eq!(
+        sample(&text, "parallax_ring_errors_total", &ring),
+        Some(r.expected_errors as f64),
+        "{r:?}\n{text}"
+    );
+    // Every read and write carries at least one segment.
+    let segments = sample(&text, "parallax_ring_segments_total", &ring).unwrap();
+    assert!(segments >= (r.reads + r.writes) as f64, "{r:?}\n{text}");
+    assert_eq!(
+        sample(&text, "parallax_export_written_bytes_total", &io),
+        Some(r.bytes_written as f64),
+        "{r:?}\n{text}"
+    );
+    assert_eq!(
+        sample(&text, "parallax_export_read_bytes_total", &io),
+        Some(r.bytes_read as f64),
+        "{r:?}\n{text}"
+    );
+    finish(store, d);
+}

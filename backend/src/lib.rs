@@ -12,12 +12,14 @@
 //! interface the protocol front ends use to reach a VDI, [`nbd`] the NBD server, [`blkif`] the
 //! Xen block-ring backend, [`xen`] its xenbus control plane (the vbd handshake in xenstore),
 //! [`daemon`] the long-running `parallax serve`, and [`cli`] the `parallax` command;
-//! [`ratelimit`] keeps what clients and guests can make us log in bounds.
+//! [`ratelimit`] keeps what clients and guests can make us log in bounds, and [`metrics`]
+//! counts what the daemon serves for Prometheus.
 
 pub mod blkif;
 pub mod cli;
 pub mod daemon;
 pub mod disk;
+pub mod metrics;
 pub mod nbd;
 pub mod ratelimit;
 pub mod store;

@@ -248,6 +248,8 @@ pub struct Daemon {
     pub unix: PathBuf,
     /// The control socket as the daemon printed it (`@name` for an abstract socket).
     pub control: String,
+    /// The metrics endpoint, when the config turned it on.
+    pub metrics: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<u8>>>,
     readers: Vec<JoinHandle<()>>,
 }
@@ -306,6 +308,7 @@ impl Daemon {
             addr: "127.0.0.1:0".parse().unwrap(),
             unix,
             control: String::new(),
+            metrics: None,
             stderr,
             readers: vec![err_reader, out_reader],
         };
@@ -320,9 +323,10 @@ impl Daemon {
                 );
             }
         };
-        let (addr, control) = parse_ready(&line);
+        let (addr, control, metrics) = parse_ready(&line);
         d.addr = addr;
         d.control = control;
+        d.metrics = metrics;
         d
     }
 
@@ -462,8 +466,9 @@ impl Drop for Daemon {
     }
 }
 
-/// Parses `parallax serve: ready; NBD on ADDR[, ADDR…][ and unix:PATH]; control socket CTL`.
-fn parse_ready(line: &str) -> (SocketAddr, String) {
+/// Parses `parallax serve: ready; NBD on ADDR[, ADDR…][ and unix:PATH]; [metrics on
+/// http://ADDR/metrics; ]control socket CTL`.
+fn parse_ready(line: &str) -> (SocketAddr, String, Option<SocketAddr>) {
     let after = |key: &str| -> &str {
         line.split(key)
             .nth(1)
@@ -474,7 +479,32 @@ fn parse_ready(line: &str) -> (SocketAddr, String) {
         .next()
         .and_then(|a| a.parse::<SocketAddr>().ok())
         .unwrap_or_else(|| panic!("no TCP address in the ready line: {line}"));
-    (addr, after("control socket ").trim().to_string())
+    let metrics = line.split("metrics on http://").nth(1).map(|rest| {
+        rest.split('/')
+            .next()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .unwrap_or_else(|| panic!("no metrics address in the ready line: {line}"))
+    });
+    (addr, after("control socket ").trim().to_string(), metrics)
+}
+
+/// `GET PATH` on the daemon's metrics endpoint over plain TCP: the status line, the headers
+/// and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .expect("read the metrics response");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_string(), body.to_string())
 }
 
 /// A minimal NBD client (simple replies, one request at a time) whose calls return errors

@@ -126,6 +126,9 @@ struct ServeArgs {
     /// Unix socket to serve NBD on, instead of the configured one.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`metrics.listen`), e.g. 127.0.0.1:9810.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<String>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     print_config: bool,
@@ -1160,6 +1163,9 @@ fn serve(store: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<i32> {
     }
     if let Some(u) = args.unix {
         cfg.nbd.unix = Some(u);
+    }
+    if let Some(a) = args.metrics_listen {
+        cfg.metrics.listen = Some(a);
     }
     if args.print_config {
         println!("{}", cfg.to_ron());

@@ -23,6 +23,7 @@ pub struct Config {
     pub rings: RingSection,
     /// The Xen vbd backend (xenbus): see [`crate::xen::XenConfig`].
     pub xen: crate::xen::XenConfig,
+    pub metrics: MetricsSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +63,14 @@ pub struct RingSection {
     pub max_indirect_segments: u32,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// TCP address of the Prometheus endpoint (`GET /metrics`); `None` (the default) serves
+    /// no metrics.
+    pub listen: Option<String>,
+}
+
 /// Where the daemon keeps its sockets by default: `/run/parallax` for root, else
 /// `$XDG_RUNTIME_DIR/parallax`, else `/tmp/parallax-UID`.
 pub fn runtime_dir() -> PathBuf {
@@ -86,6 +95,7 @@ impl Default for Config {
             cache: CacheSection::default(),
             rings: RingSection::default(),
             xen: crate::xen::XenConfig::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }
@@ -164,6 +174,11 @@ impl Config {
             a.parse::<std::net::SocketAddr>()
                 .map_err(|_| format!("nbd.listen: {a:?} is not an address like 127.0.0.1:10809"))?;
         }
+        if let Some(a) = &self.metrics.listen {
+            a.parse::<std::net::SocketAddr>().map_err(|_| {
+                format!("metrics.listen: {a:?} is not an address like 127.0.0.1:9810")
+            })?;
+        }
         self.xen.validate()?;
         if self.commit_interval_ms == 0 {
             return Err("commit_interval_ms must be at least 1".into());
@@ -232,6 +247,35 @@ mod tests {
         assert!(e.contains("nonsense"), "{e}");
         assert!(Config::parse("(commit_interval_ms: 0)").is_err());
         assert!(Config::parse("(").is_err());
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given() {
+        assert_eq!(Config::default().metrics.listen, None);
+        assert_eq!(Config::parse("(metrics: ())").unwrap().metrics.listen, None);
+        let c = Config::parse(r#"(metrics: (listen: "127.0.0.1:9810"))"#).unwrap();
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9810"));
+        let c = Config::parse(r#"(metrics: (listen: "[::1]:0"))"#).unwrap();
+        assert_eq!(c.metrics.listen.as_deref(), Some("[::1]:0"));
+        // Printed, it reads back the same, on or off.
+        assert_eq!(Config::parse(&c.to_ron()).unwrap(), c);
+        assert!(c.to_ron().contains("[::1]:0"), "{}", c.to_ron());
+        assert!(Config::default().to_ron().contains("metrics"));
+    }
+
+    #[test]
+    fn bad_metrics_addresses_name_the_field() {
+        for bad in [
+            r#"(metrics: (listen: "localhost"))"#,
+            r#"(metrics: (listen: "9810"))"#,
+            r#"(metrics: (listen: ""))"#,
+        ] {
+            let e = Config::parse(bad).unwrap_err();
+            assert!(e.starts_with("metrics.listen: "), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{bad}: {e}");
+        }
+        let e = Config::parse("(metrics: (port: 9810))").unwrap_err();
+        assert!(e.contains("port"), "{e}");
     }
 
     #[test]

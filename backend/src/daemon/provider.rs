@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use crate::{
     disk::{Disk, DiskError, DiskProvider, ExportInfo, Extent, OpenError},
+    metrics::{MeteredDisk, Metrics, Transport},
     store::{Kind, Store, StoreDisk, StoreError, VdiSummary},
     util::format_size,
 };
@@ -23,6 +24,15 @@ pub enum FrontEnd {
     Ring,
 }
 
+impl FrontEnd {
+    fn transport(self) -> Transport {
+        match self {
+            FrontEnd::Nbd => Transport::Nbd,
+            FrontEnd::Ring => Transport::Ring,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Writers {
     nbd: usize,
@@ -30,12 +40,14 @@ struct Writers {
 }
 
 /// A [`DiskProvider`] over the store, for one kind of front end; providers made with
-/// [`StoreProvider::sibling`] share the writer bookkeeping.
+/// [`StoreProvider::sibling`] share the writer bookkeeping (and the metrics).
 #[derive(Clone)]
 pub struct StoreProvider {
     store: Arc<Store>,
     front: FrontEnd,
     writers: Arc<Mutex<HashMap<String, Writers>>>,
+    /// When set, every handle handed out counts its requests there.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl StoreProvider {
@@ -44,7 +56,15 @@ impl StoreProvider {
             store,
             front,
             writers: Arc::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts every request on the handles this provider (and its siblings made after this)
+    /// hands out.
+    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> StoreProvider {
+        self.metrics = metrics;
+        self
     }
 
     /// A provider for another front end sharing this one's writer rule.
@@ -53,6 +73,18 @@ impl StoreProvider {
             store: self.store.clone(),
             front,
             writers: self.writers.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// `disk` as handed to a front end: metered when metrics are on, untouched otherwise.
+    fn handle(&self, name: &str, disk: impl Disk + 'static) -> Arc<dyn Disk> {
+        match &self.metrics {
+            Some(m) => Arc::new(MeteredDisk::new(
+                disk,
+                m.export(name, self.front.transport()),
+            )),
+            None => Arc::new(disk),
         }
     }
 }
@@ -100,7 +132,7 @@ impl DiskProvider for StoreProvider {
             .open_vdi(name, write)
             .map_err(|e| open_error(name, e))?;
         if !write {
-            return Ok(Arc::new(disk));
+            return Ok(self.handle(name, disk));
         }
         {
             let mut writers = self.writers.lock();
@@ -125,12 +157,13 @@ impl DiskProvider for StoreProvider {
                 FrontEnd::Nbd => w.nbd += 1,
             }
         }
-        Ok(Arc::new(WriterLease {
+        let lease = WriterLease {
             disk,
             name: name.to_string(),
             front: self.front,
             writers: self.writers.clone(),
-        }))
+        };
+        Ok(self.handle(name, lease))
     }
 }
 

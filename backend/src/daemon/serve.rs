@@ -5,7 +5,8 @@
 //!   ├─ NBD server thread (mio loop + workers)   1. stop accepting, answer in-flight, close
 //!   ├─ ring devices (one thread per queue)      2. answer what they saw, detach
 //!   ├─ control socket thread (+1 per request)   3. stop accepting
-//!   └─ store (its checkpoint thread)            4. final checkpoint, marked closed cleanly
+//!   ├─ metrics endpoint thread (if configured)  4. stop answering scrapes
+//!   └─ store (its checkpoint thread)            5. final checkpoint, marked closed cleanly
 //! ```
 
 use std::{
@@ -29,6 +30,7 @@ use super::{
 use crate::{
     blkif::local::{serve_attach, RingRegistry},
     disk::DiskProvider,
+    metrics::{Endpoint, Metrics},
     nbd::NbdServer,
     store::Store,
 };
@@ -75,6 +77,8 @@ pub struct Listening {
     pub nbd_tcp: Vec<std::net::SocketAddr>,
     pub nbd_unix: Option<PathBuf>,
     pub control: ControlAddr,
+    /// The metrics endpoint, when `metrics.listen` is set.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Returns once everything is committed.
@@ -86,7 +90,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let l = &daemon.listening;
     let tcp: Vec<String> = l.nbd_tcp.iter().map(|a| a.to_string()).collect();
     println!(
-        "parallax serve: ready; NBD on {}{}; control socket {}",
+        "parallax serve: ready; NBD on {}{}; {}control socket {}",
         if tcp.is_empty() {
             "no TCP address".to_string()
         } else {
@@ -95,6 +99,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         l.nbd_unix
             .as_ref()
             .map(|p| format!(" and unix:{}", p.display()))
+            .unwrap_or_default(),
+        l.metrics
+            .map(|a| format!("metrics on http://{a}/metrics; "))
             .unwrap_or_default(),
         l.control
     );
@@ -124,6 +131,24 @@ pub struct Daemon {
     control_fd: i32,
     control_thread: Option<std::thread::JoinHandle<()>>,
     control_path: Option<PathBuf>,
+    metrics: Option<Endpoint>,
+}
+
+/// Binds the metrics endpoint's address, with an error that names the setting.
+fn bind_metrics(a: &str) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(a).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            anyhow!("cannot serve metrics on {a}: address in use (set metrics.listen in the config or --metrics-listen)")
+        } else {
+            anyhow!("cannot serve metrics on {a} (metrics.listen): {e}")
+        }
+    })?;
+    let addr = l.local_addr()?;
+    info!(listen = %addr, "metrics endpoint listening");
+    if !addr.ip().is_loopback() {
+        warn!(listen = %addr, "the metrics endpoint is reachable from other hosts and has no authentication: its metrics reveal VDI names");
+    }
+    Ok(l)
 }
 
 impl Daemon {
@@ -140,8 +165,20 @@ impl Daemon {
             None => ControlAddr::for_store(&store_path)?,
         };
         let control_listener = bind_control(&control_addr)?;
+        // Before the front ends, so that every handle they open is counted; an address that
+        // cannot be bound leaves nothing running.
+        let (metrics, endpoint) = match &cfg.metrics.listen {
+            Some(a) => {
+                let listener = bind_metrics(a)?;
+                let metrics = Metrics::new(&store);
+                let endpoint = Endpoint::start(listener, metrics.clone())
+                    .context("cannot start the metrics endpoint")?;
+                (Some(metrics), Some(endpoint))
+            }
+            None => (None, None),
+        };
 
-        let provider = StoreProvider::new(store.clone(), FrontEnd::Nbd);
+        let provider = StoreProvider::new(store.clone(), FrontEnd::Nbd).with_metrics(metrics);
         // Before the other servers, so a Xen setup error leaves nothing running.
         let xen = crate::xen::config::start_from_config(
             &cfg.xen,
@@ -208,6 +245,7 @@ impl Daemon {
                 nbd_tcp,
                 nbd_unix,
                 control: control_addr.clone(),
+                metrics: endpoint.as_ref().map(Endpoint::addr),
             },
             nbd_shutdown,
             nbd_thread,
@@ -219,6 +257,7 @@ impl Daemon {
                 ControlAddr::Path(p) => Some(p),
                 ControlAddr::Abstract(_) => None,
             },
+            metrics: endpoint,
         })
     }
 
@@ -252,6 +291,9 @@ impl Daemon {
         }
         if let Some(p) = &self.control_path {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(m) = self.metrics.take() {
+            m.stop();
         }
         if let Some(p) = &self.listening.nbd_unix {
             let _ = std::fs::remove_file(p);

@@ -353,6 +353,7 @@ impl Store {
             ms = started.elapsed().as_secs_f64() * 1e3,
             "checkpoint written"
         );
+        self.checkpoint_done(started.elapsed());
         Ok(())
     }
 

@@ -22,6 +22,7 @@
 //!  epoch     reader epochs for safe reuse    format    on-disk constants and layouts
 //!  device    file / memory / crash-simulating / fault-injecting devices
 //!  lock      exclusive ownership of a store file
+//!  observe   what the store reports to a watcher (checkpoint times, dirty nodes)
 //! ```
 
 mod admin;
@@ -42,6 +43,7 @@ mod io;
 mod lock;
 mod log;
 mod nodes;
+mod observe;
 mod orphans;
 mod radix;
 mod refcount;

@@ -98,6 +98,8 @@ pub struct Store {
     pub(super) commit: Mutex<CommitRecord>,
     pub(super) background: Background,
     pub(super) checkpoint_worker: OnceLock<WorkerId>,
+    /// Told how long each checkpoint took (observe.rs).
+    pub(super) checkpoint_hook: OnceLock<super::observe::CheckpointHook>,
     pub(super) log: Log,
     /// The format version the store is in (1 until `upgrade`).
     version: AtomicU64,
@@ -354,6 +356,7 @@ impl Store {
             commit: Mutex::new(last),
             background: Background::default(),
             checkpoint_worker: OnceLock::new(),
+            checkpoint_hook: OnceLock::new(),
             epoch: Epoch::default(),
             poisoned: AtomicBool::new(false),
             dev,

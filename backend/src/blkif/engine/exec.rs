@@ -164,6 +164,11 @@ impl<T: Transport> Executor<T> {
             }
         };
         let (id, echo) = (req.id(), req.echo());
+        let segments = match &req {
+            Request::Direct { segments, .. } => segments.len(),
+            Request::Indirect { nr_segments, .. } => *nr_segments,
+            Request::Discard { .. } => 0,
+        };
         let result = match req {
             Request::Discard {
                 sector, nr_sectors, ..
@@ -197,6 +202,10 @@ impl<T: Transport> Executor<T> {
             Err(Stop::WouldBlock) => return Executed::WouldBlock,
             Err(Stop::Failed(f)) => (f.status, Some((echo, f.why))),
         };
+        self.shared
+            .stats
+            .segments
+            .fetch_add(segments as u64, std::sync::atomic::Ordering::Relaxed);
         let rsp = BlkifResponse {
             id,
             operation: echo,

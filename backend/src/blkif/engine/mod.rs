@@ -42,7 +42,8 @@ mod queue;
 mod split;
 
 use std::{
-    sync::{atomic::AtomicU64, atomic::Ordering, Arc},
+    collections::BTreeMap,
+    sync::{atomic::AtomicU64, atomic::Ordering, Arc, Weak},
     thread::JoinHandle,
 };
 
@@ -107,6 +108,8 @@ pub enum EngineError {
 #[derive(Debug, Default)]
 pub struct DeviceStats {
     pub requests: AtomicU64,
+    /// Data segments (pages) of the requests executed.
+    pub segments: AtomicU64,
     /// Requests answered with an error status.
     pub errors: AtomicU64,
     /// Kicks received.
@@ -118,14 +121,82 @@ pub struct DeviceStats {
     pub grant_maps: AtomicU64,
 }
 
+impl DeviceStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            segments: self.segments.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            kicks: self.kicks.load(Ordering::Relaxed),
+            notifies: self.notifies.load(Ordering::Relaxed),
+            grant_maps: self.grant_maps.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The counters of every device this process started, by device name, for
+/// [`device_totals`] (the metrics endpoint). Locked when a device starts and when the totals
+/// are read, never per request.
+static DEVICES: Mutex<Devices> = Mutex::new(Devices {
+    running: Vec::new(),
+    gone: BTreeMap::new(),
+});
+
+struct Devices {
+    running: Vec<(String, Weak<Shared>, Arc<DeviceStats>)>,
+    /// Counters of devices that have ended, summed by name (one entry per name ever served).
+    gone: BTreeMap<String, StatsSnapshot>,
+}
+
+impl Devices {
+    /// Folds the devices that have ended into `gone`.
+    fn prune(&mut self) {
+        let gone = &mut self.gone;
+        self.running.retain(|(name, shared, stats)| {
+            let alive = shared.strong_count() > 0;
+            if !alive {
+                gone.entry(name.clone()).or_default().add(&stats.snapshot());
+            }
+            alive
+        });
+    }
+}
+
+/// Counters summed by device name over every device this process has run (Xen guests' rings
+/// and local attaches alike), and how many devices run now.
+pub fn device_totals() -> (BTreeMap<String, StatsSnapshot>, usize) {
+    let mut d = DEVICES.lock();
+    d.prune();
+    let mut totals = d.gone.clone();
+    for (name, _, stats) in &d.running {
+        totals
+            .entry(name.clone())
+            .or_default()
+            .add(&stats.snapshot());
+    }
+    (totals, d.running.len())
+}
+
 /// A plain copy of [`DeviceStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub requests: u64,
+    pub segments: u64,
     pub errors: u64,
     pub kicks: u64,
     pub notifies: u64,
     pub grant_maps: u64,
+}
+
+impl StatsSnapshot {
+    fn add(&mut self, o: &StatsSnapshot) {
+        self.requests += o.requests;
+        self.segments += o.segments;
+        self.errors += o.errors;
+        self.kicks += o.kicks;
+        self.notifies += o.notifies;
+        self.grant_maps += o.grant_maps;
+    }
 }
 
 /// How a device ended.
@@ -141,7 +212,7 @@ pub(super) struct Shared {
     name: String,
     stop: StopSignal,
     fault: Mutex<Option<String>>,
-    stats: DeviceStats,
+    stats: Arc<DeviceStats>,
 }
 
 impl Shared {
@@ -185,14 +256,7 @@ impl Device {
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        let s = &self.shared.stats;
-        StatsSnapshot {
-            requests: s.requests.load(Ordering::Relaxed),
-            errors: s.errors.load(Ordering::Relaxed),
-            kicks: s.kicks.load(Ordering::Relaxed),
-            notifies: s.notifies.load(Ordering::Relaxed),
-            grant_maps: s.grant_maps.load(Ordering::Relaxed),
-        }
+        self.shared.stats.snapshot()
     }
 
     /// Waits for every queue thread to exit (call [`Device::stop`] first, or wait for a fault).
@@ -279,8 +343,17 @@ pub fn start_device<T: Transport>(
         name: params.name.clone(),
         stop: StopSignal::new()?,
         fault: Mutex::new(None),
-        stats: DeviceStats::default(),
+        stats: Arc::default(),
     });
+    {
+        let mut devices = DEVICES.lock();
+        devices.prune();
+        devices.running.push((
+            params.name.clone(),
+            Arc::downgrade(&shared),
+            shared.stats.clone(),
+        ));
+    }
     // Map and bind everything before starting any thread, so a bad parameter fails the start.
     let mut workers = Vec::with_capacity(nq);
     let persistent = params.persistent && features.persistent;
