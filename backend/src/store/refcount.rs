@@ -87,6 +87,9 @@ impl RcPage {
 struct GroupState {
     header_sel: Selector,
     page_sel: Vec<Selector>,
+    /// Bumped each time a checkpoint moves a page to its other copy: a page read without
+    /// the lock is installed only if its copy did not move meanwhile.
+    page_moves: Vec<u32>,
     page_free: Vec<u16>,
     pages: Vec<Option<RcPage>>,
     dirty: bool,
@@ -105,8 +108,8 @@ impl GroupState {
 }
 
 /// A page to read from the device because it is not in memory: (group, page, address; 0 for
-/// a page never written).
-pub(super) type PageRead = (usize, usize, u64);
+/// a page never written; the page's move count when the address was taken).
+pub(super) type PageRead = (usize, usize, u64, u32);
 
 /// What a checkpoint writes for the refcounts, and the selectors it switches to once durable.
 pub(super) struct RcImages {
@@ -196,6 +199,7 @@ impl RcTable {
             let pages = geo.group_pages(g) as usize;
             groups.push(GroupState {
                 header_sel: sel,
+                page_moves: vec![0; header.page_selectors.len()],
                 page_sel: header.page_selectors,
                 page_free: header.page_free,
                 pages: (0..pages).map(|_| None).collect(),
@@ -263,7 +267,7 @@ impl RcTable {
                 continue;
             };
             let gs = &self.groups[g];
-            if gs.pages[p].is_some() || out.iter().any(|&(og, op, _)| (og, op) == (g, p)) {
+            if gs.pages[p].is_some() || out.iter().any(|&(og, op, ..)| (og, op) == (g, p)) {
                 continue;
             }
             let sel = gs.page_sel[p];
@@ -272,13 +276,13 @@ impl RcTable {
             } else {
                 0
             };
-            out.push((g, p, at));
+            out.push((g, p, at, gs.page_moves[p]));
         }
         out
     }
 
     /// Reads one page listed by [`RcTable::missing`] (no lock needed).
-    pub fn read_page(dev: &dyn Device, (g, p, addr): PageRead) -> StoreResult<Box<Counts>> {
+    pub fn read_page(dev: &dyn Device, (g, p, addr, _): PageRead) -> StoreResult<Box<Counts>> {
         let mut counts = Box::new([0u32; RC_PER_PAGE as usize]);
         if addr != 0 {
             let mut b = [0u8; BLOCK_SIZE];
@@ -288,9 +292,11 @@ impl RcTable {
         Ok(counts)
     }
 
-    /// Installs a page read by [`RcTable::read_page`], unless it was loaded meanwhile.
-    pub fn install(&mut self, (g, p, _): PageRead, counts: Box<Counts>) -> StoreResult<()> {
-        if self.groups[g].pages[p].is_some() {
+    /// Installs a page read by [`RcTable::read_page`], unless it was loaded meanwhile, or
+    /// a checkpoint moved it to its other copy since its address was taken (then what was
+    /// read may be stale: it is dropped, and the page is read again when it is needed).
+    pub fn install(&mut self, (g, p, _, moves): PageRead, counts: Box<Counts>) -> StoreResult<()> {
+        if self.groups[g].pages[p].is_some() || self.groups[g].page_moves[p] != moves {
             return Ok(());
         }
         let n = self.geo.page_blocks(g as u64, p as u64);
@@ -644,7 +650,9 @@ impl RcTable {
     /// The checkpoint that took `images` is durable: adopt its selectors.
     pub fn commit_done(&mut self, images: RcImages) {
         for (g, p, sel) in images.new_page_sels {
-            self.groups[g].page_sel[p] = sel;
+            let gs = &mut self.groups[g];
+            gs.page_sel[p] = sel;
+            gs.page_moves[p] = gs.page_moves[p].wrapping_add(1);
         }
         for (g, sel) in images.new_group_sels {
             self.groups[g].header_sel = sel;
@@ -842,6 +850,27 @@ mod tests {
         }
         assert!(t2.missing([a]).is_empty());
         assert_eq!(t2.get(&dev, a + 2).unwrap(), 1);
+    }
+
+    /// A page read outside the lock while a checkpoint moved it to its other copy (and it was
+    /// dropped from memory) holds stale counts: it is not installed.
+    #[test]
+    fn a_page_read_before_it_moved_is_not_installed() {
+        let (dev, mut t) = table(64 << 20);
+        let mut c = Cursor::default();
+        let (a, _) = t.alloc(&dev, &mut c, 3, 0).unwrap().unwrap();
+        let (_, sels) = checkpoint(&dev, &mut t, 1);
+        let mut t2 = RcTable::open(&dev, *t.geometry(), &sels, 1).unwrap();
+        let stale: Vec<PageRead> = t2.missing([a]);
+        let old = RcTable::read_page(&dev, stale[0]).unwrap();
+        // Meanwhile: the page changes, a checkpoint writes it to its other copy, and it is
+        // dropped from memory.
+        t2.decr(&dev, a).unwrap();
+        checkpoint(&dev, &mut t2, 2);
+        t2.trim(0);
+        t2.install(stale[0], old).unwrap();
+        assert_eq!(t2.get(&dev, a).unwrap(), 0, "the stale page was installed");
+        assert_eq!(t2.get(&dev, a + 1).unwrap(), 1);
     }
 
     #[test]
