@@ -13,6 +13,7 @@ use super::{
     catalog::Catalog,
     error::{StoreError, StoreResult},
     format::{Ptr, BLOCK_SIZE_U64, FANOUT, MAX_VDI_BYTES},
+    nodes::retry_evicted,
     registry::{decode_id, snapshot_key, snapshot_prefix, split_name, validate_name, Kind, Record},
     staging::is_staging,
     store::{now_ns, Store},
@@ -510,9 +511,11 @@ impl Store {
         out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         if filter.usage {
             for (v, r) in &mut out {
-                let u = self.usage(r.root, r.height)?;
-                v.used = Some(u.data * BLOCK_SIZE_U64);
-                v.unique = Some(u.unique * BLOCK_SIZE_U64);
+                // Deleted meanwhile: reported as it was, without usage.
+                if let Some(u) = self.walk_live(r.id, |root, h| self.usage(root, h))? {
+                    v.used = Some(u.data * BLOCK_SIZE_U64);
+                    v.unique = Some(u.unique * BLOCK_SIZE_U64);
+                }
             }
         }
         Ok(out.into_iter().map(|(v, _)| v).collect())
@@ -563,7 +566,9 @@ impl Store {
             let origin = self.origin_name(&mut cat, &rec);
             (id, rec, handles, snapshots, forks, name, origin)
         };
-        let usage = self.usage(rec.root, rec.height)?;
+        let usage = self
+            .walk_live(id, |root, h| self.usage(root, h))?
+            .ok_or_else(|| StoreError::NotFound(full.to_string()))?;
         Ok(VdiInfo {
             name,
             kind: rec.kind,
@@ -689,7 +694,9 @@ impl Store {
         let mut memo: HashMap<u64, u64> = HashMap::new();
         let mut logical = 0u64;
         for r in &recs {
-            logical += self.count_data(r.root, r.height, &mut memo)?;
+            logical += self
+                .walk_live(r.id, |root, h| self.count_data(root, h, &mut memo))?
+                .unwrap_or(0);
         }
         let vdis = recs.iter().filter(|r| r.kind == Kind::Vdi).count() as u64;
         let space = self.space.lock();
@@ -726,6 +733,30 @@ impl Store {
             generation,
             format_version: self.format_version(),
         })
+    }
+
+    /// Runs `f` on the map of VDI or snapshot `id` as it is now, holding it still; `None` if
+    /// it was deleted meanwhile. A walk must not start from a copied record (pointers to
+    /// dirty nodes are followed through memory, valid only until the next checkpoint), and
+    /// one that meets a node evicted under it starts over ([`retry_evicted`]).
+    fn walk_live<R>(
+        &self,
+        id: u64,
+        mut f: impl FnMut(Ptr, u8) -> StoreResult<R>,
+    ) -> StoreResult<Option<R>> {
+        let v = {
+            let mut cat = self.catalog.lock();
+            match self.vdi_locked(&mut cat, id) {
+                Ok(v) => v,
+                Err(StoreError::NotFound(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        };
+        let st = v.state.read();
+        if st.deleted {
+            return Ok(None);
+        }
+        retry_evicted(|| f(st.rec.root, st.rec.height)).map(Some)
     }
 
     fn refs(&self, addr: u64) -> StoreResult<u32> {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     error::{StoreError, StoreResult},
     format::{Ptr, PtrKind, BLOCK_SIZE_U64, FANOUT, FANOUT_BITS},
-    nodes::{Node, UNSET},
+    nodes::{retry_evicted, Node, UNSET},
     store::Store,
     vdi::VdiState,
 };
@@ -193,18 +193,22 @@ impl Store {
             out: Vec::new(),
             nodes_visited: 0,
         };
-        walk.walk(
-            Side {
-                p: ra.root,
-                level: ra.height,
-            },
-            Side {
-                p: rb.root,
-                level: rb.height,
-            },
-            height,
-            0,
-        )?;
+        retry_evicted(|| {
+            walk.out.clear();
+            walk.nodes_visited = 0;
+            walk.walk(
+                Side {
+                    p: ra.root,
+                    level: ra.height,
+                },
+                Side {
+                    p: rb.root,
+                    level: rb.height,
+                },
+                height,
+                0,
+            )
+        })?;
         let size = rb.size;
         let mut extents = walk.out;
         // The last block may run past a size that is not a multiple of the block size.

@@ -39,6 +39,11 @@ pub enum StoreError {
     ReadOnly(String),
     #[error("{0}")]
     Busy(String),
+    /// A walk followed a pointer without a hash, taken from a node it held while a checkpoint
+    /// wrote and evicted the child; walked again from the root, it finds the hash
+    /// ([`retry_evicted`](super::nodes::retry_evicted)).
+    #[error("map node at block {0} was evicted while a walk held a stale copy of its parent")]
+    Evicted(u64),
     /// The handle's VDI was rolled back under it (`rollback --force`).
     #[error("{0} was rolled back while open (rollback --force); reopen it")]
     Detached(String),
@@ -64,7 +69,7 @@ impl StoreError {
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Io(_) => "io",
-            StoreError::Corrupt(_) | StoreError::Checksum(_) => "corrupt",
+            StoreError::Corrupt(_) | StoreError::Checksum(_) | StoreError::Evicted(_) => "corrupt",
             StoreError::NotAStore(_) | StoreError::Version(_) | StoreError::Truncated { .. } => {
                 "bad-store"
             }

@@ -21,6 +21,7 @@ use super::{
     blockhash::hash24_each,
     error::{StoreError, StoreResult},
     format::{hash24, is_zero, Ptr, PtrKind, BLOCK_SIZE, BLOCK_SIZE_U64},
+    nodes::retry_evicted,
     radix::{resolve, resolve_cached, Extents},
     registry::Kind,
     space::Space,
@@ -469,7 +470,12 @@ impl StoreDisk {
                 break;
             }
             addrs.push(p.addr());
-            let node = self.store.nodes.fetch(&*self.store.dev, p)?;
+            let node = match self.store.nodes.fetch(&*self.store.dev, p) {
+                Ok(n) => n,
+                // Only a preload: the change itself walks the map again.
+                Err(StoreError::Evicted(_)) => break,
+                Err(e) => return Err(e),
+            };
             if level == 1 {
                 // A leaf copied for this write may add a reference to each of its blocks.
                 if self.store.nodes.state(p.addr(), gen) != super::nodes::State::Open {
@@ -665,7 +671,11 @@ impl StoreDisk {
         {
             let st = self.vdi.state.read();
             self.check(&st, offset, len)?;
-            walk.walk(st.rec.root, st.rec.height, 0, first, first + n)?;
+            retry_evicted(|| {
+                walk.out.clear();
+                walk.budget = STATUS_BUDGET;
+                walk.walk(st.rec.root, st.rec.height, 0, first, first + n)
+            })?;
         }
         // Blocks to bytes, clipped to the request.
         let mut pos = first * BLOCK_SIZE_U64;

@@ -39,6 +39,23 @@ use super::{
 /// The hash a pointer to a dirty node carries until a checkpoint hashes the node.
 pub(super) const UNSET: Hash24 = [0; 24];
 
+/// Times a walk starts over after meeting an evicted node.
+const WALK_RETRIES: usize = 16;
+
+/// Runs a walk of a map that is held still (its VDI locked), again from the root if it met
+/// a node evicted under a stale copy of its parent ([`StoreError::Evicted`]): the node table
+/// then holds the parent as written, with the child's hash, so the next walk reads the child
+/// from the device. Each retry needs another checkpoint to overtake the walk.
+pub(super) fn retry_evicted<R>(mut walk: impl FnMut() -> StoreResult<R>) -> StoreResult<R> {
+    let mut tries = 0;
+    loop {
+        match walk() {
+            Err(StoreError::Evicted(_)) if tries < WALK_RETRIES => tries += 1,
+            r => return r,
+        }
+    }
+}
+
 /// One radix node.
 #[derive(Clone)]
 pub struct Node(pub [u8; BLOCK_SIZE]);
@@ -180,12 +197,10 @@ impl NodeTable {
     /// Reads a node that missed, verifies it, and caches it.
     pub fn load(&self, dev: &dyn Device, p: Ptr) -> StoreResult<Arc<Node>> {
         if p.hash == UNSET {
-            // Only dirty or pinned nodes are reached through unset hashes, and those are
-            // never evicted.
-            return Err(StoreError::Corrupt(format!(
-                "map node at block {} is referenced without a checksum and is not in memory (a bug)",
-                p.addr()
-            )));
+            // Only dirty or pinned nodes are reached through unset hashes from the live
+            // tree; a walk holding a node it fetched before a checkpoint wrote it (and whose
+            // children's pins then ran out) can still meet one.
+            return Err(StoreError::Evicted(p.addr()));
         }
         let node = Arc::new(read_node(dev, p)?);
         let mut sh = self.shard(p.addr());

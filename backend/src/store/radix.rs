@@ -15,7 +15,7 @@ use super::{
     device::Device,
     error::{StoreError, StoreResult},
     format::{Ptr, PtrKind, FANOUT, FANOUT_BITS},
-    nodes::{Lookup, Node, NodeTable, State, UNSET},
+    nodes::{retry_evicted, Lookup, Node, NodeTable, State, UNSET},
     orphans::Orphan,
     space::Space,
 };
@@ -40,7 +40,12 @@ pub(super) fn resolve(
     count: u64,
     out: &mut Vec<Ptr>,
 ) -> StoreResult<()> {
-    resolve_rec(nodes, Some(dev), root, height, 0, lba, lba + count, out).map(|_| ())
+    let at = out.len();
+    retry_evicted(|| {
+        out.truncate(at);
+        resolve_rec(nodes, Some(dev), root, height, 0, lba, lba + count, out)
+    })
+    .map(|_| ())
 }
 
 /// Like [`resolve`], from nodes in memory only: `Ok(false)` if one is not (a lookup that
@@ -53,7 +58,11 @@ pub(super) fn resolve_cached(
     count: u64,
     out: &mut Vec<Ptr>,
 ) -> StoreResult<bool> {
-    resolve_rec(nodes, None, root, height, 0, lba, lba + count, out)
+    let at = out.len();
+    retry_evicted(|| {
+        out.truncate(at);
+        resolve_rec(nodes, None, root, height, 0, lba, lba + count, out)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1380,3 +1380,56 @@ fn an_import_interrupted_leaves_nothing_after_reopen() {
     d.read(&mut b, 0).unwrap();
     assert_eq!(b, vec![6u8; 4096]);
 }
+
+/// Reports that walk maps (`df`, `vdi info`, `list -o used`) while writers dirty them and
+/// checkpoints cut and evict: every walk must start from the live map, never a copied root.
+#[test]
+fn reports_walk_maps_while_checkpoints_run() {
+    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(256 << 20));
+    let len = dev.len();
+    Store::format(&*dev, len).unwrap();
+    let s = Store::open_device(
+        dev,
+        StoreOptions {
+            checkpoint_interval: Some(std::time::Duration::from_millis(5)),
+            ..small_opts()
+        },
+    )
+    .unwrap();
+    for name in ["a", "b"] {
+        s.create_vdi(name, 64 << 20).unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|name| {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let d = s.open_vdi(name, true).unwrap();
+                let mut rng = SmallRng::seed_from_u64(name.len() as u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let block = rng.random_range(0..(64u64 << 20) / 4096);
+                    d.write(&[rng.random::<u8>() | 1; 4096], block * 4096, false)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let usage = super::ListFilter {
+        usage: true,
+        ..Default::default()
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut rounds = 0;
+    while std::time::Instant::now() < until {
+        s.df().unwrap();
+        s.info("a").unwrap();
+        s.list_filtered(&usage).unwrap();
+        rounds += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(rounds > 10, "{rounds} rounds");
+}
