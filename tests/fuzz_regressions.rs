@@ -58,3 +58,8 @@ fn store_metadata() {
 fn config() {
     replay("config");
 }
+
+#[test]
+fn send_stream() {
+    replay("send_stream");
+}

@@ -202,7 +202,7 @@ impl<R: Read> StreamReader<R> {
         let base_name = string(&mut input)?;
         let base_guid = u64_at(40);
         let incremental = flags & FLAG_INCREMENTAL != 0;
-        if incremental != (base_guid != 0) {
+        if incremental != (base_guid != 0) || (!incremental && !base_name.is_empty()) {
             return Err(StreamError::Damaged(
                 "header flags and base disagree".into(),
             ));
