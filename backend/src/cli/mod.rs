@@ -175,14 +175,16 @@ enum VdiCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Write a snapshot as a stream for `vdi recv` (here or on another host): every block it
-    /// holds, or with --from only what changed since an older snapshot of the same VDI. The
-    /// stream is self-describing and checksummed (docs/STREAM.md).
+    /// Write a snapshot as a stream for `vdi recv`, here or on another host.
+    ///
+    /// Every block the snapshot holds, or with --from only what changed since an older
+    /// snapshot of the same VDI. The stream is self-describing and checksummed
+    /// (docs/STREAM.md).
     Send {
         /// NAME@SNAP: the snapshot to send.
         snapshot: String,
-        /// NAME@OLDER: send only the changes since this snapshot (the receiver must have it,
-        /// received earlier).
+        /// Send only the changes since this older snapshot of the same VDI (the receiver needs
+        /// it: received earlier, or this is the same store).
         #[arg(long, value_name = "NAME@OLDER")]
         from: Option<String>,
         /// Write the stream to FILE instead of stdout.
@@ -192,9 +194,11 @@ enum VdiCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Make a new VDI from a stream `vdi send` wrote: NAME and NAME@SNAP, holding exactly the
-    /// sent snapshot. An incremental stream needs its base here; it becomes a fork of it.
-    /// NAME appears only once the whole stream arrived and checked out.
+    /// Make a new VDI from a stream `vdi send` wrote.
+    ///
+    /// Makes NAME and NAME@SNAP, holding exactly the sent snapshot. An incremental stream needs
+    /// its base here; NAME becomes a fork of it. NAME appears only once the whole stream
+    /// arrived and checked out.
     Recv {
         /// The new VDI's name (letters, digits and `. _ + - :`, up to 200 bytes, not starting
         /// with `-` or `.`).
@@ -301,9 +305,10 @@ enum VdiCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Roll a VDI back to one of its snapshots: afterwards it reads exactly as the snapshot
-    /// (contents and size). Its snapshots, older and newer, all stay. Refused while the VDI is
-    /// open, unless --force.
+    /// Roll a VDI back to one of its snapshots.
+    ///
+    /// Afterwards it reads exactly as the snapshot (contents and size). Its snapshots, older
+    /// and newer, all stay. Refused while the VDI is open, unless --force.
     Rollback {
         /// NAME@SNAP: the snapshot of VDI NAME to go back to.
         snapshot: String,
