@@ -599,6 +599,18 @@ impl Target {
     }
 }
 
+/// A duplicate of our own standard input or output, as a file to hand on (to a transfer
+/// here, or to the daemon with the request).
+fn dup_std(fd: i32) -> io::Result<File> {
+    // SAFETY: dup of one of our own standard descriptors; the File owns the duplicate.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a freshly duplicated descriptor nobody else owns.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+}
+
 /// A progress callback for a transfer run here: nothing stops it but an interrupt.
 fn quiet(p: &mut dyn FnMut(u64, u64)) -> impl FnMut(u64, u64) -> Result<(), StoreError> + '_ {
     move |d, t| {
@@ -792,13 +804,7 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             json,
         } => {
             let f = if file.as_os_str() == "-" {
-                // SAFETY: dup of our own stdin descriptor; the File owns the duplicate.
-                let fd = unsafe { libc::dup(0) };
-                if fd < 0 {
-                    return Err(io::Error::last_os_error().into());
-                }
-                // SAFETY: `fd` is a freshly duplicated descriptor nobody else owns.
-                unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+                dup_std(0)?
             } else {
                 File::open(&file).with_context(|| format!("cannot open {}", file.display()))?
             };
@@ -846,13 +852,7 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 if stdout.is_terminal() {
                     bail!("refusing to write a disk image to a terminal; redirect stdout or give a file");
                 }
-                // SAFETY: dup of our own stdout descriptor; the File owns the duplicate.
-                let fd = unsafe { libc::dup(1) };
-                if fd < 0 {
-                    return Err(io::Error::last_os_error().into());
-                }
-                // SAFETY: `fd` is a freshly duplicated descriptor nobody else owns.
-                let out = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                let out = dup_std(1)?;
                 let mut w = &out;
                 t.call(
                     Request::Export {

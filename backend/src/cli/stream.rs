@@ -3,28 +3,16 @@
 use std::{
     fs::File,
     io::{self, IsTerminal},
-    os::fd::FromRawFd,
     path::Path,
 };
 
 use anyhow::{bail, Context};
 
-use super::{format_size, print_json, quiet, report, Bar, Target};
+use super::{dup_std, format_size, print_json, quiet, report, Bar, Target};
 use crate::{
     daemon::control::Request,
     stream::{self, RecvReport, SendReport},
 };
-
-/// A duplicate of our own standard input or output, as a file to hand on.
-fn dup_std(fd: i32) -> io::Result<File> {
-    // SAFETY: dup of one of our own standard descriptors; the File owns the duplicate.
-    let dup = unsafe { libc::dup(fd) };
-    if dup < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `dup` is a freshly duplicated descriptor nobody else owns.
-    Ok(unsafe { File::from_raw_fd(dup) })
-}
 
 pub(super) fn send(
     t: &Target,
