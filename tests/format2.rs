@@ -7,38 +7,11 @@
 //! `vdi fork a@s1 b`; `vdi create c --size 8M`; `vdi snapshot c empty`; then `serve`,
 //! `qemu-io -c "write -P 0x5a 0 64k" -c flush nbd://…/b` and kill -9 of the daemon.
 
-use parallax_integration::daemon::{Daemon, TestStore};
+use parallax_integration::{
+    daemon::{Daemon, TestStore},
+    fixtures::{format, names, pattern},
+};
 use serde_json::Value;
-
-/// The image imported as `a`: every fifth block zero, the others a byte pattern.
-fn pattern() -> Vec<u8> {
-    let mut d = Vec::with_capacity(1 << 20);
-    for i in 0..256usize {
-        for j in 0..4096usize {
-            d.push(if i % 5 == 0 {
-                0
-            } else {
-                ((i * 7 + j) % 251) as u8
-            });
-        }
-    }
-    d
-}
-
-fn names(store: &TestStore) -> Vec<String> {
-    let list = store.json(&["vdi", "list", "--json"]);
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn format(store: &TestStore) -> u64 {
-    store.json(&["df", "--json"])["format_version"]
-        .as_u64()
-        .unwrap()
-}
 
 #[test]
 fn a_format_2_store_reads_writes_and_upgrades_for_rollback() {

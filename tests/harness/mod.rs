@@ -1,4 +1,5 @@
 //! Shared helpers for the integration tests: temporary stores, running the `parallax` binary.
 pub mod daemon;
+pub mod fixtures;
 pub mod nbd;
 pub mod xenstored;

@@ -1,0 +1,38 @@
+//! What the store fixtures in `tests/fixtures/` were made with, and how tests look at them.
+
+use serde_json::Value;
+
+use crate::daemon::TestStore;
+
+/// The image imported as `a` into each fixture: every fifth block zero, the others a byte
+/// pattern.
+pub fn pattern() -> Vec<u8> {
+    let mut d = Vec::with_capacity(1 << 20);
+    for i in 0..256usize {
+        for j in 0..4096usize {
+            d.push(if i % 5 == 0 {
+                0
+            } else {
+                ((i * 7 + j) % 251) as u8
+            });
+        }
+    }
+    d
+}
+
+/// The names `vdi list` shows, in its order.
+pub fn names(store: &TestStore) -> Vec<String> {
+    let list: Value = store.json(&["vdi", "list", "--json"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The store's format version, as `df` reports it.
+pub fn format(store: &TestStore) -> u64 {
+    store.json(&["df", "--json"])["format_version"]
+        .as_u64()
+        .unwrap()
+}
