@@ -50,16 +50,16 @@ fn a_format_2_store_reads_writes_and_upgrades_for_rollback() {
     assert_eq!(
         format(&store),
         2,
-        "nothing moves a store to format 3 but `upgrade`"
+        "nothing moves a store to a newer format but `upgrade`"
     );
     store.assert_clean();
 
     let up = store.json(&["upgrade", "--json"]);
     assert_eq!(
         up,
-        serde_json::json!({"from": 2, "to": 3, "upgraded": true})
+        serde_json::json!({"from": 2, "to": 4, "upgraded": true})
     );
-    assert_eq!(format(&store), 3);
+    assert_eq!(format(&store), 4);
     let again: Value = store.json(&["upgrade", "--json"]);
     assert_eq!(again["upgraded"], false);
     store.assert_clean();

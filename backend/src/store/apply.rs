@@ -17,6 +17,7 @@ use super::{
     nodes::{Node, UNSET},
     radix::Tx,
     registry::{name_key, snapshot_key, validate_name, Kind, Record},
+    schedules::{schedule_key, validate_target, Schedule},
     staging::validate_stored_name,
     store::Store,
     vdi::{Vdi, VdiState},
@@ -415,6 +416,26 @@ impl Store {
         let mut space = self.space.lock();
         self.tx(&mut space, gen).drop_ref(old, old_height)?;
         self.log.append(&Entry::Rollback { vdi, snapshot: sid });
+        Ok(())
+    }
+
+    /// Sets (`Some`) or removes (`None`) the snapshot schedule of `target`.
+    pub(super) fn apply_schedule(
+        &self,
+        cat: &mut Catalog,
+        target: &str,
+        schedule: Option<&Schedule>,
+    ) -> StoreResult<()> {
+        validate_target(target).map_err(|e| bad(format!("schedule: {e}")))?;
+        if let Some(s) = schedule {
+            s.validate().map_err(|e| bad(format!("schedule: {e}")))?;
+        }
+        cat.set_name(schedule_key(target), schedule.map(Schedule::encode));
+        self.mark_changed();
+        self.log.append(&Entry::Schedule {
+            target: target.to_string(),
+            schedule: schedule.cloned(),
+        });
         Ok(())
     }
 }

@@ -23,6 +23,7 @@ use super::{
     },
     nodes::read_node,
     registry::{decode_id, Kind, Record},
+    schedules::{validate_target, Schedule},
     store::Store,
 };
 
@@ -258,6 +259,16 @@ impl Store {
                     snaps.push((vdi, String::from_utf8_lossy(&k[9..]).into_owned(), id));
                     Ok(())
                 }),
+                Some(b'P') => match (
+                    validate_target(&String::from_utf8_lossy(&k[1..])),
+                    Schedule::decode(v),
+                ) {
+                    (Ok(()), Ok(_)) => Ok(Ok(())),
+                    (Err(e), _) | (_, Err(e)) => Ok(Err(format!(
+                        "schedule for {}: {e}",
+                        String::from_utf8_lossy(&k[1..])
+                    ))),
+                },
                 _ => Ok(Err(format!(
                     "unknown registry key {:02x?}",
                     &k[..k.len().min(12)]

@@ -20,7 +20,11 @@ pub enum StoreError {
     /// Nothing at the store's path.
     #[error("store {} does not exist (create it with `parallax --store {} init`)", .0.display(), .0.display())]
     NoStore(std::path::PathBuf),
-    #[error("unsupported store format version {0} (this parallax reads versions 1 to 3)")]
+    #[error(
+        "unsupported store format version {0} (this parallax reads versions {oldest} to {newest})",
+        oldest = super::format::OLDEST_VERSION,
+        newest = super::format::FORMAT_VERSION
+    )]
     Version(u64),
     #[error("store is truncated: it should be {expected} bytes, the device has {found}")]
     Truncated { expected: u64, found: u64 },
@@ -31,6 +35,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("no such VDI or snapshot: {0}")]
     NotFound(String),
+    /// No snapshot schedule for this name or pattern.
+    #[error("no schedule for {0}")]
+    NoSchedule(String),
     #[error("{0} already exists")]
     Exists(String),
     #[error("no space left in the store")]
@@ -41,7 +48,7 @@ pub enum StoreError {
     Busy(String),
     /// A walk followed a pointer without a hash, taken from a node it held while a checkpoint
     /// wrote and evicted the child; walked again from the root, it finds the hash
-    /// ([`retry_evicted`](super::nodes::retry_evicted)).
+    /// (`nodes::retry_evicted`).
     #[error("map node at block {0} was evicted while a walk held a stale copy of its parent")]
     Evicted(u64),
     /// The handle's VDI was rolled back under it (`rollback --force`).
@@ -75,7 +82,9 @@ impl StoreError {
             }
             StoreError::InUse { .. } => "in-use",
             StoreError::Invalid(_) => "invalid",
-            StoreError::NotFound(_) | StoreError::NoStore(_) => "not-found",
+            StoreError::NotFound(_) | StoreError::NoStore(_) | StoreError::NoSchedule(_) => {
+                "not-found"
+            }
             StoreError::Exists(_) => "exists",
             StoreError::NoSpace => "no-space",
             StoreError::ReadOnly(_) => "read-only",

@@ -32,6 +32,7 @@ use super::{
         LogPosition, Ptr, BLOCK_SIZE, BLOCK_SIZE_U64, FRAME_HEADER, LOG_BLOCK_ENTRIES, PTR_LEN,
     },
     refcount::Cursor,
+    schedules::Schedule,
     space::Space,
 };
 
@@ -53,6 +54,8 @@ mod kind {
     pub const DELETE: u8 = 8;
     /// Format 3.
     pub const ROLLBACK: u8 = 9;
+    /// Format 4.
+    pub const SCHEDULE: u8 = 10;
 }
 
 /// One change, as the log records it (FORMAT.md §9.2).
@@ -109,6 +112,11 @@ pub(super) enum Entry {
     Rollback {
         vdi: u64,
         snapshot: u64,
+    },
+    /// The snapshot schedule of `target` is now `schedule` (`None`: it has none).
+    Schedule {
+        target: String,
+        schedule: Option<Schedule>,
     },
 }
 
@@ -245,6 +253,13 @@ impl Entry {
                 out.extend_from_slice(&snapshot.to_le_bytes());
                 kind::ROLLBACK
             }
+            Entry::Schedule { target, schedule } => {
+                put_str(out, target);
+                if let Some(s) = schedule {
+                    out.extend_from_slice(&s.encode());
+                }
+                kind::SCHEDULE
+            }
         };
         let len = out.len() - start - ENTRY_HEADER;
         out[start] = k;
@@ -329,6 +344,19 @@ impl Entry {
                 vdi: r.u64()?,
                 snapshot: r.u64()?,
             },
+            kind::SCHEDULE => {
+                let target = r.string()?;
+                let rest = &body[r.at..];
+                r.at = body.len();
+                Entry::Schedule {
+                    target,
+                    schedule: if rest.is_empty() {
+                        None
+                    } else {
+                        Some(Schedule::decode(rest)?)
+                    },
+                }
+            }
             k => {
                 return Err(StoreError::Corrupt(format!(
                     "log entry of unknown kind {k} (written by a newer Parallax?)"
@@ -738,6 +766,7 @@ pub(super) fn read_chain(dev: &dyn Device, pos: LogPosition) -> StoreResult<Foun
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::schedules::KeepRule;
     use crate::store::{device::MemDevice, format::Geometry, refcount::RcTable};
 
     fn entries() -> Vec<Entry> {
@@ -789,6 +818,26 @@ mod tests {
             Entry::Rollback {
                 vdi: 11,
                 snapshot: 12,
+            },
+            Entry::Schedule {
+                target: "vm-*".into(),
+                schedule: Some(Schedule {
+                    every_secs: 10,
+                    keep: vec![
+                        KeepRule {
+                            every_secs: 10,
+                            for_secs: 3600,
+                        },
+                        KeepRule {
+                            every_secs: 3600,
+                            for_secs: 30 * 86400,
+                        },
+                    ],
+                }),
+            },
+            Entry::Schedule {
+                target: "vm-1".into(),
+                schedule: None,
             },
         ]
     }

@@ -12,6 +12,7 @@
 //!  check     verification of the last durable checkpoint on disk
 //!  diff      changed extents between two points of history, shared subtrees skipped
 //!  rollback  a VDI back to one of its snapshots
+//!  schedules snapshot schedules as the registry keeps them (the daemon runs them)
 //!  staging   VDIs under construction (import, recv) under a reserved name
 //!  identity  snapshot guids, the same in every store a snapshot is sent to
 //!  vdi       one VDI in memory: record, lock, handles, reserved blocks
@@ -50,6 +51,7 @@ mod refcount;
 mod registry;
 mod replay;
 mod rollback;
+mod schedules;
 mod space;
 mod staging;
 #[allow(clippy::module_inception)]
@@ -64,6 +66,7 @@ pub use identity::SnapshotIdentity;
 pub use io::{StoreDisk, DATA_ERROR_TARGET};
 pub use registry::{split_name, validate_name, Kind};
 pub use rollback::RollbackReport;
+pub use schedules::{validate_target, KeepRule, Schedule};
 pub use staging::{is_staging, Staged, STAGING_PREFIX};
 pub use store::{Store, StoreOptions};
 

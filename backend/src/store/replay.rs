@@ -172,6 +172,16 @@ impl Store {
                 let mut cat = self.catalog.lock();
                 self.apply_rollback(&mut cat, vdi, snapshot, change.gen)
             }
+            Entry::Schedule { .. } if self.format_version() < 4 => {
+                Err(StoreError::Corrupt(format!(
+                    "a schedule entry in a store of format {} (schedules came with format 4)",
+                    self.format_version()
+                )))
+            }
+            Entry::Schedule { target, schedule } => {
+                let mut cat = self.catalog.lock();
+                self.apply_schedule(&mut cat, &target, schedule.as_ref())
+            }
         }
     }
 

@@ -7,7 +7,7 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 use super::{
     device::{CrashDevice, Device, MemDevice},
     format::BLOCK_SIZE_U64,
-    Store, StoreError, StoreOptions,
+    KeepRule, Schedule, Store, StoreError, StoreOptions,
 };
 use crate::disk::ExtentState;
 
@@ -373,11 +373,22 @@ enum Outcome {
         /// A rollback the power cut short: the VDI, and what it reads if the rollback happened
         /// (else it reads as before it).
         rolling_back: Option<(String, Vec<u8>)>,
+        /// A schedule change the power cut short: its target, and what it is if the change
+        /// happened (else it is as before).
+        scheduling: Option<(String, Option<Schedule>)>,
     },
 }
 
+/// What the workload expects of the store besides VDIs: its snapshot schedules.
+type ScheduleModel = BTreeMap<String, Schedule>;
+
 /// A deterministic workload; stops at the first failing operation (the power cut).
-fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracked>) -> Outcome {
+fn crash_workload(
+    s: &Arc<Store>,
+    seed: u64,
+    model: &mut BTreeMap<String, Tracked>,
+    schedules: &mut ScheduleModel,
+) -> Outcome {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut counter = 0;
     macro_rules! commit_point {
@@ -388,6 +399,7 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                     return Outcome::Cut {
                         uncertain: $uncertain,
                         rolling_back: None,
+                        scheduling: None,
                     }
                 }
             }
@@ -427,6 +439,7 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                     return Outcome::Cut {
                         uncertain: Vec::new(),
                         rolling_back: None,
+                        scheduling: None,
                     };
                 }
             }
@@ -443,10 +456,43 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                     return Outcome::Cut {
                         uncertain: Vec::new(),
                         rolling_back: None,
+                        scheduling: None,
                     };
                 }
             }
-            63..=77 => commit_point!(s.flush(), Vec::new()),
+            63..=74 => commit_point!(s.flush(), Vec::new()),
+            75..=77 => {
+                // Set, replace or remove a snapshot schedule.
+                let target = ["base", "f*", "f1?"][rng.random_range(0..3)].to_string();
+                let new = if schedules.contains_key(&target) && rng.random_bool(0.5) {
+                    None
+                } else {
+                    let every_secs = rng.random_range(1..100);
+                    Some(Schedule {
+                        every_secs,
+                        keep: vec![KeepRule {
+                            every_secs,
+                            for_secs: every_secs * rng.random_range(1..10),
+                        }],
+                    })
+                };
+                let r = match &new {
+                    Some(sch) => s.set_schedule(&target, sch),
+                    None => s.remove_schedule(&target),
+                };
+                if r.is_err() {
+                    return Outcome::Cut {
+                        uncertain: Vec::new(),
+                        rolling_back: None,
+                        scheduling: Some((target, new)),
+                    };
+                }
+                match new {
+                    Some(sch) => schedules.insert(target, sch),
+                    None => schedules.remove(&target),
+                };
+                model.values_mut().for_each(Tracked::committed);
+            }
             78..=85 => {
                 let name = pick(&mut rng, &live).unwrap().clone();
                 counter += 1;
@@ -486,6 +532,7 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                     return Outcome::Cut {
                         uncertain: Vec::new(),
                         rolling_back: Some((vdi, image)),
+                        scheduling: None,
                     };
                 }
                 let t = model.get_mut(&vdi).unwrap();
@@ -512,6 +559,7 @@ fn crash_workload(s: &Arc<Store>, seed: u64, model: &mut BTreeMap<String, Tracke
                     return Outcome::Cut {
                         uncertain: Vec::new(),
                         rolling_back: None,
+                        scheduling: None,
                     };
                 }
                 model.values_mut().for_each(Tracked::committed);
@@ -531,15 +579,17 @@ fn crash_case(seed: u64, cut: Option<u64>, image_seed: u64) -> u64 {
         dev.cut_after(c);
     }
     let mut model = BTreeMap::new();
-    let outcome = crash_workload(&s, seed, &mut model);
+    let mut schedules = ScheduleModel::new();
+    let outcome = crash_workload(&s, seed, &mut model, &mut schedules);
     let ops = dev.ops();
     drop(s);
-    let (uncertain, rolling_back) = match outcome {
-        Outcome::Finished => (Vec::new(), None),
+    let (uncertain, rolling_back, scheduling) = match outcome {
+        Outcome::Finished => (Vec::new(), None, None),
         Outcome::Cut {
             uncertain,
             rolling_back,
-        } => (uncertain, rolling_back),
+            scheduling,
+        } => (uncertain, rolling_back, scheduling),
     };
     let ctx = format!("seed {seed} cut {cut:?} image {image_seed}");
     let after: Arc<dyn Device> = Arc::new(dev.after_crash(image_seed));
@@ -547,6 +597,17 @@ fn crash_case(seed: u64, cut: Option<u64>, image_seed: u64) -> u64 {
         .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
     let r = s.check(true, &mut |_| {}).unwrap();
     assert!(r.ok, "{ctx}: check after crash: {r:#?}");
+    let found: ScheduleModel = s.schedules().unwrap().into_iter().collect();
+    if let Some((target, new)) = scheduling {
+        // The interrupted change happened wholly, or not at all.
+        if found.get(&target) == new.as_ref() {
+            match new {
+                Some(sch) => schedules.insert(target, sch),
+                None => schedules.remove(&target),
+            };
+        }
+    }
+    assert_eq!(found, schedules, "{ctx}: schedules after the crash");
     let listed: Vec<String> = s.list().unwrap().into_iter().map(|v| v.name).collect();
     for (name, t) in &model {
         if uncertain.contains(name) {
@@ -1432,4 +1493,63 @@ fn reports_walk_maps_while_checkpoints_run() {
         w.join().unwrap();
     }
     assert!(rounds > 10, "{rounds} rounds");
+}
+
+#[test]
+fn schedules_are_kept_across_restarts_and_checked() {
+    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(64 << 20));
+    let s = new_store(dev.clone());
+    let hourly = Schedule {
+        every_secs: 3600,
+        keep: vec![KeepRule {
+            every_secs: 3600,
+            for_secs: 86400,
+        }],
+    };
+    let fast = Schedule {
+        every_secs: 10,
+        keep: vec![
+            KeepRule {
+                every_secs: 10,
+                for_secs: 3600,
+            },
+            KeepRule {
+                every_secs: 60,
+                for_secs: 86400,
+            },
+        ],
+    };
+    s.set_schedule("vm-*", &hourly).unwrap();
+    s.set_schedule("db", &fast).unwrap();
+    s.set_schedule("db", &hourly).unwrap();
+    s.set_schedule("web?", &fast).unwrap();
+    s.remove_schedule("web?").unwrap();
+    assert!(matches!(
+        s.remove_schedule("web?"),
+        Err(StoreError::NoSchedule(_))
+    ));
+    for bad in ["", "a@b", "-x", "x y", &"n".repeat(201)] {
+        assert!(
+            matches!(s.set_schedule(bad, &hourly), Err(StoreError::Invalid(_))),
+            "{bad:?}"
+        );
+    }
+    let mut broken = hourly.clone();
+    broken.keep[0].for_secs = 10;
+    assert!(matches!(
+        s.set_schedule("x", &broken),
+        Err(StoreError::Invalid(_))
+    ));
+    let want = vec![("db".to_string(), hourly.clone()), ("vm-*".into(), hourly)];
+    assert_eq!(s.schedules().unwrap(), want);
+    assert_clean(&s);
+
+    // Replayed from the log (no checkpoint since), then checkpointed and reopened.
+    drop(s);
+    let s = Store::open_device(dev.clone(), small_opts()).unwrap();
+    assert_eq!(s.schedules().unwrap(), want);
+    assert_clean(&s);
+    s.close().unwrap();
+    let s = Store::open_device(dev, small_opts()).unwrap();
+    assert_eq!(s.schedules().unwrap(), want);
 }
