@@ -91,6 +91,7 @@ both_modes!(
     rollback_restores_a_snapshot,
     interrupted_import_leaves_nothing,
     send_recv_through_a_pipe,
+    schedules_set_list_remove,
 );
 
 fn assert_same(what: &str, got: &[u8], want: &[u8]) {
@@ -1251,5 +1252,76 @@ fn send_recv_through_a_pipe(mode: Mode) {
         .fail(&["vdi", "send", "nope@x"])
         .assert_one_line(1, "no such");
     other.assert_clean();
+    env.finish();
+}
+
+fn schedules_set_list_remove(mode: Mode) {
+    let env = Env::new(mode, "64M");
+    env.run(&["vdi", "create", "vm-1", "--size", "1M"]);
+    env.run(&["vdi", "create", "vm-2", "--size", "1M"]);
+    env.run(&["vdi", "create", "db", "--size", "1M"]);
+    let none = env.run(&["schedule", "list"]);
+    assert!(none.contains("no schedules"), "{none}");
+
+    let set = env.json(&[
+        "schedule",
+        "set",
+        "vm-*",
+        "--every",
+        "10s",
+        "--keep",
+        "10s:1h,1m:1d,1h:30d",
+        "--json",
+    ]);
+    assert_eq!(set["target"], "vm-*");
+    assert_eq!(set["every_secs"], 10);
+    assert_eq!(set["keep_spec"], "10s:1h,1m:1d,1h:30d");
+    assert_eq!(set["vdis"], 2);
+    let text = env.run(&["schedule", "set", "vm-2", "--every", "1h"]);
+    assert!(
+        text.contains("schedule for vm-2: a snapshot every 1h, keeping 1h:1d,1d:30d (1 VDI now)"),
+        "{text}"
+    );
+    let list = env.json(&["schedule", "list", "--json"]);
+    let rows: Vec<(String, u64, u64)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["target"].as_str().unwrap().to_string(),
+                r["every_secs"].as_u64().unwrap(),
+                r["vdis"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [("vm-*".to_string(), 10, 1), ("vm-2".to_string(), 3600, 1)],
+        "vm-2 follows the schedule naming it"
+    );
+    let table = env.run(&["schedule", "list"]);
+    assert!(table.starts_with("TARGET"), "{table}");
+    assert!(table.contains("10s:1h,1m:1d,1h:30d"), "{table}");
+
+    env.fail(&["schedule", "set", "vm-*", "--every", "1.5s"])
+        .assert_one_line(1, "whole seconds");
+    env.fail(&[
+        "schedule", "set", "vm-*", "--every", "1h", "--keep", "1d:1h",
+    ])
+    .assert_one_line(1, "keeps nothing");
+    env.fail(&["schedule", "set", "db@s", "--every", "1h"])
+        .assert_one_line(1, "not snapshots");
+    env.fail(&["schedule", "remove", "nope"])
+        .assert_one_line(1, "no schedule for nope");
+    let err = env.fail(&["schedule", "remove", "nope", "--json"]);
+    let v: Value = serde_json::from_str(err.stdout.trim())
+        .unwrap_or_else(|e| panic!("--json error is not JSON ({e}): {:?}", err.stdout));
+    assert_eq!(v["error"]["kind"], "not-found", "{v}");
+
+    env.run(&["schedule", "remove", "vm-*"]);
+    let left = env.json(&["schedule", "list", "--json"]);
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left[0]["target"], "vm-2");
     env.finish();
 }

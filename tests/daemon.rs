@@ -1043,3 +1043,84 @@ fn metrics_count_ring_requests() {
     );
     finish(store, d);
 }
+
+/// The automatic snapshots of `vdi`, oldest first.
+fn auto_snapshots(store: &TestStore, vdi: &str) -> Vec<String> {
+    let list = store.json(&["vdi", "list", "--json", "--prefix", &format!("{vdi}@auto-")]);
+    let mut names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A schedule set through the CLI makes the daemon snapshot the VDI each period, under a
+/// name that says when, and delete what the keep rules drop; it is still there, and still
+/// acted on, after a kill -9 and a restart. Each snapshot holds what the VDI held then.
+#[test]
+fn scheduled_snapshots_are_taken_pruned_and_survive_a_restart() {
+    let (store, d) = setup("1M");
+    store.run(&["vdi", "snapshot", "vm", "gold"]);
+    let mut c = d.nbd("vm");
+    c.write(0, &[0x11; 4096]).unwrap();
+    c.flush().unwrap();
+    store.run(&["schedule", "set", "vm", "--every", "1s", "--keep", "1s:3s"]);
+    // Snapshots come, and the window keeps at most 3 (and the newest) of them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        let now = auto_snapshots(&store, "vm");
+        assert!(now.len() <= 4, "pruning keeps up: {now:?}");
+        seen.extend(now.iter().cloned());
+        let pruned = seen.iter().filter(|s| !now.contains(s)).count();
+        if pruned >= 2 && now.len() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no pruning in 30 s: {seen:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(d.wait_stderr("schedule: snapshot vm@auto-"));
+    let snap = auto_snapshots(&store, "vm").pop().unwrap();
+    assert!(
+        snap.ends_with('Z') && snap.starts_with("vm@auto-20"),
+        "{snap}"
+    );
+    let mut s = d.nbd(&snap);
+    assert_eq!(s.read(0, 4096).unwrap(), vec![0x11; 4096]);
+    drop(s);
+    drop(c);
+    let names: Vec<String> = store
+        .json(&["vdi", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names.contains(&"vm@gold".to_string()),
+        "hand-made snapshots stay"
+    );
+
+    d.kill9();
+    let list = store.json(&["schedule", "list", "--json"]);
+    assert_eq!(
+        list[0]["target"], "vm",
+        "the schedule survives kill -9: {list}"
+    );
+    let before = auto_snapshots(&store, "vm");
+    let d = Daemon::start(&store);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while auto_snapshots(&store, "vm")
+        .iter()
+        .all(|s| before.contains(s))
+    {
+        assert!(Instant::now() < deadline, "no snapshot after the restart");
+        thread::sleep(Duration::from_millis(200));
+    }
+    store.run(&["schedule", "remove", "vm"]);
+    d.stop();
+    store.assert_clean();
+}

@@ -12,8 +12,9 @@
 //! interface the protocol front ends use to reach a VDI, [`nbd`] the NBD server, [`blkif`] the
 //! Xen block-ring backend, [`xen`] its xenbus control plane (the vbd handshake in xenstore),
 //! [`daemon`] the long-running `parallax serve`, and [`cli`] the `parallax` command;
-//! [`ratelimit`] keeps what clients and guests can make us log in bounds, and [`metrics`]
-//! counts what the daemon serves for Prometheus.
+//! [`ratelimit`] keeps what clients and guests can make us log in bounds, [`metrics`] counts
+//! what the daemon serves for Prometheus, and [`schedule`] takes and prunes the snapshots of
+//! snapshot schedules.
 
 pub mod blkif;
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod disk;
 pub mod metrics;
 pub mod nbd;
 pub mod ratelimit;
+pub mod schedule;
 pub mod store;
 pub mod stream;
 pub mod transfer;

@@ -5,6 +5,7 @@
 //! line on stderr and a non-zero exit: 1 for errors, 2 for usage, 3 when `check` finds damage.
 
 mod output;
+mod schedule;
 mod stream;
 
 use std::{
@@ -74,6 +75,9 @@ enum Command {
     /// Create, import, export, snapshot, fork, list, inspect and delete VDIs.
     #[command(subcommand)]
     Vdi(VdiCommand),
+    /// Take snapshots periodically and prune them by a keep policy (run by the daemon).
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
     /// Verify the store: structure, checksums, leaks and double ownership. Exit status 3 if
     /// anything is damaged.
     Check {
@@ -96,9 +100,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Move a store made by an older parallax to the current format (format 1 → 2: the intent
-    /// log that makes flushes and snapshots fast). Crash-safe; only with no daemon serving
-    /// the store. Older parallax versions cannot open the store afterwards.
+    /// Move a store made by an older parallax to the current format (2: the intent log that
+    /// makes flushes and snapshots fast; 3: rollback, send/recv; 4: snapshot schedules), one
+    /// version at a time. Crash-safe; only with no daemon serving the store. Older parallax
+    /// versions cannot open the store afterwards.
     Upgrade {
         /// Print the result as JSON, for scripts.
         #[arg(long)]
@@ -450,6 +455,7 @@ impl Command {
                 | VdiCommand::Resize { json, .. }
                 | VdiCommand::Delete { json, .. } => *json,
             },
+            Command::Schedule(s) => s.wants_json(),
             Command::Serve(_) | Command::Completions { .. } | Command::Man => false,
         }
     }
@@ -701,6 +707,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Vdi(cmd) => vdi(store_path(&cli.store)?, cmd),
+        Command::Schedule(cmd) => schedule::schedule(store_path(&cli.store)?, cmd),
         Command::Check {
             metadata_only,
             json,

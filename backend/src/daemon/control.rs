@@ -26,7 +26,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     blkif::local::{recv_with_fds, send_with_fds},
-    store::{Kind, ListFilter, Store, StoreError},
+    schedule::{self, policy, Waker},
+    store::{Kind, ListFilter, Schedule, Store, StoreError},
     stream, transfer,
 };
 
@@ -119,6 +120,14 @@ pub enum Request {
     Gc,
     Df,
     Flush,
+    ScheduleSet {
+        target: String,
+        schedule: Schedule,
+    },
+    ScheduleList,
+    ScheduleRemove {
+        target: String,
+    },
 }
 
 /// How the daemon's log names a request: the command a user would type, not Rust's debug form.
@@ -197,6 +206,14 @@ impl std::fmt::Display for Request {
             Request::Gc => write!(f, "gc"),
             Request::Df => write!(f, "df"),
             Request::Flush => write!(f, "flush"),
+            Request::ScheduleSet { target, schedule } => write!(
+                f,
+                "schedule set {target} --every {} --keep {}",
+                policy::format_duration(schedule.every_secs),
+                policy::format_keep(&schedule.keep)
+            ),
+            Request::ScheduleList => write!(f, "schedule list"),
+            Request::ScheduleRemove { target } => write!(f, "schedule remove {target}"),
         }
     }
 }
@@ -289,6 +306,8 @@ pub struct ControlContext {
     pub ring_attach: Option<Arc<dyn Fn(serde_json::Value, UnixStream) + Send + Sync>>,
     /// How long a client may take to send its request line ([`REQUEST_TIMEOUT`]).
     pub request_timeout: std::time::Duration,
+    /// Told when the schedules change, so that a new one starts at its next tick.
+    pub scheduler: Option<Waker>,
 }
 
 /// Accepts control connections until the listener is shut down; each runs on its own thread,
@@ -567,6 +586,25 @@ fn execute(
         })?),
         Request::Df => to_value(s.df()?),
         Request::Flush => to_value(s.flush()?),
+        Request::ScheduleSet { target, schedule } => {
+            s.set_schedule(target, schedule)?;
+            ctx.wake_scheduler();
+            to_value(())
+        }
+        Request::ScheduleList => to_value(schedule::status(s)?),
+        Request::ScheduleRemove { target } => {
+            s.remove_schedule(target)?;
+            ctx.wake_scheduler();
+            to_value(())
+        }
+    }
+}
+
+impl ControlContext {
+    fn wake_scheduler(&self) {
+        if let Some(w) = &self.scheduler {
+            w.wake();
+        }
     }
 }
 
@@ -658,6 +696,7 @@ mod tests {
             store_path: "mem".into(),
             ring_attach: None,
             request_timeout: std::time::Duration::from_millis(300),
+            scheduler: None,
         });
         std::thread::spawn(move || serve(listener, ctx));
         assert!(matches!(hello(&path), Reply::Ok(_)));

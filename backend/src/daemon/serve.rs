@@ -6,7 +6,8 @@
 //!   ├─ ring devices (one thread per queue)      2. answer what they saw, detach
 //!   ├─ control socket thread (+1 per request)   3. stop accepting
 //!   ├─ metrics endpoint thread (if configured)  4. stop answering scrapes
-//!   └─ store (its checkpoint thread)            5. final checkpoint, marked closed cleanly
+//!   ├─ snapshot scheduler thread                5. stop after its pass
+//!   └─ store (its checkpoint thread)            6. final checkpoint, marked closed cleanly
 //! ```
 
 use std::{
@@ -32,6 +33,7 @@ use crate::{
     disk::DiskProvider,
     metrics::{Endpoint, Metrics},
     nbd::NbdServer,
+    schedule::Scheduler,
     store::Store,
 };
 
@@ -132,6 +134,7 @@ pub struct Daemon {
     control_thread: Option<std::thread::JoinHandle<()>>,
     control_path: Option<PathBuf>,
     metrics: Option<Endpoint>,
+    scheduler: Option<Scheduler>,
 }
 
 /// Binds the metrics endpoint's address, with an error that names the setting.
@@ -227,11 +230,14 @@ impl Daemon {
         } else {
             None
         };
+        let scheduler =
+            Scheduler::start(store.clone()).context("cannot start the snapshot scheduler")?;
         let ctx = Arc::new(ControlContext {
             store: store.clone(),
             store_path: store_path.display().to_string(),
             ring_attach,
             request_timeout: control::REQUEST_TIMEOUT,
+            scheduler: Some(scheduler.waker()),
         });
         let control_fd = control_listener.as_raw_fd();
         let control_thread = std::thread::Builder::new()
@@ -258,6 +264,7 @@ impl Daemon {
                 ControlAddr::Abstract(_) => None,
             },
             metrics: endpoint,
+            scheduler: Some(scheduler),
         })
     }
 
@@ -294,6 +301,9 @@ impl Daemon {
         }
         if let Some(m) = self.metrics.take() {
             m.stop();
+        }
+        if let Some(s) = self.scheduler.take() {
+            s.stop();
         }
         if let Some(p) = &self.listening.nbd_unix {
             let _ = std::fs::remove_file(p);
