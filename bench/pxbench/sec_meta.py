@@ -220,32 +220,84 @@ def continuous(run, site, cfg):
             os.unlink(store)
 
 
+def _auto_name(secs):
+    """The name the daemon's scheduler gives a snapshot taken at Unix time `secs`."""
+    return "auto-" + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(secs))
+
+
+def _snapshot_every(px, bg, period, name):
+    """Snapshots `busy` every `period` s while `bg` runs; `name(i)` names the i-th. Returns the
+    latencies (us)."""
+    lat = []
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    i = 0
+    while bg.running():
+        lat.append(px.control.timed("snapshot", vdi="busy", snap=name(i)))
+        i += 1
+        delay = t0 + i * period - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    return lat
+
+
+def _prune_while(px, bg):
+    """Sets a schedule on `busy` that keeps none of its old automatic snapshots, then watches
+    the daemon delete them while `bg` runs. Returns (snapshots pruned, seconds to prune all, or
+    None if fio ended first)."""
+    before = len(px.call("list", prefix="busy@auto-"))
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    px.call("schedule-set", target="busy",
+            schedule={"every_secs": 3600, "keep": [{"every_secs": 3600, "for_secs": 3600}]})
+    done = None
+    left = before
+    while bg.running():
+        left = len(px.call("list", prefix="busy@auto-"))
+        if left <= 1 and done is None:  # the new tick's snapshot stays
+            done = time.monotonic() - t0
+        time.sleep(0.1)
+    px.call("schedule-remove", target="busy")
+    return before - left, done
+
+
 def _continuous_rep(run, site, cfg, px, rep, size, period):
-    """One repetition of `continuous`, on the fresh store `px` serves."""
+    """One repetition of `continuous`, on the fresh store `px` serves: fio without snapshots,
+    with a snapshot every 10 ms, and while a schedule prunes the ~1000 old automatic snapshots
+    a fill phase left (in rotating order)."""
+    modes = ["without", "with", "pruning"]
+    modes = modes[rep % 3:] + modes[:rep % 3]
     with px:
         px.call("create", name="busy", size=size)
         _spread(px, "busy", size, 7 + rep)
-        for mode in (("without", "with") if rep % 2 == 0 else ("with", "without")):
+        for mode in modes:
             out = os.path.join(run.raw_dir, f"snaps-{site.name}-{rep}-{mode}.json")
+            lat, extra = [], {}
+            if mode == "pruning":
+                # Fill (not measured): snapshots every 10 ms under writes, named as a
+                # scheduler names them, ten days ago, so that no keep rule keeps them.
+                fill = fio.Background(px.uri("busy"), "randwrite", "4k", 16, cfg.snap_seconds,
+                                      out + ".fill", size=size)
+                old = int(time.time()) - 10 * 86400
+                _snapshot_every(px, fill, period, lambda i: _auto_name(old + i))
+                fill.finish()
             bg = fio.Background(px.uri("busy"), "randwrite", "4k", 16, cfg.snap_seconds, out, size=size)
-            lat = []
             if mode == "with":
-                time.sleep(0.2)
-                t0 = time.monotonic()
-                i = 0
-                while bg.running():
-                    lat.append(px.control.timed("snapshot", vdi="busy", snap=f"r{rep}-{i}"))
-                    i += 1
-                    delay = t0 + i * period - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                lat = _snapshot_every(px, bg, period, lambda i: f"r{rep}-{i}")
+            elif mode == "pruning":
+                pruned, secs = _prune_while(px, bg)
+                extra = {"pruned": pruned, "prune_seconds": secs}
             try:
                 w = bg.finish()
             except fio.FioError as e:
                 run.note(f"{site.name}: continuous snapshots, rep {rep} {mode}: {e}")
                 continue
             rec = run.record("snaps", fs=site.name, rep=rep, mode=mode, iops=w["iops"], samples_us=lat,
-                             snapshots_per_s=len(lat) / cfg.snap_seconds, **_stats(lat))
+                             snapshots_per_s=len(lat) / cfg.snap_seconds, **_stats(lat), **extra)
             log(f"snaps {site.name} rep {rep} {mode:7s}: {w['iops']:8.0f} IOPS"
                 + (f", {len(lat)} snapshots, p50 {rec['p50_us']:.0f} us p99 {rec['p99_us']:.0f} us"
-                   if lat else ""))
+                   if lat else "")
+                + (f", {extra['pruned']} snapshots pruned in "
+                   + (f"{extra['prune_seconds']:.1f} s" if extra["prune_seconds"] is not None else
+                      "more than the run")
+                   if extra else ""))
