@@ -1111,13 +1111,29 @@ fn scheduled_snapshots_are_taken_pruned_and_survive_a_restart() {
         "the schedule survives kill -9: {list}"
     );
     let before = auto_snapshots(&store, "vm");
-    let d = Daemon::start(&store);
+    let d = Daemon::start_with(&store, METRICS_CONFIG, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while auto_snapshots(&store, "vm")
         .iter()
         .all(|s| before.contains(s))
     {
         assert!(Instant::now() < deadline, "no snapshot after the restart");
+        thread::sleep(Duration::from_millis(200));
+    }
+    // The metrics count what the scheduler did since this daemon started.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = scrape(&d);
+        let taken = sample(&m, "parallax_schedule_snapshots_taken_total", &[]).unwrap();
+        let pruned = sample(&m, "parallax_schedule_snapshots_pruned_total", &[]).unwrap();
+        assert_eq!(
+            sample(&m, "parallax_schedule_failed_passes_total", &[]),
+            Some(0.0)
+        );
+        if taken >= 1.0 && pruned >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "taken {taken}, pruned {pruned}");
         thread::sleep(Duration::from_millis(200));
     }
     store.run(&["schedule", "remove", "vm"]);

@@ -33,7 +33,7 @@ use crate::{
     disk::DiskProvider,
     metrics::{Endpoint, Metrics},
     nbd::NbdServer,
-    schedule::Scheduler,
+    schedule::{ScheduleCounters, Scheduler},
     store::Store,
 };
 
@@ -170,10 +170,11 @@ impl Daemon {
         let control_listener = bind_control(&control_addr)?;
         // Before the front ends, so that every handle they open is counted; an address that
         // cannot be bound leaves nothing running.
+        let schedule_counters = Arc::new(ScheduleCounters::default());
         let (metrics, endpoint) = match &cfg.metrics.listen {
             Some(a) => {
                 let listener = bind_metrics(a)?;
-                let metrics = Metrics::new(&store);
+                let metrics = Metrics::new(&store, schedule_counters.clone());
                 let endpoint = Endpoint::start(listener, metrics.clone())
                     .context("cannot start the metrics endpoint")?;
                 (Some(metrics), Some(endpoint))
@@ -230,8 +231,8 @@ impl Daemon {
         } else {
             None
         };
-        let scheduler =
-            Scheduler::start(store.clone()).context("cannot start the snapshot scheduler")?;
+        let scheduler = Scheduler::start(store.clone(), schedule_counters)
+            .context("cannot start the snapshot scheduler")?;
         let ctx = Arc::new(ControlContext {
             store: store.clone(),
             store_path: store_path.display().to_string(),

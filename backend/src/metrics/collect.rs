@@ -1,6 +1,7 @@
 //! What is read at scrape time rather than counted as it happens: the store's space, dirty
 //! metadata and VDI count (through its public accessors), its checkpoint latency (a histogram
-//! the store's checkpoint hook feeds), and the ring devices' own counters.
+//! the store's checkpoint hook feeds), the ring devices' own counters, and the snapshot
+//! scheduler's.
 
 use std::sync::{Arc, Weak};
 
@@ -14,6 +15,7 @@ use prometheus_client::{
 use super::histogram::LatencyHistogram;
 use crate::{
     blkif::{engine::device_totals, StatsSnapshot},
+    schedule::ScheduleCounters,
     store::{format::BLOCK_SIZE_U64, Kind, Store},
 };
 
@@ -138,6 +140,41 @@ impl Collector for RingCollector {
                     .encode_family(&[("device", device.as_str())])?
                     .encode_counter::<NoLabelSet, _, u64>(&get(s), None)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// What the snapshot scheduler has done.
+#[derive(Debug)]
+pub struct ScheduleCollector(pub Arc<ScheduleCounters>);
+
+impl Collector for ScheduleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let c = &self.0;
+        for (name, help, v) in [
+            (
+                "parallax_schedule_snapshots_taken",
+                "Snapshots taken by snapshot schedules.",
+                &c.taken,
+            ),
+            (
+                "parallax_schedule_snapshots_pruned",
+                "Automatic snapshots deleted because no keep rule kept them.",
+                &c.pruned,
+            ),
+            (
+                "parallax_schedule_failed_passes",
+                "Scheduler passes that failed (the daemon logs why and retries).",
+                &c.failed_passes,
+            ),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(
+                    &v.load(std::sync::atomic::Ordering::Relaxed),
+                    None,
+                )?;
         }
         Ok(())
     }

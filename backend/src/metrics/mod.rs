@@ -27,6 +27,8 @@
 //! | `parallax_store_durable_generation`, `parallax_store_poisoned` | | commit state |
 //! | `parallax_ring_requests_total`, `_segments_total`, `_errors_total` | device | blkif rings, every attach summed |
 //! | `parallax_ring_devices` | | ring devices attached |
+//! | `parallax_schedule_snapshots_taken_total`, `_pruned_total` | | what snapshot schedules did |
+//! | `parallax_schedule_failed_passes_total` | | scheduler passes that failed (logged) |
 //!
 //! `op` is one of read, write, flush, trim, zero, cache, block_status; `transport` is nbd or
 //! ring.
@@ -41,7 +43,7 @@ use std::sync::Arc;
 use prometheus_client::registry::Registry;
 
 use self::{
-    collect::{RingCollector, StoreCollector},
+    collect::{RingCollector, ScheduleCollector, StoreCollector},
     export::Exports,
     histogram::CHECKPOINT_BUCKETS,
 };
@@ -50,7 +52,7 @@ pub use self::{
     histogram::LatencyHistogram,
     http::Endpoint,
 };
-use crate::store::Store;
+use crate::{schedule::ScheduleCounters, store::Store};
 
 /// The daemon's metrics: the registry that scrapes encode, and the per-export table.
 #[derive(Debug)]
@@ -60,8 +62,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Metrics for a daemon serving `store`; installs the store's checkpoint hook.
-    pub fn new(store: &Arc<Store>) -> Arc<Metrics> {
+    /// Metrics for a daemon serving `store` and running snapshot schedules that count into
+    /// `schedules`; installs the store's checkpoint hook.
+    pub fn new(store: &Arc<Store>, schedules: Arc<ScheduleCounters>) -> Arc<Metrics> {
         let exports = Arc::new(Exports::default());
         let checkpoints = Arc::new(LatencyHistogram::new(CHECKPOINT_BUCKETS));
         {
@@ -77,6 +80,7 @@ impl Metrics {
             checkpoints,
         }));
         registry.register_collector(Box::new(RingCollector));
+        registry.register_collector(Box::new(ScheduleCollector(schedules)));
         Arc::new(Metrics { registry, exports })
     }
 

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::store::{is_staging, KeepRule, Kind, ListFilter, Store, StoreResult};
 
 pub use policy::{auto_name, auto_time, schedule_from_text, AUTO_PREFIX};
-pub use worker::{run_once, PassReport, Scheduler, Waker};
+pub use worker::{run_once, PassReport, ScheduleCounters, Scheduler, Waker};
 
 /// One schedule as `schedule list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,23 +61,44 @@ pub fn status(store: &Store) -> StoreResult<Vec<ScheduleStatus>> {
         .collect())
 }
 
-/// The VDIs (not staging ones) and their snapshots' names, as the planner takes them.
-fn histories(store: &Store) -> StoreResult<Vec<policy::VdiHistory>> {
+/// The VDIs the schedules may apply to (not staging ones), with their snapshots' names, as
+/// the planner takes them. Only the names that start like a target are listed (each target's
+/// text before its first wildcard), so a schedule for a few VDIs does not list the whole
+/// registry at each tick.
+fn histories(
+    store: &Store,
+    schedules: &[(String, crate::store::Schedule)],
+) -> StoreResult<Vec<policy::VdiHistory>> {
+    let mut prefixes: Vec<&str> = schedules
+        .iter()
+        .map(|(t, _)| &t[..t.find(['*', '?']).unwrap_or(t.len())])
+        .collect();
+    prefixes.sort_unstable();
+    // A prefix that another one starts with adds nothing.
+    prefixes.dedup_by(|later, earlier| later.starts_with(*earlier));
     let mut out: Vec<policy::VdiHistory> = Vec::new();
     let mut index = std::collections::HashMap::new();
-    let entries = store.list_filtered(&ListFilter::default())?;
-    for e in entries.iter().filter(|e| e.kind == Kind::Vdi) {
-        if is_staging(&e.name) {
-            continue;
+    let mut snapshots = Vec::new();
+    for prefix in prefixes {
+        for e in store.list_filtered(&ListFilter {
+            prefix: (!prefix.is_empty()).then(|| prefix.to_string()),
+            ..ListFilter::default()
+        })? {
+            match e.kind {
+                Kind::Vdi if !is_staging(&e.name) => {
+                    index.insert(e.name.clone(), out.len());
+                    out.push(policy::VdiHistory {
+                        name: e.name,
+                        snapshots: Vec::new(),
+                    });
+                }
+                Kind::Vdi => {}
+                Kind::Snapshot => snapshots.push(e.name),
+            }
         }
-        index.insert(e.name.clone(), out.len());
-        out.push(policy::VdiHistory {
-            name: e.name.clone(),
-            snapshots: Vec::new(),
-        });
     }
-    for e in entries.iter().filter(|e| e.kind == Kind::Snapshot) {
-        if let Some((vdi, snap)) = e.name.split_once('@') {
+    for full in snapshots {
+        if let Some((vdi, snap)) = full.split_once('@') {
             if let Some(&i) = index.get(vdi) {
                 out[i].snapshots.push(snap.to_string());
             }

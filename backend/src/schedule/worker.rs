@@ -8,7 +8,10 @@
 //! of client I/O.
 
 use std::{
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -39,7 +42,7 @@ pub fn run_once(store: &Store, now: u64) -> StoreResult<PassReport> {
     if schedules.is_empty() {
         return Ok(PassReport::default());
     }
-    let plan = policy::plan(&schedules, &histories(store)?, now);
+    let plan = policy::plan(&schedules, &histories(store, &schedules)?, now);
     let mut report = PassReport {
         next: plan.next,
         ..PassReport::default()
@@ -61,6 +64,14 @@ pub fn run_once(store: &Store, now: u64) -> StoreResult<PassReport> {
         }
     }
     Ok(report)
+}
+
+/// What the scheduler has done since the daemon started (the metrics endpoint shows them).
+#[derive(Debug, Default)]
+pub struct ScheduleCounters {
+    pub taken: AtomicU64,
+    pub pruned: AtomicU64,
+    pub failed_passes: AtomicU64,
 }
 
 #[derive(Default)]
@@ -96,12 +107,12 @@ const RETRY: Duration = Duration::from_secs(10);
 const IDLE: Duration = Duration::from_secs(60);
 
 impl Scheduler {
-    pub fn start(store: Arc<Store>) -> std::io::Result<Scheduler> {
+    pub fn start(store: Arc<Store>, counters: Arc<ScheduleCounters>) -> std::io::Result<Scheduler> {
         let signal: Shared = Arc::default();
         let sig = signal.clone();
         let thread = std::thread::Builder::new()
             .name("parallax-schedules".into())
-            .spawn(move || run(&store, &sig))?;
+            .spawn(move || run(&store, &sig, &counters))?;
         Ok(Scheduler {
             signal,
             thread: Some(thread),
@@ -125,13 +136,19 @@ impl Scheduler {
     }
 }
 
-fn run(store: &Store, signal: &Shared) {
+fn run(store: &Store, signal: &Shared, counters: &ScheduleCounters) {
     let (m, cv) = &**signal;
     loop {
         let now = SystemTime::now();
         let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let wait = match run_once(store, secs) {
             Ok(r) => {
+                counters
+                    .taken
+                    .fetch_add(r.taken.len() as u64, Ordering::Relaxed);
+                counters
+                    .pruned
+                    .fetch_add(r.pruned.len() as u64, Ordering::Relaxed);
                 for s in &r.taken {
                     info!("schedule: snapshot {s} taken");
                 }
@@ -149,6 +166,7 @@ fn run(store: &Store, signal: &Shared) {
                 })
             }
             Err(e) => {
+                counters.failed_passes.fetch_add(1, Ordering::Relaxed);
                 warn!(
                     "schedule: pass failed: {e}; trying again in {}s",
                     RETRY.as_secs()
@@ -194,9 +212,13 @@ mod tests {
         Store::format(&*dev, 64 << 20).unwrap();
         let s = Store::open_device(dev, Default::default()).unwrap();
         assert_eq!(run_once(&s, 1000).unwrap(), PassReport::default());
-        for n in ["vm-1", "vm-2", "db"] {
+        for n in ["vm-1", "vm-2", "db", "dbx", "web"] {
             s.create_vdi(n, 1 << 20).unwrap();
         }
+        // Listed by the targets' literal prefixes: "db" lists dbx too, which it must not
+        // snapshot; "web" is listed by no target.
+        s.set_schedule("db", &schedule_from_text("1h", None).unwrap())
+            .unwrap();
         s.snapshot("vm-1", "gold").unwrap();
         s.set_schedule("vm-*", &schedule_from_text("10s", Some("10s:30s")).unwrap())
             .unwrap();
@@ -205,10 +227,12 @@ mod tests {
         assert_eq!(
             r.taken,
             [
+                format!("db@{}", auto_name(t0 - t0 % 3600)),
                 format!("vm-1@{}", auto_name(t0)),
                 format!("vm-2@{}", auto_name(t0))
             ]
         );
+        s.remove_schedule("db").unwrap();
         assert_eq!(r.next, Some(t0 + 10));
         assert!(r.pruned.is_empty());
         // Within the same tick: nothing.
@@ -217,7 +241,10 @@ mod tests {
             run_once(&s, t0 + 10 * k).unwrap();
         }
         // At t0+30 the t0 snapshot is 30 s old: out of the window.
-        let mut want = vec!["vm-1@gold".to_string()];
+        let mut want = vec![
+            format!("db@{}", auto_name(t0 - t0 % 3600)),
+            "vm-1@gold".to_string(),
+        ];
         for vm in ["vm-1", "vm-2"] {
             for k in 1..=3 {
                 want.push(format!("{vm}@{}", auto_name(t0 + 10 * k)));
