@@ -105,11 +105,13 @@ xen-test: ## Xen 4.17 under QEMU (TCG): PV guests' disks served by parallax serv
 bench: ## Parallax against qemu-nbd, nbdkit, nbd-server (~35 min); results in bench/results/<date>/
 	scripts/deps.sh bench
 	$(CARGO) build --release -p parallax -p frontend-shim
+	$(CARGO) build --release -p parallax --example scale
 	python3 bench/run.py
 
 bench-quick: ## One-minute subset of make bench (tmpfs, small VDI, one run each)
 	scripts/deps.sh bench
 	$(CARGO) build --release -p parallax -p frontend-shim
+	$(CARGO) build --release -p parallax --example scale
 	python3 bench/run.py --quick
 
 clean:

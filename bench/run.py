@@ -22,13 +22,13 @@ import types
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from pxbench import report, sec_cow, sec_depth, sec_mem, sec_meta, sec_nbd, sec_ring  # noqa: E402
+from pxbench import report, sec_cow, sec_depth, sec_mem, sec_meta, sec_nbd, sec_ring, sec_scale  # noqa: E402
 from pxbench.fio import NBD_WORKLOADS  # noqa: E402
 from pxbench.sec_ring import RING_WORKLOADS  # noqa: E402
 from pxbench.site import Site  # noqa: E402
 from pxbench.util import Run, fs_type, log, parse_size  # noqa: E402
 
-SECTIONS = ["nbd", "cow", "depth", "ring", "meta", "snaps", "forks", "mem"]
+SECTIONS = ["nbd", "cow", "depth", "ring", "meta", "snaps", "forks", "mem", "scale"]
 
 FULL = dict(
     size="2G", reps=3, runtime=4, cow_runtime=4, cow_ramp=2, fs=["tmpfs", "disk"], peers=None,
@@ -36,6 +36,7 @@ FULL = dict(
     depths=[0, 10, 100, 1000], qcow2_depths=[0, 1, 10],
     meta_sizes=["1G", "64G", "1T"], meta_ops=100, snap_seconds=10, forks=10000,
     mem_vdis=[1, 100, 1000], mem_seconds=5, mem_rate=500,
+    scale_stages=[10_000, 100_000, 1_000_000], scale_samples=200,
 )
 QUICK = dict(
     FULL, size="512M", reps=1, runtime=1, cow_runtime=1, cow_ramp=1, fs=["tmpfs"],
@@ -43,6 +44,7 @@ QUICK = dict(
     nbd_workloads=["4k-randread-qd16", "4k-randwrite-qd16", "1m-read-qd8"],
     ring_workloads=["4k-randread-2xqd32"], depths=[0, 100], qcow2_depths=[0, 10],
     meta_sizes=["1G", "1T"], meta_ops=20, snap_seconds=3, forks=500, mem_vdis=[1, 100], mem_seconds=2,
+    scale_stages=[10_000], scale_samples=50,
 )
 
 
@@ -143,19 +145,20 @@ def main():
             if not site.odirect:
                 run.note(f"{name} ({site.fstype}) refuses O_DIRECT: the cache=none peers are left out there, "
                          "and the ring section's local limit uses buffered libaio")
-            site.prepare(source)
-            if source is None:
-                source = site.raw
-            elif not a.keep:
-                sites[0].cleanup()  # the first site's raw file was kept only to be copied here
+            if set(cfg.sections) - {"scale"}:  # the scale section makes a store of its own
+                site.prepare(source)
+                if source is None:
+                    source = site.raw
+                elif not a.keep:
+                    sites[0].cleanup()  # the first site's raw file was kept only to be copied here
             run.sample_load(f"{name} prepared")
             for sec, fn in (("nbd", sec_nbd.run), ("cow", sec_cow.run), ("depth", sec_depth.run),
                             ("ring", sec_ring.run), ("meta", sec_meta.latency), ("snaps", sec_meta.continuous),
                             ("forks", sec_meta.forks),
-                            ("mem", sec_mem.run)):
+                            ("mem", sec_mem.run), ("scale", sec_scale.run)):
                 if sec not in cfg.sections:
                     continue
-                if sec in ("meta", "snaps", "forks", "mem") and not a.keep:
+                if sec in ("meta", "snaps", "forks", "mem", "scale") and not a.keep:
                     site.release_data_copies()  # no later section reads them
                 if sec in ("forks", "mem"):
                     sec_meta.ensure_store(site)

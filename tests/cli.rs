@@ -92,6 +92,7 @@ both_modes!(
     interrupted_import_leaves_nothing,
     send_recv_through_a_pipe,
     schedules_set_list_remove,
+    list_streams_each_vdi_with_its_snapshots,
 );
 
 fn assert_same(what: &str, got: &[u8], want: &[u8]) {
@@ -337,6 +338,67 @@ fn tree_edges(nodes: &Value, parent: &str, out: &mut Vec<String>) {
         out.push(format!("{parent} -> {name}"));
         tree_edges(&n["children"], name, out);
     }
+}
+
+/// `vdi list` is streamed (through the daemon as `item` lines): each VDI comes with its
+/// snapshots right after it, even where another VDI's name sorts between them; the JSON form
+/// is one array, and a prefix with an `@` lists that VDI's snapshots.
+fn list_streams_each_vdi_with_its_snapshots(mode: Mode) {
+    let env = Env::new(mode, "256M");
+    for v in ["a", "a-b", "a0", "aA"] {
+        env.run(&["vdi", "create", v, "--size", "1M"]);
+    }
+    env.run(&["vdi", "snapshot", "a", "s2"]);
+    env.run(&["vdi", "snapshot", "a", "s1"]);
+    env.run(&["vdi", "fork", "a@s1", "b"]);
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["vdi", "list", "--json"];
+        a.extend_from_slice(args);
+        env.json(&a)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&[]), ["a", "a@s1", "a@s2", "a-b", "a0", "aA", "b"]);
+    assert_eq!(names(&["--prefix", "a@"]), ["a@s1", "a@s2"]);
+    assert_eq!(names(&["--prefix", "a@s2"]), ["a@s2"]);
+    assert_eq!(
+        names(&["--prefix", "a", "-t", "snapshot"]),
+        ["a@s1", "a@s2"]
+    );
+    assert_eq!(names(&["--origin", "a@s1"]), ["b"]);
+    assert!(names(&["--prefix", "x@"]).is_empty());
+    // The JSON is printed entry by entry, laid out as a pretty-printed array (fields in the
+    // order the entry declares them, which serde_json's own Value would sort).
+    let text = env.run(&["vdi", "list", "--json", "--prefix", "a@"]);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert!(
+        text.starts_with("[\n  {\n    \"name\": \"a@s1\",\n") && text.ends_with("\n  }\n]\n"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 2 + 2 * 8, "{text}");
+    assert_eq!(env.run(&["vdi", "list", "--json", "--prefix", "x"]), "[]\n");
+    // The table: a header, then one aligned line per entry in the same order.
+    let text = env.run(&["vdi", "list", "-o", "name,kind"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "KIND"]
+    );
+    assert_eq!(lines[2], "a@s1  snapshot", "{text}");
+    assert_eq!(lines.len(), 8, "{text}");
+    assert_eq!(
+        env.run(&["vdi", "list", "--prefix", "x"]).trim(),
+        "nothing matches"
+    );
+    // One subtree: the snapshot, its fork, nothing else.
+    let t = env.json(&["vdi", "tree", "a@s1", "--json"]);
+    assert_eq!(t[0]["name"], "a@s1");
+    assert_eq!(t[0]["children"][0]["name"], "b");
+    assert_eq!(t[0]["children"].as_array().unwrap().len(), 1);
 }
 
 fn list_info_tree(mode: Mode) {

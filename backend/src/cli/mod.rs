@@ -237,7 +237,8 @@ enum VdiCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List VDIs and snapshots, sorted by name.
+    /// List VDIs and snapshots: VDIs by name, each followed by its snapshots by name. Printed
+    /// as read, so the first line of a list of millions comes at once.
     List {
         /// Only names starting with PREFIX (a snapshot is listed as NAME@SNAP).
         #[arg(long)]
@@ -602,6 +603,60 @@ impl Target {
             b.finish();
         }
         r
+    }
+}
+
+impl Target {
+    /// `vdi list`: each entry to `each` as soon as it is read (streamed by the daemon).
+    fn list(
+        &self,
+        filter: &ListFilter,
+        each: &mut dyn FnMut(VdiSummary) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Target::Direct(s) => {
+                // An output error stops the walk; it is reported as itself, not as the store's.
+                let mut failed = None;
+                let r = s.list_each(filter, &mut |v| {
+                    each(v).map_err(|e| {
+                        failed = Some(e);
+                        StoreError::Invalid("output failed".into())
+                    })
+                });
+                match failed {
+                    Some(e) => Err(e.into()),
+                    None => r.map_err(anyhow::Error::new),
+                }
+            }
+            Target::Daemon(addr) => {
+                let client = ControlClient::connect(addr)
+                    .with_context(|| format!("cannot reach the daemon on {addr}"))?;
+                let req = Request::List {
+                    prefix: filter.prefix.clone(),
+                    origin: filter.origin.clone(),
+                    kind: filter.kind,
+                    usage: filter.usage,
+                    stream: true,
+                };
+                let r = client.call_each(&req, None, &mut |_, _| {}, &mut |v| {
+                    each(serde_json::from_value(v).map_err(std::io::Error::other)?)
+                })?;
+                r.map(drop).map_err(anyhow::Error::new)
+            }
+        }
+    }
+}
+
+/// A reader that stopped reading (`parallax vdi list | head`) is not an error.
+fn quiet_broken_pipe(r: anyhow::Result<()>) -> anyhow::Result<()> {
+    match r {
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        r => r,
     }
 }
 
@@ -976,28 +1031,26 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                     .iter()
                     .any(|c| matches!(c, Column::Used | Column::Unique)),
             };
-            let req = Request::List {
-                prefix: filter.prefix.clone(),
-                origin: filter.origin.clone(),
-                kind: filter.kind,
-                usage: filter.usage,
-            };
-            let v: Vec<VdiSummary> = t.call(req, None, None, |s, _| s.list_filtered(&filter))?;
             let filtered =
                 filter.prefix.is_some() || filter.origin.is_some() || filter.kind.is_some();
-            if json {
-                print_json(&v)?;
+            let style = output::ListStyle {
+                columns: &columns,
+                header: !no_header,
+                exact: parsable,
+                filtered,
+            };
+            // Entries are printed as they come: a list of a million starts at once.
+            let out = std::io::BufWriter::new(std::io::stdout().lock());
+            let printed = if json {
+                let mut p = output::JsonArrayPrinter::new(out);
+                t.list(&filter, &mut |v| p.push(&v))
+                    .and_then(|()| Ok(p.finish()?))
             } else {
-                output::list(
-                    &v,
-                    &output::ListStyle {
-                        columns: &columns,
-                        header: !no_header,
-                        exact: parsable,
-                        filtered,
-                    },
-                );
-            }
+                let mut p = output::ListPrinter::new(out, &style);
+                t.list(&filter, &mut |v| p.push(&v))
+                    .and_then(|()| Ok(p.finish()?))
+            };
+            quiet_broken_pipe(printed)?;
         }
         VdiCommand::Info { name, json } => {
             let v: VdiInfo = t.call(Request::Info { name: name.clone() }, None, None, |s, _| {

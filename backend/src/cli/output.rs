@@ -104,48 +104,106 @@ pub struct ListStyle<'a> {
     pub filtered: bool,
 }
 
-pub fn list(v: &[VdiSummary], style: &ListStyle) {
-    if v.is_empty() && style.header {
-        if style.filtered {
-            println!("nothing matches");
+/// Rows `vdi list` reads before it prints the table: its column widths fit these, and a
+/// longer cell further down just pushes its line out. A shorter list prints as one table.
+const LIST_WIDTH_ROWS: usize = 1000;
+
+/// Prints `vdi list` as the entries come, so a list of a million starts at once.
+pub struct ListPrinter<'a, W: std::io::Write> {
+    out: W,
+    style: &'a ListStyle<'a>,
+    /// Rows held until the widths are known (empty once they are).
+    held: Vec<Vec<String>>,
+    widths: Option<Vec<usize>>,
+    rows: u64,
+}
+
+impl<'a, W: std::io::Write> ListPrinter<'a, W> {
+    pub fn new(out: W, style: &'a ListStyle<'a>) -> Self {
+        ListPrinter {
+            out,
+            style,
+            held: Vec::new(),
+            widths: None,
+            rows: 0,
+        }
+    }
+
+    pub fn push(&mut self, s: &VdiSummary) -> std::io::Result<()> {
+        let row: Vec<String> = self
+            .style
+            .columns
+            .iter()
+            .map(|c| c.cell(s, self.style.exact))
+            .collect();
+        self.rows += 1;
+        if !self.style.header {
+            writeln!(self.out, "{}", row.join("\t"))?;
+        } else if self.widths.is_some() {
+            self.line(&row)?;
         } else {
-            println!(
-                "no VDIs (create one with `parallax vdi create NAME --size SIZE` or `vdi import`)"
-            );
+            self.held.push(row);
+            if self.held.len() >= LIST_WIDTH_ROWS {
+                self.print_held()?;
+            }
         }
-        return;
-    }
-    let rows: Vec<Vec<String>> = v
-        .iter()
-        .map(|s| {
-            style
-                .columns
-                .iter()
-                .map(|c| c.cell(s, style.exact))
-                .collect()
-        })
-        .collect();
-    if !style.header {
-        for r in rows {
-            println!("{}", r.join("\t"));
+        // The first rows go out at once; after that, in blocks.
+        if self.rows <= 1 || self.rows % 1024 == 0 {
+            self.out.flush()?;
         }
-        return;
+        Ok(())
     }
-    let widths: Vec<usize> = style
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([c.header().len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: Vec<&str>| {
+
+    pub fn finish(mut self) -> std::io::Result<()> {
+        if self.rows == 0 && self.style.header {
+            if self.style.filtered {
+                writeln!(self.out, "nothing matches")?;
+            } else {
+                writeln!(
+                    self.out,
+                    "no VDIs (create one with `parallax vdi create NAME --size SIZE` or `vdi import`)"
+                )?;
+            }
+        } else if self.widths.is_none() && self.style.header {
+            self.print_held()?;
+        }
+        self.out.flush()
+    }
+
+    /// Fixes the widths from the rows held, prints the header and those rows.
+    fn print_held(&mut self) -> std::io::Result<()> {
+        let widths = self
+            .style
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                self.held
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([c.header().len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        self.widths = Some(widths);
+        let header: Vec<String> = self
+            .style
+            .columns
+            .iter()
+            .map(|c| c.header().to_string())
+            .collect();
+        self.line(&header)?;
+        for r in std::mem::take(&mut self.held) {
+            self.line(&r)?;
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, cells: &[String]) -> std::io::Result<()> {
+        let widths = self.widths.as_ref().expect("widths fixed");
         let mut out = String::new();
-        for (i, (cell, c)) in cells.iter().zip(style.columns).enumerate() {
+        for (i, (cell, c)) in cells.iter().zip(self.style.columns).enumerate() {
             let w = widths[i];
             let last = i + 1 == cells.len();
             if i > 0 {
@@ -159,11 +217,43 @@ pub fn list(v: &[VdiSummary], style: &ListStyle) {
                 let _ = write!(out, "{cell:<w$}");
             }
         }
-        println!("{out}");
-    };
-    line(style.columns.iter().map(|c| c.header()).collect());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
+        writeln!(self.out, "{out}")
+    }
+}
+
+/// Prints a JSON array element by element, exactly as `serde_json::to_string_pretty` prints
+/// the whole array, so that a long one starts at once and is never held in memory.
+pub struct JsonArrayPrinter<W: std::io::Write> {
+    out: W,
+    n: u64,
+}
+
+impl<W: std::io::Write> JsonArrayPrinter<W> {
+    pub fn new(out: W) -> Self {
+        JsonArrayPrinter { out, n: 0 }
+    }
+
+    pub fn push<T: serde::Serialize>(&mut self, v: &T) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
+        self.out
+            .write_all(if self.n == 0 { b"[\n" } else { b",\n" })?;
+        for (i, l) in text.lines().enumerate() {
+            if i > 0 {
+                self.out.write_all(b"\n")?;
+            }
+            write!(self.out, "  {l}")?;
+        }
+        self.n += 1;
+        if self.n <= 1 || self.n % 1024 == 0 {
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.out
+            .write_all(if self.n == 0 { b"[]\n" } else { b"\n]\n" })?;
+        self.out.flush()
     }
 }
 

@@ -4,6 +4,7 @@
 //!  client                                         daemon (a thread per connection)
 //!  {"op":"snapshot","vdi":"a","snap":"s"}\n  ──►   (+ SCM_RIGHTS file for import/export)
 //!                                            ◄──   {"progress":{"done":..,"total":..}}\n …
+//!                                            ◄──   {"item":<entry>}\n …  (a streamed list)
 //!                                            ◄──   {"ok":<result>}\n  or  {"error":{..}}\n
 //!  {"op":"ring-attach",…}\n                  ──►   handed to blkif::local::serve_attach
 //! ```
@@ -70,6 +71,10 @@ pub enum Request {
         /// Count used and unique bytes too (a map walk per entry).
         #[serde(default)]
         usage: bool,
+        /// Send each entry as an `item` line as soon as it is read, then `ok` with null;
+        /// without it, one `ok` line with the whole list (what older clients expect).
+        #[serde(default)]
+        stream: bool,
     },
     Info {
         name: String,
@@ -150,6 +155,7 @@ impl std::fmt::Display for Request {
                 origin,
                 kind,
                 usage,
+                ..
             } => {
                 write!(f, "vdi list")?;
                 if *usage {
@@ -222,9 +228,17 @@ impl std::fmt::Display for Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Reply {
-    Progress { done: u64, total: u64 },
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    /// One entry of a streamed answer.
+    Item(serde_json::Value),
     Ok(serde_json::Value),
-    Error { kind: String, message: String },
+    Error {
+        kind: String,
+        message: String,
+    },
 }
 
 /// What `hello` answers.
@@ -463,6 +477,52 @@ fn handle(stream: UnixStream, ctx: &ControlContext, mut slot: Slot) -> io::Resul
     send(&stream, &reply)
 }
 
+/// Writes the `item` lines of a streamed answer in blocks: the first at once, then whenever
+/// 32 KiB are waiting or 20 ms have passed, so a long list costs few writes and a slow one
+/// still shows its entries as they come.
+struct ItemWriter<'a> {
+    stream: &'a UnixStream,
+    buf: Vec<u8>,
+    sent: Option<std::time::Instant>,
+}
+
+impl<'a> ItemWriter<'a> {
+    fn new(stream: &'a UnixStream) -> Self {
+        ItemWriter {
+            stream,
+            buf: Vec::new(),
+            sent: None,
+        }
+    }
+
+    fn push(&mut self, v: serde_json::Value) -> Result<(), StoreError> {
+        serde_json::to_writer(&mut self.buf, &Reply::Item(v))
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.buf.push(b'\n');
+        let due = self
+            .sent
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(20));
+        if due || self.buf.len() >= 32 << 10 {
+            self.finish()?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is waiting. A client that went away ends the listing.
+    fn finish(&mut self) -> Result<(), StoreError> {
+        let mut s = self.stream;
+        s.write_all(&self.buf).map_err(|e| {
+            StoreError::Io(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("the client went away ({e})"),
+            ))
+        })?;
+        self.buf.clear();
+        self.sent = Some(std::time::Instant::now());
+        Ok(())
+    }
+}
+
 fn to_value<T: Serialize>(v: T) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(v).map_err(|e| StoreError::Invalid(e.to_string()))
 }
@@ -525,12 +585,22 @@ fn execute(
             origin,
             kind,
             usage,
-        } => to_value(s.list_filtered(&ListFilter {
-            prefix: prefix.clone(),
-            origin: origin.clone(),
-            kind: *kind,
-            usage: *usage,
-        })?),
+            stream: streamed,
+        } => {
+            let filter = ListFilter {
+                prefix: prefix.clone(),
+                origin: origin.clone(),
+                kind: *kind,
+                usage: *usage,
+            };
+            if !*streamed {
+                return to_value(s.list_filtered(&filter)?);
+            }
+            let mut out = ItemWriter::new(stream);
+            s.list_each(&filter, &mut |v| out.push(to_value(v)?))?;
+            out.finish()?;
+            Ok(serde_json::Value::Null)
+        }
         Request::Info { name } => to_value(s.info(name)?),
         Request::Stat { name } => to_value(s.stat(name)?),
         Request::Tree { name: None } => to_value(s.tree()?),
@@ -636,6 +706,22 @@ impl ControlClient {
         file: Option<&File>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Result<serde_json::Value, RemoteError>, io::Error> {
+        self.call_each(req, file, progress, &mut |_| {
+            Err(io::Error::other(
+                "the daemon streamed an answer to a request that has none",
+            ))
+        })
+    }
+
+    /// [`ControlClient::call`] for a request whose answer is streamed: each `item` line goes to
+    /// `item` as it arrives (an error from it ends the call).
+    pub fn call_each(
+        self,
+        req: &Request,
+        file: Option<&File>,
+        progress: &mut dyn FnMut(u64, u64),
+        item: &mut dyn FnMut(serde_json::Value) -> io::Result<()>,
+    ) -> Result<Result<serde_json::Value, RemoteError>, io::Error> {
         let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
         line.push(b'\n');
         let sent = match file {
@@ -660,6 +746,7 @@ impl ControlClient {
             }
             match serde_json::from_str::<Reply>(&buf).map_err(io::Error::other)? {
                 Reply::Progress { done, total } => progress(done, total),
+                Reply::Item(v) => item(v)?,
                 Reply::Ok(v) => return Ok(Ok(v)),
                 Reply::Error { kind, message } => return Ok(Err(RemoteError { kind, message })),
             }

@@ -16,7 +16,7 @@ use super::histogram::LatencyHistogram;
 use crate::{
     blkif::{engine::device_totals, StatsSnapshot},
     schedule::ScheduleCounters,
-    store::{format::BLOCK_SIZE_U64, Kind, Store},
+    store::{format::BLOCK_SIZE_U64, Store},
 };
 
 fn gauge(
@@ -83,15 +83,14 @@ impl Collector for StoreCollector {
                 u64::from(store.is_poisoned()),
             ),
         ];
-        // A scan of the registry: cheap for thousands of VDIs, not free for millions.
-        if let Ok(list) = store.list() {
-            let vdis = list.iter().filter(|v| v.kind == Kind::Vdi).count() as u64;
-            gauges.push(("parallax_store_vdis", "VDIs in the store.", None, vdis));
+        // Counted once, then kept by every create, fork, snapshot and delete: O(1) a scrape.
+        if let Ok(n) = store.counts() {
+            gauges.push(("parallax_store_vdis", "VDIs in the store.", None, n.vdis));
             gauges.push((
                 "parallax_store_snapshots",
                 "Snapshots in the store.",
                 None,
-                list.len() as u64 - vdis,
+                n.snapshots,
             ));
         }
         for (name, help, unit, v) in gauges {

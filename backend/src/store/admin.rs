@@ -59,7 +59,7 @@ pub struct ListFilter {
 }
 
 impl ListFilter {
-    fn admits(&self, v: &VdiSummary) -> bool {
+    pub(super) fn admits(&self, v: &VdiSummary) -> bool {
         self.prefix
             .as_ref()
             .is_none_or(|p| v.name.starts_with(p.as_str()))
@@ -174,13 +174,13 @@ fn check_size(size: u64) -> StoreResult<()> {
     Ok(())
 }
 
-fn secs(ns: u64) -> u64 {
+pub(super) fn secs(ns: u64) -> u64 {
     ns / 1_000_000_000
 }
 
 impl Store {
     /// The current record of `id`: the loaded VDI's, else the catalog's.
-    fn record_of(&self, cat: &mut Catalog, id: u64) -> StoreResult<Record> {
+    pub(super) fn record_of(&self, cat: &mut Catalog, id: u64) -> StoreResult<Record> {
         if let Some(v) = self.vdis.get(id) {
             let st = v.state.read();
             if st.deleted {
@@ -201,7 +201,7 @@ impl Store {
 
     /// What a fork's origin is called now (it may have been renamed since the fork), or the
     /// name it had at fork time and `true` if it has been deleted since.
-    fn origin_name(&self, cat: &mut Catalog, rec: &Record) -> (Option<String>, bool) {
+    pub(super) fn origin_name(&self, cat: &mut Catalog, rec: &Record) -> (Option<String>, bool) {
         if rec.origin == 0 {
             return (None, false);
         }
@@ -459,68 +459,6 @@ impl Store {
         })
     }
 
-    pub fn list(&self) -> StoreResult<Vec<VdiSummary>> {
-        self.list_filtered(&ListFilter::default())
-    }
-
-    /// The entries of `vdi list` that `filter` admits, sorted by name.
-    pub fn list_filtered(&self, filter: &ListFilter) -> StoreResult<Vec<VdiSummary>> {
-        let mut cat = self.catalog.lock();
-        let mut recs = self.all_records(&mut cat)?;
-        drop(cat);
-        recs.sort_by_key(|r| r.id);
-        let vdi_names: HashMap<u64, &str> = recs
-            .iter()
-            .filter(|r| r.kind == Kind::Vdi)
-            .map(|r| (r.id, r.name.as_str()))
-            .collect();
-        let full = |r: &Record| match r.kind {
-            Kind::Vdi => r.name.clone(),
-            Kind::Snapshot => {
-                format!(
-                    "{}@{}",
-                    vdi_names.get(&r.parent).copied().unwrap_or("?"),
-                    r.name
-                )
-            }
-        };
-        let names: HashMap<u64, String> = recs.iter().map(|r| (r.id, full(r))).collect();
-        let mut out: Vec<(VdiSummary, &Record)> = recs
-            .iter()
-            .map(|r| {
-                let v = VdiSummary {
-                    name: names[&r.id].clone(),
-                    kind: r.kind,
-                    size: r.size,
-                    created: secs(r.created_ns),
-                    // The origin's current name (forks outlive renames and deletions).
-                    origin: (r.origin != 0).then(|| {
-                        names
-                            .get(&r.origin)
-                            .cloned()
-                            .unwrap_or_else(|| r.origin_name.clone())
-                    }),
-                    origin_deleted: r.origin != 0 && !names.contains_key(&r.origin),
-                    used: None,
-                    unique: None,
-                };
-                (v, r)
-            })
-            .collect();
-        out.retain(|(v, _)| !is_staging(&v.name) && filter.admits(v));
-        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        if filter.usage {
-            for (v, r) in &mut out {
-                // Deleted meanwhile: reported as it was, without usage.
-                if let Some(u) = self.walk_live(r.id, |root, h| self.usage(root, h))? {
-                    v.used = Some(u.data * BLOCK_SIZE_U64);
-                    v.unique = Some(u.unique * BLOCK_SIZE_U64);
-                }
-            }
-        }
-        Ok(out.into_iter().map(|(v, _)| v).collect())
-    }
-
     /// Name, kind, size, origin of one VDI or snapshot, without walking its map.
     pub fn stat(&self, full: &str) -> StoreResult<VdiSummary> {
         let mut cat = self.catalog.lock();
@@ -540,7 +478,7 @@ impl Store {
     }
 
     pub fn info(&self, full: &str) -> StoreResult<VdiInfo> {
-        let (id, rec, handles, snapshots, forks, name, origin) = {
+        let (id, rec, handles, snapshots, name, origin) = {
             let mut cat = self.catalog.lock();
             let id = cat.resolve(&*self.dev, full)?;
             let rec = self.record_of(&mut cat, id)?;
@@ -553,18 +491,15 @@ impl Store {
             } else {
                 Vec::new()
             };
-            let forks = if rec.kind == Kind::Snapshot {
-                self.all_records(&mut cat)?
-                    .into_iter()
-                    .filter(|r| r.origin == id)
-                    .map(|r| r.name)
-                    .collect()
-            } else {
-                Vec::new()
-            };
             let name = self.full_name(&mut cat, &rec)?;
             let origin = self.origin_name(&mut cat, &rec);
-            (id, rec, handles, snapshots, forks, name, origin)
+            (id, rec, handles, snapshots, name, origin)
+        };
+        // Forks are newer than their snapshot: a walk of the records from its id on.
+        let forks = if rec.kind == Kind::Snapshot {
+            self.forks_of(id)?
+        } else {
+            Vec::new()
         };
         let usage = self
             .walk_live(id, |root, h| self.usage(root, h))?
@@ -587,23 +522,6 @@ impl Store {
         })
     }
 
-    /// The part of [`Store::tree`] that starts at `name` (a VDI or snapshot): it, and what
-    /// descends from it.
-    pub fn subtree(&self, name: &str) -> StoreResult<TreeNode> {
-        fn find(nodes: Vec<TreeNode>, name: &str) -> Option<TreeNode> {
-            for n in nodes {
-                if n.name == name && !n.deleted {
-                    return Some(n);
-                }
-                if let Some(found) = find(n.children, name) {
-                    return Some(found);
-                }
-            }
-            None
-        }
-        find(self.tree()?, name).ok_or_else(|| StoreError::NotFound(name.to_string()))
-    }
-
     pub fn tree(&self) -> StoreResult<Vec<TreeNode>> {
         let recs = {
             let mut cat = self.catalog.lock();
@@ -623,43 +541,6 @@ impl Store {
                     forks_of.entry(r.origin).or_default().push(r)
                 }
                 Kind::Vdi => orphaned.entry(r.origin_name.clone()).or_default().push(r),
-            }
-        }
-        fn vdi_node(
-            r: &Record,
-            snaps_of: &BTreeMap<u64, Vec<&Record>>,
-            forks_of: &BTreeMap<u64, Vec<&Record>>,
-        ) -> TreeNode {
-            let mut snaps: Vec<&&Record> = snaps_of
-                .get(&r.id)
-                .map(|v| v.iter().collect())
-                .unwrap_or_default();
-            snaps.sort_by_key(|s| s.created_ns);
-            TreeNode {
-                name: r.name.clone(),
-                kind: Kind::Vdi,
-                size: r.size,
-                deleted: false,
-                children: snaps
-                    .into_iter()
-                    .map(|s| {
-                        let mut forks: Vec<&&Record> = forks_of
-                            .get(&s.id)
-                            .map(|v| v.iter().collect())
-                            .unwrap_or_default();
-                        forks.sort_by(|a, b| a.name.cmp(&b.name));
-                        TreeNode {
-                            name: format!("{}@{}", r.name, s.name),
-                            kind: Kind::Snapshot,
-                            size: s.size,
-                            deleted: false,
-                            children: forks
-                                .into_iter()
-                                .map(|f| vdi_node(f, snaps_of, forks_of))
-                                .collect(),
-                        }
-                    })
-                    .collect(),
             }
         }
         roots.sort_by(|a, b| a.name.cmp(&b.name));
@@ -739,7 +620,7 @@ impl Store {
     /// it was deleted meanwhile. A walk must not start from a copied record (pointers to
     /// dirty nodes are followed through memory, valid only until the next checkpoint), and
     /// one that meets a node evicted under it starts over ([`retry_evicted`]).
-    fn walk_live<R>(
+    pub(super) fn walk_live<R>(
         &self,
         id: u64,
         mut f: impl FnMut(Ptr, u8) -> StoreResult<R>,
@@ -765,7 +646,7 @@ impl Store {
 
     /// Data blocks under `root`, and how many of them only this tree references (every
     /// pointer on the path has refcount 1).
-    fn usage(&self, root: Ptr, height: u8) -> StoreResult<Usage> {
+    pub(super) fn usage(&self, root: Ptr, height: u8) -> StoreResult<Usage> {
         let mut u = Usage {
             data: 0,
             unique: 0,
@@ -820,8 +701,55 @@ impl Store {
     }
 }
 
-struct Usage {
-    data: u64,
-    unique: u64,
-    nodes: u64,
+pub(super) struct Usage {
+    pub data: u64,
+    pub unique: u64,
+    pub nodes: u64,
+}
+
+/// The tree node of VDI `r`: its snapshots (oldest first), each with its forks.
+pub(super) fn vdi_node(
+    r: &Record,
+    snaps_of: &BTreeMap<u64, Vec<&Record>>,
+    forks_of: &BTreeMap<u64, Vec<&Record>>,
+) -> TreeNode {
+    let mut snaps: Vec<&&Record> = snaps_of
+        .get(&r.id)
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    snaps.sort_by_key(|s| s.created_ns);
+    TreeNode {
+        name: r.name.clone(),
+        kind: Kind::Vdi,
+        size: r.size,
+        deleted: false,
+        children: snaps
+            .into_iter()
+            .map(|s| snapshot_node(&r.name, s, snaps_of, forks_of))
+            .collect(),
+    }
+}
+
+/// The tree node of snapshot `s` of VDI `vdi`: its forks by name, each with its own tree.
+pub(super) fn snapshot_node(
+    vdi: &str,
+    s: &Record,
+    snaps_of: &BTreeMap<u64, Vec<&Record>>,
+    forks_of: &BTreeMap<u64, Vec<&Record>>,
+) -> TreeNode {
+    let mut forks: Vec<&&Record> = forks_of
+        .get(&s.id)
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    forks.sort_by(|a, b| a.name.cmp(&b.name));
+    TreeNode {
+        name: format!("{vdi}@{}", s.name),
+        kind: Kind::Snapshot,
+        size: s.size,
+        deleted: false,
+        children: forks
+            .into_iter()
+            .map(|f| vdi_node(f, snaps_of, forks_of))
+            .collect(),
+    }
 }

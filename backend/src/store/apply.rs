@@ -156,7 +156,7 @@ impl Store {
             return Err(bad(format!("create {name}")));
         }
         cat.next_id = cat.next_id.max(id + 1);
-        cat.set_name(name_key(name), id_bytes(id));
+        cat.set_name(&*self.dev, name_key(name), id_bytes(id))?;
         self.add_vdi(Record {
             kind: Kind::Vdi,
             height: height_for(size),
@@ -215,7 +215,7 @@ impl Store {
         };
         drop(st);
         cat.next_id = cat.next_id.max(sid + 1);
-        cat.set_name(snapshot_key(vdi, name), id_bytes(sid));
+        cat.set_name(&*self.dev, snapshot_key(vdi, name), id_bytes(sid))?;
         self.add_vdi(rec);
         self.log.append(&Entry::Snapshot {
             vdi,
@@ -246,7 +246,7 @@ impl Store {
             self.space.lock().rc.incr(&*self.dev, snap.root.addr())?;
         }
         cat.next_id = cat.next_id.max(id + 1);
-        cat.set_name(name_key(name), id_bytes(id));
+        cat.set_name(&*self.dev, name_key(name), id_bytes(id))?;
         self.add_vdi(Record {
             kind: Kind::Vdi,
             id,
@@ -278,8 +278,8 @@ impl Store {
                 if cat.resolve(&*self.dev, name).is_ok() {
                     return Err(StoreError::Exists(format!("VDI {name}")));
                 }
-                cat.set_name(name_key(&st.rec.name), None);
-                cat.set_name(name_key(name), id_bytes(id));
+                cat.set_name(&*self.dev, name_key(&st.rec.name), None)?;
+                cat.set_name(&*self.dev, name_key(name), id_bytes(id))?;
             }
             Kind::Snapshot => {
                 validate_name(name, "snapshot")?;
@@ -290,8 +290,8 @@ impl Store {
                 {
                     return Err(StoreError::Exists(format!("snapshot {name}")));
                 }
-                cat.set_name(snapshot_key(parent, &st.rec.name), None);
-                cat.set_name(snapshot_key(parent, name), id_bytes(id));
+                cat.set_name(&*self.dev, snapshot_key(parent, &st.rec.name), None)?;
+                cat.set_name(&*self.dev, snapshot_key(parent, name), id_bytes(id))?;
             }
         }
         st.rec.name = name.to_string();
@@ -348,11 +348,11 @@ impl Store {
             let r = v.state.read().rec.clone();
             let name = match r.kind {
                 Kind::Vdi => {
-                    cat.set_name(name_key(&r.name), None);
+                    cat.set_name(&*self.dev, name_key(&r.name), None)?;
                     r.name.clone()
                 }
                 Kind::Snapshot => {
-                    cat.set_name(snapshot_key(r.parent, &r.name), None);
+                    cat.set_name(&*self.dev, snapshot_key(r.parent, &r.name), None)?;
                     let parent = self
                         .vdi_locked(cat, r.parent)
                         .map(|p| p.state.read().rec.name.clone())
@@ -430,7 +430,11 @@ impl Store {
         if let Some(s) = schedule {
             s.validate().map_err(|e| bad(format!("schedule: {e}")))?;
         }
-        cat.set_name(schedule_key(target), schedule.map(Schedule::encode));
+        cat.set_name(
+            &*self.dev,
+            schedule_key(target),
+            schedule.map(Schedule::encode),
+        )?;
         self.mark_changed();
         self.log.append(&Entry::Schedule {
             target: target.to_string(),

@@ -223,37 +223,80 @@ impl BTree {
         prefix: &[u8],
     ) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
-        if self.height > 0 {
-            self.scan_rec(dev, self.root, prefix, &mut out)?;
-        }
+        self.walk(dev, prefix, None, &mut |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })?;
         Ok(out)
     }
 
-    fn scan_rec(
+    /// Calls `f` on each (key, value) whose key starts with `prefix` and sorts after `after`
+    /// (every one if `None`), in key order, until `f` returns false. Reads only the nodes on
+    /// the way to the first such key and those holding the keys visited: O(log n + visited).
+    pub fn walk(
+        &mut self,
+        dev: &dyn Device,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        if self.height > 0 {
+            self.walk_rec(dev, self.root, prefix, after, f)?;
+        }
+        Ok(())
+    }
+
+    /// Returns false once the walk is over (`f` said stop, or the keys left the prefix).
+    fn walk_rec(
         &mut self,
         dev: &dyn Device,
         p: Ptr,
         prefix: &[u8],
-        out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> StoreResult<()> {
-        match self.node(dev, p)?.clone() {
+        after: Option<&[u8]>,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> StoreResult<bool> {
+        // The walk starts at the first key ≥ `lo`.
+        let lo = match after {
+            Some(a) if a > prefix => a,
+            _ => prefix,
+        };
+        let first = match self.node(dev, p)? {
             BNode::Leaf(es) => {
-                out.extend(es.into_iter().filter(|(k, _)| k.starts_with(prefix)));
-            }
-            BNode::Branch(es) => {
-                for (i, (k, child)) in es.iter().enumerate() {
-                    // Child i holds keys in [k, next k): skip it if that range cannot meet
-                    // the prefix.
-                    let next = es.get(i + 1).map(|(nk, _)| nk.as_slice());
-                    let below = next.is_some_and(|nk| nk <= prefix);
-                    let above = !k.is_empty() && k.as_slice() > prefix && !k.starts_with(prefix);
-                    if !below && !above {
-                        self.scan_rec(dev, *child, prefix, out)?;
+                let start = es.partition_point(|(k, _)| k.as_slice() < lo);
+                for (k, v) in &es[start..] {
+                    if !k.starts_with(prefix) {
+                        return Ok(false);
+                    }
+                    if after.is_some_and(|a| k.as_slice() <= a) {
+                        continue;
+                    }
+                    if !f(k, v) {
+                        return Ok(false);
                     }
                 }
+                return Ok(true);
+            }
+            BNode::Branch(es) => branch_index(es, lo),
+        };
+        // Children before `first` hold only keys below `lo`. The node is looked up again for
+        // each child (a hash lookup; the walk below may have evicted it) rather than copied.
+        for i in first.. {
+            let child = match self.node(dev, p)? {
+                BNode::Branch(es) => match es.get(i) {
+                    // Child i holds keys ≥ its key: past the prefix, so is everything after.
+                    Some((k, _)) if k.as_slice() > prefix && !k.starts_with(prefix) => {
+                        return Ok(false)
+                    }
+                    Some((_, c)) => *c,
+                    None => return Ok(true),
+                },
+                BNode::Leaf(_) => unreachable!("a node's kind does not change under a walk"),
+            };
+            if !self.walk_rec(dev, child, prefix, after, f)? {
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Inserts or replaces; returns the old value.
@@ -557,8 +600,18 @@ mod tests {
             let want: Vec<_> = model.clone().into_iter().collect();
             prop_assert_eq!(all, want);
             let pre = t.scan(&dev, b"k001").unwrap();
-            let want_pre: Vec<_> = model.into_iter().filter(|(k, _)| k.starts_with(b"k001")).collect();
+            let want_pre: Vec<_> = model.iter().filter(|(k, _)| k.starts_with(b"k001")).map(|(k, v)| (k.clone(), v.clone())).collect();
             prop_assert_eq!(pre, want_pre);
+            // A walk resumed after any key, stopped after a few: the next keys in order.
+            for after in [&b"k0"[..], b"k00150", b"k00299x", b"k006"] {
+                let mut got = Vec::new();
+                t.walk(&dev, b"k00", Some(after), &mut |k, _| {
+                    got.push(k.to_vec());
+                    got.len() < 5
+                }).unwrap();
+                let want: Vec<_> = model.keys().filter(|k| k.starts_with(b"k00") && k.as_slice() > after).take(5).cloned().collect();
+                prop_assert_eq!(got, want);
+            }
         }
     }
 

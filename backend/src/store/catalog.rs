@@ -6,6 +6,8 @@
 //!          │                    checkpoint (applied at its cut, hashed and written after)
 //!          ─ overlay            N/S name keys added (Some) or removed (None) since the cut
 //!          ─ next_id
+//!          ─ counts             VDIs and snapshots, counted once when first asked for and
+//!                               kept up to date by every name change after that
 //! ```
 //!
 //! Records of VDIs changed since the cut live in their [`Vdi`](super::vdi::Vdi), not here; a
@@ -21,12 +23,38 @@ use super::{
     format::Ptr,
     registry::{decode_id, name_key, record_key, snapshot_key, split_name, Record},
     space::Space,
+    staging::is_staging,
 };
 
 pub(super) struct Catalog {
     pub tree: BTree,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub next_id: u64,
+    counts: Option<Counts>,
+}
+
+/// How many VDIs (not counting those under construction) and snapshots the registry holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub vdis: u64,
+    pub snapshots: u64,
+}
+
+impl Counts {
+    /// What one name key counts as.
+    fn of_key(key: &[u8]) -> Counts {
+        match key.first() {
+            Some(b'N') if !is_staging(&String::from_utf8_lossy(&key[1..])) => Counts {
+                vdis: 1,
+                snapshots: 0,
+            },
+            Some(b'S') => Counts {
+                vdis: 0,
+                snapshots: 1,
+            },
+            _ => Counts::default(),
+        }
+    }
 }
 
 /// Name changes a cut takes out of the overlay, to apply to the tree.
@@ -38,6 +66,7 @@ impl Catalog {
             tree: BTree::new(root, height),
             overlay: BTreeMap::new(),
             next_id,
+            counts: None,
         }
     }
 
@@ -50,8 +79,95 @@ impl Catalog {
     }
 
     /// Adds (`Some`) or removes (`None`) a name key.
-    pub fn set_name(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+    pub fn set_name(
+        &mut self,
+        dev: &dyn Device,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> StoreResult<()> {
+        if self.counts.is_some() {
+            let was = self.get_name(dev, &key)?.is_some();
+            let c = Counts::of_key(&key);
+            let n = self.counts.as_mut().expect("counted");
+            match (was, value.is_some()) {
+                (false, true) => {
+                    n.vdis += c.vdis;
+                    n.snapshots += c.snapshots;
+                }
+                (true, false) => {
+                    n.vdis -= c.vdis;
+                    n.snapshots -= c.snapshots;
+                }
+                _ => {}
+            }
+        }
         self.overlay.insert(key, value);
+        Ok(())
+    }
+
+    /// How many VDIs and snapshots there are. The first call counts the name keys (a walk of
+    /// the keys, without reading a record: O(n) once); name changes keep the count after that.
+    pub fn counts(&mut self, dev: &dyn Device) -> StoreResult<Counts> {
+        if let Some(c) = self.counts {
+            return Ok(c);
+        }
+        let mut n = Counts::default();
+        for prefix in [&b"N"[..], b"S"] {
+            let mut after = None;
+            loop {
+                let (batch, next) = self.names_after(dev, prefix, after.as_deref(), 4096)?;
+                for (k, _) in &batch {
+                    let c = Counts::of_key(k);
+                    n.vdis += c.vdis;
+                    n.snapshots += c.snapshots;
+                }
+                match next {
+                    Some(k) => after = Some(k),
+                    None => break,
+                }
+            }
+        }
+        self.counts = Some(n);
+        Ok(n)
+    }
+
+    /// Up to about `limit` name entries starting with `prefix` that sort after `after`,
+    /// overlay applied, in key order; and the key to continue after, if there may be more.
+    /// Lets a long listing go in batches without holding the catalog between them.
+    #[allow(clippy::type_complexity)]
+    pub fn names_after(
+        &mut self,
+        dev: &dyn Device,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> StoreResult<(Vec<(Vec<u8>, Vec<u8>)>, Option<Vec<u8>>)> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let mut last = None;
+        self.tree.walk(dev, prefix, after, &mut |k, v| {
+            merged.insert(k.to_vec(), v.to_vec());
+            if merged.len() >= limit {
+                last = Some(k.to_vec());
+                false
+            } else {
+                true
+            }
+        })?;
+        // The overlay's changes in the same key range: (after, last] or (after, end of prefix].
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_vec()),
+            None => std::ops::Bound::Included(prefix.to_vec()),
+        };
+        for (k, v) in self.overlay.range((start, std::ops::Bound::Unbounded)) {
+            if !k.starts_with(prefix) || last.as_ref().is_some_and(|l| k > l) {
+                break;
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok((merged.into_iter().collect(), last))
     }
 
     /// Every name entry starting with `prefix`, overlay applied, in key order.

@@ -5,7 +5,7 @@
 
 use super::{
     error::{StoreError, StoreResult},
-    registry::{split_name, Kind, Record},
+    registry::{split_name, Kind, Links, Record},
     staging::is_staging,
     store::Store,
 };
@@ -53,15 +53,22 @@ impl Store {
         if self.snapshot_identity(hint).is_ok_and(|i| i.guid == guid) {
             return Ok(Some(hint.to_string()));
         }
-        let mut cat = self.catalog.lock();
-        for rec in self.all_records(&mut cat)? {
-            if rec.kind == Kind::Snapshot && self.guid_of(&rec) == guid {
-                let name = self.full_name(&mut cat, &rec)?;
+        // No index by guid (it would need a key kind of its own): a walk of the records.
+        let mut found = None;
+        self.records_from(1, &mut |raw| {
+            if Links::peek(raw)?.kind != Kind::Snapshot {
+                return Ok(true);
+            }
+            let rec = Record::decode(raw)?;
+            if self.guid_of(&rec) == guid {
+                let name = self.full_name(&mut self.catalog.lock(), &rec)?;
                 if !is_staging(&name) {
-                    return Ok(Some(name));
+                    found = Some(name);
+                    return Ok(false);
                 }
             }
-        }
-        Ok(None)
+            Ok(true)
+        })?;
+        Ok(found)
     }
 }

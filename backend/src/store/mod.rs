@@ -6,6 +6,7 @@
 //!  background  the checkpoint and log-writer threads
 //!  io        StoreDisk: reads, writes, discard, zeroes, block status of one VDI
 //!  admin     create / snapshot / fork / rename / resize / delete, reports, gc
+//!  listing   list, subtree, forks, counts: registry walks in batches, never all of it
 //!  apply     every change, applied alike live and in replay
 //!  log       the intent log: what makes a flush durable between checkpoints
 //!  replay    opening after a crash: the log replayed; upgrades from older formats
@@ -41,6 +42,7 @@ mod error;
 pub mod format;
 mod identity;
 mod io;
+mod listing;
 mod lock;
 mod log;
 mod nodes;
@@ -59,6 +61,7 @@ mod store;
 mod vdi;
 
 pub use admin::{DeleteReport, DfReport, GcReport, ListFilter, TreeNode, VdiInfo, VdiSummary};
+pub use catalog::Counts;
 pub use check::{CheckProgress, CheckReport};
 pub use diff::{ChangedExtent, DiffReport};
 pub use error::{StoreError, StoreResult};

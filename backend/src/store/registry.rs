@@ -134,6 +134,34 @@ impl Record {
     }
 }
 
+/// A record's kind and the ids it points at, read without decoding its names (walks over
+/// many records decode only the ones they keep).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Links {
+    pub kind: Kind,
+    pub id: u64,
+    pub parent: u64,
+    pub origin: u64,
+}
+
+impl Links {
+    pub fn peek(b: &[u8]) -> StoreResult<Links> {
+        if b.len() < at::NAMES {
+            return Err(StoreError::Corrupt("registry record: too short".into()));
+        }
+        Ok(Links {
+            kind: if b[at::KIND] == KIND_SNAPSHOT {
+                Kind::Snapshot
+            } else {
+                Kind::Vdi
+            },
+            id: u64_at(b, at::ID),
+            parent: u64_at(b, at::PARENT),
+            origin: u64_at(b, at::ORIGIN),
+        })
+    }
+}
+
 pub fn name_key(name: &str) -> Vec<u8> {
     let mut k = vec![b'N'];
     k.extend_from_slice(name.as_bytes());
@@ -212,6 +240,11 @@ mod tests {
             guid: 0x1234,
         };
         assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+        let l = Links::peek(&r.encode()).unwrap();
+        assert_eq!(
+            (l.kind, l.id, l.parent, l.origin),
+            (r.kind, r.id, r.parent, r.origin)
+        );
         let mut bad = r.encode();
         bad[0] = 9;
         assert!(Record::decode(&bad).is_err());

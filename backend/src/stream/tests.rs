@@ -81,7 +81,8 @@ fn full_and_incremental_round_trip() {
         r.snapshot_identity("copy@a").unwrap()
     );
     let names: Vec<String> = r.list().unwrap().into_iter().map(|v| v.name).collect();
-    assert_eq!(names, ["copy", "copy2", "copy2@b", "copy@a"]);
+    // Each VDI is listed with its snapshots after it.
+    assert_eq!(names, ["copy", "copy@a", "copy2", "copy2@b"]);
     let c = r.check(true, &mut |_| {}).unwrap();
     assert!(c.ok, "{c:#?}");
 }
