@@ -60,6 +60,9 @@ def run(run, site, cfg):
         st["store_file_bytes"] = os.stat(store).st_blocks * 512
         run.record("scale-store", fs=site.name, **st)
         for op, s in ops.items():
+            # `list_all` says how many entries it listed; the record's `entries` is the stage.
+            if "entries" in s:
+                s["listed"] = s.pop("entries")
             run.record("scale-op", fs=site.name, entries=st["entries"], op=op, **s)
         log(f"scale {site.name}: {st['entries']} entries: fork p50 {ops['fork']['p50_us']:.0f} us, "
             f"p99 {ops['fork']['p99_us']:.0f} us; {st['meta_bytes_per_fork']:.0f} bytes/fork")
