@@ -29,6 +29,7 @@ FLAGS = struct.pack(">I", 3)
 put("nbd_handshake", "go", FLAGS + opt(8) + opt(10, meta("disk", ["base:allocation"])) + opt(7, name_req("disk", (0, 1, 2, 3))))
 put("nbd_handshake", "list-info", FLAGS + opt(3) + opt(6, name_req("disk@snap", (3,))) + opt(9, meta("disk", [])) + opt(2))
 put("nbd_handshake", "export-name", struct.pack(">I", 1) + opt(1, b"disk"))
+put("nbd_handshake", "starttls-then-go", FLAGS + opt(8) + opt(5) + opt(5) + opt(7, name_req("disk", (3,))))
 put("nbd_handshake", "unknown-then-go", FLAGS + opt(5, b"x" * 16) + opt(7, name_req("nope")) + opt(7, name_req("")))
 
 # --- NBD requests: 28-byte headers ----------------------------------------------------------
@@ -71,5 +72,5 @@ put("store_metadata", "writes", bytes([2, 5]) + struct.pack("<HB", 200, 2) + b"\
 with open(os.path.join(HERE, "..", "parallax.ron"), "rb") as f:
     put("config", "example", f.read())
 put("config", "empty", b"()")
-put("config", "partial", b'(store: "/tmp/s", nbd: (listen: ["0.0.0.0:10810", "[::1]:10809"], unix: None, max_connections: 2), rings: (enabled: false))')
+put("config", "partial", b'(store: "/tmp/s", nbd: (listen: ["0.0.0.0:10810", "[::1]:10809"], unix: None, max_connections: 2, insecure: true), rings: (enabled: false))')
 put("config", "bad", b'(nbd: (max_request_bytes: 1000, workers: 0), commit_interval_ms: 0, cache: (map_nodes: 18446744073709551615))')

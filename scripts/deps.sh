@@ -13,8 +13,10 @@ for g in "${groups[@]}"; do
     # Real NBD clients and fio for the integration tests; libxen-dev for the blkif layout probe;
     # xenstored + xenstore-utils for the xenbus tests; e2fsprogs/cpio for the demo template.
     # qemu-system-x86 removes Debian's newer qemu-utils, so both are always named together.
+    # libssl-dev: NBD over TLS links the system's OpenSSL; the tests make their certificates
+    # with the openssl command and their keys with GnuTLS's psktool (gnutls-bin).
     base) pkgs+=(libnbd-bin python3-libnbd fio libxen-dev xen-utils-4.17 xenstore-utils e2fsprogs cpio
-                 qemu-utils qemu-system-x86 busybox-static gcc make pkg-config) ;;
+                 qemu-utils qemu-system-x86 busybox-static gcc make pkg-config libssl-dev openssl gnutls-bin) ;;
     vm) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs kmod xz-utils zstd python3) ;;
     xen) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod xen-utils-4.17 xenstore-utils
                 e2fsprogs) ;;

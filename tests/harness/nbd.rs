@@ -78,6 +78,15 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(provider: Arc<TestProvider>, cfg: NbdConfig) -> Self {
+        Self::start_tls(provider, cfg, None)
+    }
+
+    /// Starts a server that offers (or requires) TLS with `tls`.
+    pub fn start_tls(
+        provider: Arc<TestProvider>,
+        cfg: NbdConfig,
+        tls: Option<Arc<parallax::nbd::TlsServer>>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
@@ -86,6 +95,7 @@ impl TestServer {
         let mut server = NbdServer::new(provider.clone(), cfg).expect("server");
         server.add_tcp_listener(tcp).expect("tcp listener");
         server.add_unix_listener(unix).expect("unix listener");
+        server.set_tls(tls);
         let shutdown = server.shutdown_handle();
         let stats = server.stats();
         let thread = std::thread::Builder::new()

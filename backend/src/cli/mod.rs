@@ -134,6 +134,28 @@ struct ServeArgs {
     /// Serve Prometheus metrics on this address (`metrics.listen`), e.g. 127.0.0.1:9810.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<String>,
+    /// NBD over TLS: `require` (the default when credentials are given) refuses clients that
+    /// do not send STARTTLS; `allow` serves them in plaintext too (`nbd.tls.mode`).
+    #[arg(long, value_enum, value_name = "MODE")]
+    tls: Option<crate::nbd::TlsMode>,
+    /// The server's TLS certificate chain, PEM (`nbd.tls.cert`).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert, PEM (`nbd.tls.key`).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates, PEM: clients must present a certificate one of them signed; its
+    /// common name is the client's identity (`nbd.tls.ca`).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Pre-shared keys, `identity:hexkey` per line as `psktool -u NAME -p FILE` writes them
+    /// (the format qemu-nbd and nbdkit read) (`nbd.tls.psk`).
+    #[arg(long, value_name = "FILE")]
+    tls_psk: Option<PathBuf>,
+    /// Serve NBD without TLS on addresses other hosts can reach (refused otherwise: anyone
+    /// who can connect could read and write every VDI) (`nbd.insecure`).
+    #[arg(long)]
+    insecure: bool,
     /// Print the effective configuration and exit.
     #[arg(long)]
     print_config: bool,
@@ -1232,6 +1254,21 @@ fn serve(store: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<i32> {
     if let Some(a) = args.metrics_listen {
         cfg.metrics.listen = Some(a);
     }
+    let tls = &mut cfg.nbd.tls;
+    for (from, to) in [
+        (args.tls_cert, &mut tls.cert),
+        (args.tls_key, &mut tls.key),
+        (args.tls_ca, &mut tls.ca),
+        (args.tls_psk, &mut tls.psk),
+    ] {
+        if from.is_some() {
+            *to = from;
+        }
+    }
+    if args.tls.is_some() {
+        tls.mode = args.tls;
+    }
+    cfg.nbd.insecure |= args.insecure;
     if args.print_config {
         println!("{}", cfg.to_ron());
         return Ok(0);

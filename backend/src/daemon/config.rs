@@ -6,7 +6,10 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{nbd::NbdConfig, store::StoreOptions};
+use crate::{
+    nbd::{NbdConfig, TlsMode, TlsSettings},
+    store::StoreOptions,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -42,6 +45,11 @@ pub struct NbdSection {
     /// Event-loop threads serving connections (0: one per CPU).
     pub loops: usize,
     pub handshake_timeout_secs: u64,
+    /// NBD over TLS (STARTTLS): credentials and whether clients must use it.
+    pub tls: TlsSettings,
+    /// Allow listening on an address other than loopback without requiring TLS (anyone who
+    /// can reach it can then read and write every VDI).
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +120,8 @@ impl Default for NbdSection {
             workers: n.workers,
             loops: n.loops,
             handshake_timeout_secs: n.handshake_timeout.as_secs(),
+            tls: TlsSettings::default(),
+            insecure: false,
         }
     }
 }
@@ -155,9 +165,18 @@ impl Config {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut cfg = Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(std::path::Path::new(""));
-        for p in [&mut cfg.store, &mut cfg.control_socket, &mut cfg.nbd.unix]
-            .into_iter()
-            .flatten()
+        let tls = &mut cfg.nbd.tls;
+        for p in [
+            &mut cfg.store,
+            &mut cfg.control_socket,
+            &mut cfg.nbd.unix,
+            &mut tls.cert,
+            &mut tls.key,
+            &mut tls.ca,
+            &mut tls.psk,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p.is_relative() {
                 *p = dir.join(&*p);
@@ -170,9 +189,16 @@ impl Config {
         self.nbd_config()
             .validate()
             .map_err(|e| format!("nbd: {e}"))?;
+        let plaintext = self.nbd.tls.effective_mode() != TlsMode::Require;
         for a in &self.nbd.listen {
-            a.parse::<std::net::SocketAddr>()
+            let addr = a
+                .parse::<std::net::SocketAddr>()
                 .map_err(|_| format!("nbd.listen: {a:?} is not an address like 127.0.0.1:10809"))?;
+            if plaintext && !addr.ip().is_loopback() && !self.nbd.insecure {
+                return Err(format!(
+                    "nbd.listen: {a} is reachable from other hosts, and without TLS anyone there could read and write every VDI: require TLS (--tls-cert/--tls-key or --tls-psk) or pass --insecure (nbd.insecure)"
+                ));
+            }
         }
         if let Some(a) = &self.metrics.listen {
             a.parse::<std::net::SocketAddr>().map_err(|_| {
@@ -231,12 +257,37 @@ mod tests {
     #[test]
     fn empty_and_partial_configs_take_defaults() {
         assert_eq!(Config::parse("()").unwrap(), Config::default());
-        let c = Config::parse(r#"(store: "/tmp/s", nbd: (listen: ["0.0.0.0:10810"], unix: None))"#)
-            .unwrap();
+        let c = Config::parse(
+            r#"(store: "/tmp/s", nbd: (listen: ["0.0.0.0:10810"], unix: None, insecure: true))"#,
+        )
+        .unwrap();
         assert_eq!(c.store.as_deref(), Some(std::path::Path::new("/tmp/s")));
         assert_eq!(c.nbd.listen, vec!["0.0.0.0:10810"]);
         assert_eq!(c.nbd.unix, None);
         assert_eq!(c.nbd.workers, NbdSection::default().workers);
+    }
+
+    #[test]
+    fn other_hosts_get_plaintext_nbd_only_when_asked_for() {
+        let e = Config::parse(r#"(nbd: (listen: ["0.0.0.0:10810"]))"#).unwrap_err();
+        assert!(
+            e.contains("reachable from other hosts") && e.contains("--insecure"),
+            "{e}"
+        );
+        let e =
+            Config::parse(r#"(nbd: (listen: ["10.1.2.3:10810"], tls: (mode: allow, psk: "k")))"#)
+                .unwrap_err();
+        assert!(e.contains("reachable from other hosts"), "{e}");
+        for ok in [
+            r#"(nbd: (listen: ["[::1]:10810", "127.0.0.2:1"]))"#,
+            r#"(nbd: (listen: ["0.0.0.0:10810"], tls: (psk: "keys.psk")))"#,
+            r#"(nbd: (listen: ["0.0.0.0:10810"], tls: (mode: allow, psk: "k"), insecure: true))"#,
+        ] {
+            Config::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let c =
+            Config::parse(r#"(nbd: (tls: (cert: "c.pem", key: "k.pem", ca: "ca.pem")))"#).unwrap();
+        assert_eq!(c.nbd.tls.effective_mode(), TlsMode::Require);
     }
 
     #[test]

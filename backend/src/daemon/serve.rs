@@ -32,7 +32,7 @@ use crate::{
     blkif::local::{serve_attach, RingRegistry},
     disk::DiskProvider,
     metrics::{Endpoint, Metrics},
-    nbd::NbdServer,
+    nbd::{NbdServer, TlsServer},
     schedule::{ScheduleCounters, Scheduler},
     store::Store,
 };
@@ -161,6 +161,8 @@ impl Daemon {
         let store_path = cfg.store.clone().ok_or_else(|| {
             anyhow!("no store given: pass --store PATH, set PARALLAX_STORE, or set `store` in the config")
         })?;
+        // Credentials first: a bad file stops the daemon before it touches the store.
+        let tls = TlsServer::new(&cfg.nbd.tls).map_err(|e| anyhow!("nbd.{e}"))?;
         let store = Store::open(&store_path, cfg.store_options())
             .with_context(|| format!("cannot open store {}", store_path.display()))?;
         let control_addr = match &cfg.control_socket {
@@ -195,6 +197,17 @@ impl Daemon {
         let (nbd_shutdown, nbd_thread) = if cfg.nbd.enabled {
             let mut server = NbdServer::new(Arc::new(provider.clone()), cfg.nbd_config())
                 .context("cannot start the NBD server")?;
+            if let Some(t) = &tls {
+                tracing::info!(
+                    required = t.required(),
+                    x509 = cfg.nbd.tls.cert.is_some(),
+                    client_certificates = cfg.nbd.tls.ca.is_some(),
+                    psk = cfg.nbd.tls.psk.is_some(),
+                    "nbd: TLS offered"
+                );
+            }
+            server.set_tls(tls.clone());
+            let plaintext = !tls.as_ref().is_some_and(|t| t.required());
             for a in &cfg.nbd.listen {
                 let l = TcpListener::bind(a).map_err(|e| {
                     if e.kind() == io::ErrorKind::AddrInUse {
@@ -203,7 +216,13 @@ impl Daemon {
                         anyhow!("cannot listen on {a}: {e}")
                     }
                 })?;
-                nbd_tcp.push(l.local_addr()?);
+                let at = l.local_addr()?;
+                if plaintext && !at.ip().is_loopback() {
+                    tracing::warn!(
+                        "nbd: serving {at} without TLS (--insecure): anyone who can reach it can read and write every VDI"
+                    );
+                }
+                nbd_tcp.push(at);
                 server.add_tcp_listener(l)?;
             }
             if let Some(p) = &cfg.nbd.unix {

@@ -14,13 +14,14 @@
 
 use std::{
     collections::VecDeque,
-    io::{self, IoSlice, Read},
+    io::{self, IoSlice, Read, Write},
     os::fd::{AsRawFd, RawFd},
     sync::{atomic::Ordering, Arc},
     time::Instant,
 };
 
 use mio::{event::Source, Interest, Registry, Token};
+use openssl::ssl::{ErrorCode, SslStream};
 
 use crate::{
     disk::{Disk, DiskProvider, ExportInfo, OpenError},
@@ -31,57 +32,136 @@ use super::{
     buffers,
     config::{NbdConfig, StatsInner},
     exec::{self, Outcome},
-    handshake::{Answer, Handshake, HandshakeLimits, Query, Step, MAX_OPTION_LEN},
+    handshake::{Answer, Handshake, HandshakeLimits, Query, Step, TlsPolicy, MAX_OPTION_LEN},
     pool::{ConnId, Job, Pool},
     proto::{command_name, RequestHeader, WireError, EIO, OPTION_HEADER_LEN, REQUEST_LEN},
+    tls::{self, TlsServer},
     transmission::{decide, error_reply, Command, Decision, Params, Request},
 };
 
 /// A client socket: TCP or Unix.
-pub enum Stream {
+pub enum Socket {
     Tcp(mio::net::TcpStream),
     Unix(mio::net::UnixStream),
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.read(buf),
+            Socket::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Through sendmsg, so that a vanished client is EPIPE, never SIGPIPE.
+        send_vectored(self.as_raw_fd(), &[IoSlice::new(buf)])
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Socket::Tcp(s) => s.as_raw_fd(),
+            Socket::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Source for Socket {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.register(r, t, i),
+            Socket::Unix(s) => s.register(r, t, i),
+        }
+    }
+
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.reregister(r, t, i),
+            Socket::Unix(s) => s.reregister(r, t, i),
+        }
+    }
+
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.deregister(r),
+            Socket::Unix(s) => s.deregister(r),
+        }
+    }
+}
+
+/// A client connection's byte stream: the socket, or TLS on it after STARTTLS.
+pub enum Stream {
+    Plain(Socket),
+    Tls(Box<SslStream<Socket>>),
+    /// Only while the socket moves into its TLS session.
+    Switching,
+}
+
+impl Stream {
+    fn socket(&mut self) -> io::Result<&mut Socket> {
+        match self {
+            Stream::Plain(s) => Ok(s),
+            Stream::Tls(t) => Ok(t.get_mut()),
+            Stream::Switching => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Writes some of `bufs`: one `sendmsg` in plaintext, TLS records of the first ones
+    /// otherwise.
+    fn send(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => send_vectored(s.as_raw_fd(), bufs),
+            Stream::Tls(t) => match bufs.iter().find(|b| !b.is_empty()) {
+                Some(b) => t.write(b),
+                None => Ok(0),
+            },
+            Stream::Switching => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl AsRawFd for Stream {
-    fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+            Stream::Switching => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 }
 
 impl Source for Stream {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.register(r, t, i),
-            Stream::Unix(s) => s.register(r, t, i),
-        }
+        self.socket()?.register(r, t, i)
     }
 
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.reregister(r, t, i),
-            Stream::Unix(s) => s.reregister(r, t, i),
-        }
+        self.socket()?.reregister(r, t, i)
     }
 
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.deregister(r),
-            Stream::Unix(s) => s.deregister(r),
-        }
+        self.socket()?.deregister(r)
     }
+}
+
+/// Where a connection is with TLS.
+enum TlsPhase {
+    /// Plaintext, and staying so unless the client sends STARTTLS.
+    None,
+    /// STARTTLS acknowledged: the TLS handshake starts once the acknowledgement is sent.
+    Starting,
+    /// The TLS handshake is running.
+    Accepting,
+    /// TLS is on.
+    On,
 }
 
 /// Gathers `bufs` into one `sendmsg` with `MSG_NOSIGNAL`, so a vanished client is an `EPIPE`
@@ -192,6 +272,8 @@ pub struct Ctx<'a> {
     pub provider: &'a Arc<dyn DiskProvider>,
     pub stats: &'a StatsInner,
     pub limiter: &'a mut RateLimit,
+    /// TLS credentials, when the server has them.
+    pub tls: Option<&'a TlsServer>,
 }
 
 /// What the event loop should do with a connection after pumping it.
@@ -258,6 +340,7 @@ struct Io {
 pub struct Conn {
     io: Io,
     phase: Phase,
+    tls: TlsPhase,
     span: tracing::Span,
     /// Handshake deadline; `None` in transmission.
     pub deadline: Option<Instant>,
@@ -266,9 +349,25 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: ConnId, stream: Stream, peer: &str, cfg: &NbdConfig) -> Self {
-        let span =
-            tracing::info_span!("nbd", conn = id.gen, peer = %peer, export = tracing::field::Empty);
+    pub fn new(
+        id: ConnId,
+        stream: Stream,
+        peer: &str,
+        cfg: &NbdConfig,
+        tls: Option<&TlsServer>,
+    ) -> Self {
+        let span = tracing::info_span!(
+            "nbd",
+            conn = id.gen,
+            peer = %peer,
+            client = tracing::field::Empty,
+            export = tracing::field::Empty
+        );
+        let policy = match tls {
+            None => TlsPolicy::Unavailable,
+            Some(t) if t.required() => TlsPolicy::Required,
+            Some(_) => TlsPolicy::Optional,
+        };
         let limits = HandshakeLimits {
             max_options: cfg.max_options,
             max_option_len: MAX_OPTION_LEN,
@@ -291,7 +390,8 @@ impl Conn {
         io.queue(Handshake::greeting().to_vec(), None);
         Conn {
             io,
-            phase: Phase::Handshake(Box::new(Handshake::new(limits))),
+            phase: Phase::Handshake(Box::new(Handshake::with_tls(limits, policy))),
+            tls: TlsPhase::None,
             span,
             deadline: Some(Instant::now() + cfg.handshake_timeout),
             queued: false,
@@ -374,8 +474,13 @@ impl Conn {
         // Run to a fixpoint: writing output can unblock parsing (handshake replies, request
         // budget), and parsing can produce output, so stop only when a round changes nothing.
         loop {
-            let mark = (self.io.inbuf.len(), self.io.written, self.io.out.len());
-            if self.process(ctx).is_err() {
+            let mark = (
+                self.io.inbuf.len(),
+                self.io.written,
+                self.io.out.len(),
+                self.tls_step(),
+            );
+            if self.advance_tls(ctx).is_err() || self.process(ctx).is_err() {
                 return Pump::Close;
             }
             if let Err(e) = self.io.flush() {
@@ -385,7 +490,13 @@ impl Conn {
             let can_read =
                 !self.blocked(ctx.cfg) && !self.io.input_closed && self.io.readable && budget > 0;
             if !can_read {
-                if mark == (self.io.inbuf.len(), self.io.written, self.io.out.len()) {
+                let now = (
+                    self.io.inbuf.len(),
+                    self.io.written,
+                    self.io.out.len(),
+                    self.tls_step(),
+                );
+                if mark == now {
                     break;
                 }
                 continue;
@@ -421,13 +532,93 @@ impl Conn {
         }
     }
 
+    /// Where the connection is with TLS, as a number (progress marker for `pump`).
+    fn tls_step(&self) -> u8 {
+        match self.tls {
+            TlsPhase::None => 0,
+            TlsPhase::Starting => 1,
+            TlsPhase::Accepting => 2,
+            TlsPhase::On => 3,
+        }
+    }
+
+    /// Between STARTTLS and the end of the TLS handshake.
+    fn tls_switching(&self) -> bool {
+        matches!(self.tls, TlsPhase::Starting | TlsPhase::Accepting)
+    }
+
+    /// Moves the connection into TLS once STARTTLS's acknowledgement is sent, and drives the
+    /// TLS handshake as the socket allows. `Err` means close the connection.
+    fn advance_tls(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ()> {
+        match self.tls {
+            TlsPhase::Starting if self.io.out.is_empty() => {
+                if self.io.inbuf.len() > 0 {
+                    // The client must wait for the acknowledgement before starting TLS.
+                    tracing::debug!("nbd: client sent data between STARTTLS and TLS");
+                    return Err(());
+                }
+                let server = ctx.tls.ok_or(())?;
+                let ssl = server.session().map_err(|e| {
+                    tracing::warn!(error = %e, "nbd: cannot start a TLS session");
+                })?;
+                let Stream::Plain(sock) = std::mem::replace(&mut self.io.stream, Stream::Switching)
+                else {
+                    return Err(());
+                };
+                let stream = SslStream::new(ssl, sock).map_err(|e| {
+                    tracing::warn!(error = %e, "nbd: cannot start a TLS session");
+                })?;
+                self.io.stream = Stream::Tls(Box::new(stream));
+                self.tls = TlsPhase::Accepting;
+                self.accept_tls(ctx)
+            }
+            TlsPhase::Accepting => self.accept_tls(ctx),
+            _ => Ok(()),
+        }
+    }
+
+    fn accept_tls(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ()> {
+        let Stream::Tls(t) = &mut self.io.stream else {
+            return Err(());
+        };
+        match t.accept() {
+            Ok(()) => {
+                let who = tls::identity(t.ssl());
+                self.span.record("client", tracing::field::display(&who));
+                tracing::debug!(version = t.ssl().version_str(), "nbd: TLS on");
+                if let Phase::Handshake(hs) = &mut self.phase {
+                    hs.tls_started();
+                }
+                self.tls = TlsPhase::On;
+                Ok(())
+            }
+            Err(e) if e.code() == ErrorCode::WANT_READ => {
+                self.io.readable = false;
+                Ok(())
+            }
+            Err(e) if e.code() == ErrorCode::WANT_WRITE => {
+                self.io.writable = false;
+                Ok(())
+            }
+            Err(e) => {
+                if ctx.limiter.allow() {
+                    tracing::warn!(error = %e, "nbd: TLS handshake failed");
+                }
+                Err(())
+            }
+        }
+    }
+
     /// True if the connection must not take more input now.
     fn blocked(&self, cfg: &NbdConfig) -> bool {
         match &self.phase {
             // Options are answered one at a time: the client waits for each reply anyway,
             // and this bounds what a client that never reads can make us buffer.
             Phase::Handshake(hs) => {
-                hs.waiting() || !self.io.out.is_empty() || self.io.inbuf.is_full()
+                hs.waiting()
+                    || !self.io.out.is_empty()
+                    || self.io.inbuf.is_full()
+                    || self.tls_switching()
             }
             // A request whose header was admitted still gets its payload read.
             Phase::Transmission(t) => {
@@ -457,7 +648,9 @@ impl Conn {
         loop {
             match &mut self.phase {
                 Phase::Handshake(hs) => {
-                    if self.io.input_closed || hs.waiting() || !self.io.out.is_empty() {
+                    let switching = matches!(self.tls, TlsPhase::Starting | TlsPhase::Accepting);
+                    if self.io.input_closed || hs.waiting() || !self.io.out.is_empty() || switching
+                    {
                         return Ok(());
                     }
                     let (n, step) = hs.advance(self.io.inbuf.data());
@@ -480,6 +673,10 @@ impl Conn {
                                 tracing::warn!(error = %e, "nbd: handshake failed");
                             }
                             return Err(());
+                        }
+                        Step::StartTls => {
+                            self.tls = TlsPhase::Starting;
+                            return Ok(());
                         }
                         Step::Transmission(_) => return Err(()),
                     }
@@ -545,7 +742,8 @@ impl Conn {
                         }
                         Pump::Close
                     }
-                    Step::Abort | Step::Query(_) => Pump::Close,
+                    // An answer never starts TLS: only the STARTTLS option does.
+                    Step::Abort | Step::Query(_) | Step::StartTls => Pump::Close,
                 }
             }
         }
@@ -579,7 +777,7 @@ impl Io {
                 .take(MAX_IOV)
                 .map(|c| IoSlice::new(&c.bytes[c.pos..]))
                 .collect();
-            let n = match send_vectored(self.stream.as_raw_fd(), &slices) {
+            let n = match self.stream.send(&slices) {
                 Ok(0) if slices.iter().any(|s| !s.is_empty()) => {
                     return Err(io::ErrorKind::WriteZero.into())
                 }

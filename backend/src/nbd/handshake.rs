@@ -105,6 +105,20 @@ pub enum Step {
     /// The client broke the protocol or its export could not be opened with
     /// `NBD_OPT_EXPORT_NAME`: close the connection (after sending any output).
     Fail(HandshakeError),
+    /// `NBD_OPT_STARTTLS` was acknowledged: send the output, run the TLS handshake on the
+    /// socket, then call [`Handshake::tls_started`] and go on.
+    StartTls,
+}
+
+/// What the server offers for TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS configured: STARTTLS is unsupported.
+    Unavailable,
+    /// STARTTLS is offered; plaintext clients are served too.
+    Optional,
+    /// Nothing but STARTTLS and ABORT until the client upgrades.
+    Required,
 }
 
 /// Why the handshake ended the connection.
@@ -124,6 +138,8 @@ pub enum HandshakeError {
     UnexpectedAnswer,
     #[error("handshake already finished")]
     Finished,
+    #[error("NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
+    TlsRequired,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,10 +185,18 @@ pub struct Handshake {
     meta: Option<MetaSelection>,
     options: u32,
     out: Vec<u8>,
+    tls: TlsPolicy,
+    /// The TLS handshake finished on this connection.
+    in_tls: bool,
 }
 
 impl Handshake {
+    /// A handshake on a server without TLS.
     pub fn new(limits: HandshakeLimits) -> Self {
+        Handshake::with_tls(limits, TlsPolicy::Unavailable)
+    }
+
+    pub fn with_tls(limits: HandshakeLimits, tls: TlsPolicy) -> Self {
         Handshake {
             limits,
             phase: Phase::ClientFlags,
@@ -181,7 +205,22 @@ impl Handshake {
             meta: None,
             options: 0,
             out: Vec::new(),
+            tls,
+            in_tls: false,
         }
+    }
+
+    /// The TLS handshake that [`Step::StartTls`] asked for succeeded: haggling starts again,
+    /// and nothing negotiated before it counts (the spec's rule against downgrades).
+    pub fn tls_started(&mut self) {
+        self.in_tls = true;
+        self.structured = false;
+        self.meta = None;
+    }
+
+    /// Options other than STARTTLS and ABORT must wait for TLS.
+    fn tls_required(&self) -> bool {
+        self.tls == TlsPolicy::Required && !self.in_tls
     }
 
     /// The bytes the server sends as soon as a client connects.
@@ -292,7 +331,37 @@ impl Handshake {
 
     /// Handles one complete option with its data.
     fn option(&mut self, option: u32, data: &[u8]) -> Step {
+        if self.tls_required() && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                // This option cannot be answered with an error.
+                self.phase = Phase::Done;
+                return Step::Fail(HandshakeError::TlsRequired);
+            }
+            self.error(
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            );
+            return Step::Continue;
+        }
         match option {
+            OPT_STARTTLS => {
+                if self.tls == TlsPolicy::Unavailable {
+                    self.error(
+                        option,
+                        REP_ERR_UNSUP,
+                        "TLS is not configured on this server",
+                    );
+                } else if self.in_tls {
+                    self.error(option, REP_ERR_INVALID, "TLS is already on");
+                } else if !data.is_empty() {
+                    self.error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                } else {
+                    self.reply(option, REP_ACK, &[]);
+                    return Step::StartTls;
+                }
+                Step::Continue
+            }
             OPT_EXPORT_NAME => match parse_string(data) {
                 Some(name) => self.wait(Pending::ExportName, Query::Open(name)),
                 None => {
@@ -371,7 +440,7 @@ impl Handshake {
                 }
             }
             _ => {
-                // STARTTLS (we run in NOTLS mode), EXTENDED_HEADERS and anything unknown.
+                // EXTENDED_HEADERS and anything unknown.
                 self.error(option, REP_ERR_UNSUP, "option not supported");
                 Step::Continue
             }
@@ -650,16 +719,24 @@ pub fn fuzz_handshake(data: &[u8]) {
             read_only: true,
         },
     ];
-    let mut hs = Handshake::new(HandshakeLimits {
-        max_options: 64,
-        ..Default::default()
-    });
+    // TLS offered: a STARTTLS "succeeds" at once, so the options after it are explored too.
+    let mut hs = Handshake::with_tls(
+        HandshakeLimits {
+            max_options: 64,
+            ..Default::default()
+        },
+        TlsPolicy::Optional,
+    );
     let mut at = 0usize;
     loop {
         let (n, step) = hs.advance(&data[at..]);
         at += n;
         let step = match step {
             Step::Query(q) => hs.answer(fuzz_answer(&exports, q)),
+            Step::StartTls => {
+                hs.tls_started();
+                Step::Continue
+            }
             other => other,
         };
         let _ = hs.take_output();
@@ -765,6 +842,72 @@ mod tests {
         let mut hs = Handshake::new(HandshakeLimits::default());
         assert_eq!(hs.advance(&flags.to_be_bytes()), (4, Step::Continue));
         hs
+    }
+
+    fn started_tls(policy: TlsPolicy) -> Handshake {
+        let mut hs = Handshake::with_tls(HandshakeLimits::default(), policy);
+        let flags = FLAG_C_FIXED_NEWSTYLE.to_be_bytes();
+        assert_eq!(hs.advance(&flags), (4, Step::Continue));
+        hs
+    }
+
+    #[test]
+    fn required_tls_refuses_everything_but_starttls_and_abort() {
+        let exports = [export("vm1", false)];
+        let mut hs = started_tls(TlsPolicy::Required);
+        let mut input = opt(OPT_LIST, &[]);
+        input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(OPT_GO, &go_data("vm1", &[])));
+        input.extend(opt(OPT_STARTTLS, &[1]));
+        input.extend(opt(OPT_STARTTLS, &[]));
+        let (out, step) = run(&mut hs, &input, &exports);
+        assert_eq!(step, Step::StartTls);
+        let r: Vec<(u32, u32)> = replies(&out).iter().map(|x| (x.0, x.1)).collect();
+        assert_eq!(
+            r,
+            [
+                (OPT_LIST, REP_ERR_TLS_REQD),
+                (OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+                (OPT_GO, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, REP_ERR_INVALID),
+                (OPT_STARTTLS, REP_ACK),
+            ]
+        );
+        // Inside TLS: haggling starts again and a second STARTTLS is refused.
+        hs.tls_started();
+        let mut input = opt(OPT_STARTTLS, &[]);
+        input.extend(opt(OPT_GO, &go_data("vm1", &[])));
+        let (out, step) = run(&mut hs, &input, &exports);
+        assert!(
+            matches!(step, Step::Transmission(ref n) if !n.structured),
+            "{step:?}"
+        );
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+        // EXPORT_NAME cannot be refused with an error: the connection ends.
+        let mut hs = started_tls(TlsPolicy::Required);
+        let (_, step) = run(&mut hs, &opt(OPT_EXPORT_NAME, b"vm1"), &exports);
+        assert_eq!(step, Step::Fail(HandshakeError::TlsRequired));
+    }
+
+    #[test]
+    fn starttls_forgets_what_was_negotiated_before() {
+        let exports = [export("vm1", false)];
+        let mut hs = started_tls(TlsPolicy::Optional);
+        let mut input = opt(OPT_STRUCTURED_REPLY, &[]);
+        input.extend(opt(OPT_STARTTLS, &[]));
+        let (out, step) = run(&mut hs, &input, &exports);
+        assert_eq!(step, Step::StartTls);
+        assert_eq!(replies(&out).len(), 2);
+        hs.tls_started();
+        let (_, step) = run(&mut hs, &opt(OPT_GO, &go_data("vm1", &[])), &exports);
+        assert!(
+            matches!(step, Step::Transmission(ref n) if !n.structured),
+            "{step:?}"
+        );
+        // Without TLS configured, STARTTLS is unsupported and plaintext goes on.
+        let mut hs = started(FLAG_C_FIXED_NEWSTYLE);
+        let (out, _) = run(&mut hs, &opt(OPT_STARTTLS, &[]), &exports);
+        assert_eq!(replies(&out)[0].1, REP_ERR_UNSUP);
     }
 
     #[test]

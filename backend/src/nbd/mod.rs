@@ -8,6 +8,7 @@
 //!   transmission  request checks (decide) and reply encoding            (pure)
 //!   exec          a checked request against a Disk → reply bytes        (worker threads)
 //!   conn, pool    per-connection buffers and backpressure; worker pool
+//!   tls           STARTTLS credentials (x509, PSK) and the client's identity
 //!   config        limits, sizes and counters
 //!   server        the mio event loops, listeners, shutdown
 //! ```
@@ -19,9 +20,11 @@
 //!
 //! - Options: `EXPORT_NAME`, `ABORT`, `LIST` (with descriptions), `INFO`/`GO` (`NBD_INFO_EXPORT`,
 //!   `NAME` and `DESCRIPTION` when asked, `BLOCK_SIZE` always), `STRUCTURED_REPLY`,
-//!   `LIST_META_CONTEXT`/`SET_META_CONTEXT`. Everything else (TLS, extended headers) is
-//!   `NBD_REP_ERR_UNSUP`. Options longer than 64 KiB are skipped and refused with
-//!   `NBD_REP_ERR_TOO_BIG`; more than [`NbdConfig::max_options`] options end the connection.
+//!   `LIST_META_CONTEXT`/`SET_META_CONTEXT`, and `STARTTLS` when the server has TLS
+//!   credentials ([`tls`]; with `require`, every other option but `ABORT` gets
+//!   `NBD_REP_ERR_TLS_REQD` until the client upgrades, and `EXPORT_NAME` ends the connection).
+//!   Everything else (extended headers) is `NBD_REP_ERR_UNSUP`. Options longer than 64 KiB
+//!   are skipped and refused with `NBD_REP_ERR_TOO_BIG`; more than [`NbdConfig::max_options`] options end the connection.
 //! - Meta contexts: only `base:allocation` (context ID 1). `LIST_META_CONTEXT` with no query,
 //!   `base:` or `base:allocation` lists it; `SET_META_CONTEXT` selects it only by its full name.
 //!   Other namespaces are ignored. Extents: hole → `HOLE|ZERO`, zeroed → `ZERO`, data → 0.
@@ -59,7 +62,9 @@ pub mod handshake;
 mod pool;
 pub mod proto;
 mod server;
+pub mod tls;
 pub mod transmission;
 
 pub use config::{NbdConfig, NbdStats, NbdStatsHandle};
 pub use server::{NbdServer, NbdShutdown};
+pub use tls::{TlsMode, TlsServer, TlsSettings};

@@ -32,8 +32,9 @@ use crate::{disk::DiskProvider, ratelimit::RateLimit};
 
 use super::{
     config::{NbdConfig, NbdStatsHandle, StatsInner},
-    conn::{Conn, Ctx, Done, Pump, Stream},
+    conn::{Conn, Ctx, Done, Pump, Socket, Stream},
     pool::{ConnId, Pool},
+    tls::TlsServer,
 };
 
 /// Asks a running server to stop: it stops accepting, lets in-flight requests finish and
@@ -105,6 +106,7 @@ pub struct NbdServer {
     listeners: Vec<Listener>,
     shutdown: Arc<AtomicBool>,
     stats: Arc<StatsInner>,
+    tls: Option<Arc<TlsServer>>,
 }
 
 impl NbdServer {
@@ -124,7 +126,13 @@ impl NbdServer {
             listeners: Vec::new(),
             shutdown: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(StatsInner::default()),
+            tls: None,
         })
+    }
+
+    /// Offers STARTTLS with these credentials (and requires it if they say so).
+    pub fn set_tls(&mut self, tls: Option<Arc<TlsServer>>) {
+        self.tls = tls;
     }
 
     fn listener_token(&self) -> Token {
@@ -182,6 +190,7 @@ impl NbdServer {
             let lp = Loop {
                 provider: self.provider.clone(),
                 cfg: self.cfg.clone(),
+                tls: self.tls.clone(),
                 pool: Pool::new(workers, parts.waker.clone())?,
                 poll: parts.poll,
                 incoming: parts.handoffs.1,
@@ -222,6 +231,7 @@ impl NbdServer {
 struct Loop {
     provider: Arc<dyn DiskProvider>,
     cfg: NbdConfig,
+    tls: Option<Arc<TlsServer>>,
     poll: Poll,
     /// Connections loop 0 accepted for this loop.
     incoming: Receiver<Handoff>,
@@ -330,11 +340,11 @@ impl Loop {
             let accepted = match listener {
                 Listener::Tcp(l) => l.accept().map(|(s, peer)| {
                     let _ = s.set_nodelay(true);
-                    (Stream::Tcp(s), peer.to_string())
+                    (Stream::Plain(Socket::Tcp(s)), peer.to_string())
                 }),
                 Listener::Unix(l) => l
                     .accept()
-                    .map(|(s, _)| (Stream::Unix(s), "unix".to_string())),
+                    .map(|(s, _)| (Stream::Plain(Socket::Unix(s)), "unix".to_string())),
             };
             let (stream, peer) = match accepted {
                 Ok(x) => x,
@@ -399,6 +409,7 @@ impl Loop {
             stream,
             peer,
             &self.cfg,
+            self.tls.as_deref(),
         );
         if let Err(e) = self.poll.registry().register(
             conn.stream(),
@@ -422,6 +433,7 @@ impl Loop {
                 provider: &self.provider,
                 stats: &self.stats,
                 limiter: &mut self.limiter,
+                tls: self.tls.as_deref(),
             },
             &mut self.conns,
             &mut self.ready,
