@@ -346,3 +346,128 @@ fn serve_requires_tls_or_insecure_beyond_loopback() {
     ]);
     f.assert_one_line(1, "PSK file /nonexistent/keys");
 }
+
+/// Access rules by identity: each client lists only what it may see, reads what it may read,
+/// and writes only what it may write; the rest is as if it did not exist.
+#[test]
+fn access_rules_decide_what_each_client_sees_reads_and_writes() {
+    use parallax::nbd::{Access, AccessPolicy, AccessRule};
+    let pki = Pki::new();
+    let bob = pki.path("bob");
+    std::fs::create_dir(&bob).unwrap();
+    run_ok(
+        Command::new("psktool")
+            .args(["-u", "bob", "-p"])
+            .arg(bob.join("keys.psk")),
+    );
+    // One server key file with both clients' keys.
+    let both = pki.path("both.psk");
+    let text = std::fs::read_to_string(pki.path("psk/keys.psk")).unwrap()
+        + &std::fs::read_to_string(bob.join("keys.psk")).unwrap();
+    std::fs::write(&both, text).unwrap();
+
+    let provider = Arc::new(TestProvider::new());
+    for name in ["vm1", "vm2", "secret"] {
+        provider.add(name, 4 * MIB, "a test VDI");
+    }
+    let tls = TlsServer::new(&TlsSettings {
+        psk: Some(both),
+        ..Default::default()
+    })
+    .unwrap();
+    let rule = |c: &str, e: &str, allow| AccessRule {
+        clients: vec![c.into()],
+        exports: vec![e.into()],
+        allow,
+    };
+    let access = AccessPolicy::new(vec![
+        rule("psk:alice", "vm*", Access::Write),
+        rule("psk:bob", "vm1", Access::Read),
+        rule("psk:bob", "vm2", Access::See),
+    ])
+    .unwrap();
+    let srv = TestServer::start_tls_with_access(provider, NbdConfig::default(), tls, access);
+    let uri = |keys: &Path, export: &str| {
+        let user = if keys.starts_with(&bob) {
+            "bob"
+        } else {
+            "alice"
+        };
+        format!(
+            "nbds://{user}@127.0.0.1:{}/{export}?tls-psk-file={}",
+            srv.port,
+            keys.display()
+        )
+    };
+    let (alice_keys, bob_keys) = (pki.path("psk/keys.psk"), bob.join("keys.psk"));
+    let list = |keys: &Path| {
+        let out = run_ok(
+            Command::new("nbdinfo")
+                .args(["--list", "--json"])
+                .arg(uri(keys, "")),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut names: Vec<String> = v["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["export-name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(list(&alice_keys), ["vm1", "vm2"]);
+    assert_eq!(list(&bob_keys), ["vm1", "vm2"]);
+    let qemu_io = |user: &str, dir: &Path, export: &str, cmd: &str| {
+        let mut c = Command::new("qemu-io");
+        c.args([
+            "--object",
+            &format!(
+                "tls-creds-psk,id=tls0,endpoint=client,username={user},dir={}",
+                dir.display()
+            ),
+        ])
+        .args(["--image-opts", &qemu_image(srv.port, export)])
+        .args(["-c", cmd]);
+        if cmd.starts_with("read") {
+            c.arg("-r");
+        }
+        c
+    };
+    run_ok(&mut qemu_io(
+        "alice",
+        &pki.path("psk"),
+        "vm1",
+        "write -P 0x33 0 64k",
+    ));
+    // Bob reads what alice wrote, read-only; his write is refused.
+    run_ok(&mut qemu_io("bob", &bob, "vm1", "read -P 0x33 0 64k"));
+    let info = run_ok(Command::new("nbdinfo").arg(uri(&bob_keys, "vm1")));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("is_read_only: true"));
+    let denied = run_fail(&mut qemu_io("bob", &bob, "vm1", "write -P 0x44 0 64k"));
+    assert!(
+        denied.contains("read-only") || denied.contains("ermission"),
+        "{denied}"
+    );
+    // vm2: bob sees it but may not open it; `secret` exists for nobody.
+    run_fail(Command::new("nbdinfo").arg(uri(&bob_keys, "vm2")));
+    let e = run_fail(
+        Command::new("qemu-img")
+            .args(["info", "--object"])
+            .arg(format!(
+                "tls-creds-psk,id=tls0,endpoint=client,username=bob,dir={}",
+                bob.display()
+            ))
+            .args(["--image-opts", &qemu_image(srv.port, "vm2")]),
+    );
+    // NBD_REP_ERR_POLICY, as qemu words it, with the server's message.
+    assert!(
+        e.contains("Denied by server") && e.contains("psk:bob may not open vm2"),
+        "{e}"
+    );
+    for keys in [&alice_keys, &bob_keys] {
+        let e = run_fail(Command::new("nbdinfo").arg(uri(keys, "secret")));
+        assert!(e.contains("not found") || e.contains("No such"), "{e}");
+    }
+    run_ok(&mut qemu_io("bob", &bob, "vm1", "read -P 0x33 0 64k"));
+}

@@ -1,4 +1,4 @@
-//! Small helpers shared by the command line and the daemon: sizes with suffixes.
+//! Small helpers shared by the command line and the daemon: sizes with suffixes, wildcards.
 
 /// Parses a size such as `4096`, `512K`, `10G`, `1.5T` or `64MiB` into bytes (binary units).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -55,6 +55,32 @@ pub fn format_size(bytes: u64) -> String {
         u += 1;
     }
     format!("{v:.1} {}", UNITS[u])
+}
+
+/// Whether `target` matches `name`, where `*` in `target` stands for any run of characters
+/// and `?` for any one (snapshot schedules, NBD access rules).
+pub fn wildcard_match(target: &str, name: &str) -> bool {
+    let (t, n) = (target.as_bytes(), name.as_bytes());
+    // Iterative wildcard match: on a mismatch, go back to the last `*` and let it take one
+    // more character.
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < t.len() && (t[i] == b'?' || t[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < t.len() && t[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    t[i..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]

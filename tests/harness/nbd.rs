@@ -87,6 +87,16 @@ impl TestServer {
         cfg: NbdConfig,
         tls: Option<Arc<parallax::nbd::TlsServer>>,
     ) -> Self {
+        Self::start_tls_with_access(provider, cfg, tls, Default::default())
+    }
+
+    /// Starts a server with TLS and access rules.
+    pub fn start_tls_with_access(
+        provider: Arc<TestProvider>,
+        cfg: NbdConfig,
+        tls: Option<Arc<parallax::nbd::TlsServer>>,
+        access: parallax::nbd::AccessPolicy,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
@@ -96,6 +106,7 @@ impl TestServer {
         server.add_tcp_listener(tcp).expect("tcp listener");
         server.add_unix_listener(unix).expect("unix listener");
         server.set_tls(tls);
+        server.set_access(access);
         let shutdown = server.shutdown_handle();
         let stats = server.stats();
         let thread = std::thread::Builder::new()

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    nbd::{NbdConfig, TlsMode, TlsSettings},
+    nbd::{AccessPolicy, AccessRule, NbdConfig, TlsMode, TlsSettings},
     store::StoreOptions,
 };
 
@@ -47,6 +47,8 @@ pub struct NbdSection {
     pub handshake_timeout_secs: u64,
     /// NBD over TLS (STARTTLS): credentials and whether clients must use it.
     pub tls: TlsSettings,
+    /// Which client identity may see, read or write which exports; empty: everyone all.
+    pub access: Vec<AccessRule>,
     /// Allow listening on an address other than loopback without requiring TLS (anyone who
     /// can reach it can then read and write every VDI).
     pub insecure: bool,
@@ -121,6 +123,7 @@ impl Default for NbdSection {
             loops: n.loops,
             handshake_timeout_secs: n.handshake_timeout.as_secs(),
             tls: TlsSettings::default(),
+            access: Vec::new(),
             insecure: false,
         }
     }
@@ -189,6 +192,7 @@ impl Config {
         self.nbd_config()
             .validate()
             .map_err(|e| format!("nbd: {e}"))?;
+        self.access_policy()?;
         let plaintext = self.nbd.tls.effective_mode() != TlsMode::Require;
         for a in &self.nbd.listen {
             let addr = a
@@ -210,6 +214,11 @@ impl Config {
             return Err("commit_interval_ms must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// The NBD access rules, checked.
+    pub fn access_policy(&self) -> Result<AccessPolicy, String> {
+        AccessPolicy::new(self.nbd.access.clone()).map_err(|e| format!("nbd.{e}"))
     }
 
     pub fn nbd_config(&self) -> NbdConfig {

@@ -207,6 +207,7 @@ impl Daemon {
                 );
             }
             server.set_tls(tls.clone());
+            server.set_access(cfg.access_policy().map_err(|e| anyhow!(e))?);
             let plaintext = !tls.as_ref().is_some_and(|t| t.required());
             for a in &cfg.nbd.listen {
                 let l = TcpListener::bind(a).map_err(|e| {

@@ -153,6 +153,9 @@ pub enum OpenError {
     Busy { name: String, why: String },
     #[error("export {0} is read-only")]
     ReadOnly(String),
+    /// The client may know the export but not open it (NBD access rules).
+    #[error("{0}")]
+    Denied(String),
     #[error("{0}")]
     Other(String),
 }

@@ -29,13 +29,14 @@ use crate::{
 };
 
 use super::{
+    access::{Access, AccessPolicy},
     buffers,
     config::{NbdConfig, StatsInner},
     exec::{self, Outcome},
     handshake::{Answer, Handshake, HandshakeLimits, Query, Step, TlsPolicy, MAX_OPTION_LEN},
     pool::{ConnId, Job, Pool},
     proto::{command_name, RequestHeader, WireError, EIO, OPTION_HEADER_LEN, REQUEST_LEN},
-    tls::{self, TlsServer},
+    tls::{self, ClientIdentity, TlsServer},
     transmission::{decide, error_reply, Command, Decision, Params, Request},
 };
 
@@ -274,6 +275,8 @@ pub struct Ctx<'a> {
     pub limiter: &'a mut RateLimit,
     /// TLS credentials, when the server has them.
     pub tls: Option<&'a TlsServer>,
+    /// Which client may see, read or write which export.
+    pub access: &'a Arc<AccessPolicy>,
 }
 
 /// What the event loop should do with a connection after pumping it.
@@ -341,6 +344,8 @@ pub struct Conn {
     io: Io,
     phase: Phase,
     tls: TlsPhase,
+    /// Who the client proved to be (anonymous until a TLS handshake says otherwise).
+    client: ClientIdentity,
     span: tracing::Span,
     /// Handshake deadline; `None` in transmission.
     pub deadline: Option<Instant>,
@@ -392,6 +397,7 @@ impl Conn {
             io,
             phase: Phase::Handshake(Box::new(Handshake::with_tls(limits, policy))),
             tls: TlsPhase::None,
+            client: ClientIdentity::Anonymous,
             span,
             deadline: Some(Instant::now() + cfg.handshake_timeout),
             queued: false,
@@ -589,6 +595,7 @@ impl Conn {
                 if let Phase::Handshake(hs) = &mut self.phase {
                     hs.tls_started();
                 }
+                self.client = who;
                 self.tls = TlsPhase::On;
                 Ok(())
             }
@@ -660,7 +667,7 @@ impl Conn {
                         Step::Continue => continue,
                         Step::NeedInput => return Ok(()),
                         Step::Query(q) => {
-                            self.io.submit_query(q, ctx);
+                            self.io.submit_query(q, self.client.clone(), ctx);
                             return Ok(());
                         }
                         Step::Abort => {
@@ -810,8 +817,9 @@ impl Io {
         Ok(())
     }
 
-    fn submit_query(&mut self, q: Query, ctx: &mut Ctx<'_>) {
+    fn submit_query(&mut self, q: Query, client: ClientIdentity, ctx: &mut Ctx<'_>) {
         let provider = ctx.provider.clone();
+        let access = ctx.access.clone();
         let fallback = match &q {
             Query::List => Answer::List(Vec::new()),
             Query::Lookup(_) => Answer::Lookup(None),
@@ -820,7 +828,7 @@ impl Io {
         ctx.pool.submit(Job {
             conn: self.id,
             work: Box::new(move || {
-                let (answer, disk) = answer_query(&*provider, q);
+                let (answer, disk) = answer_query(&*provider, q, &client, &access);
                 Done::Answer { answer, disk }
             }),
             fallback: Done::Answer {
@@ -1013,24 +1021,44 @@ impl Io {
     }
 }
 
-/// Answers a handshake query from the catalogue (on a worker thread). An `Open` also
-/// returns the disk it opened: writable unless the export is read-only.
-pub fn answer_query(provider: &dyn DiskProvider, q: Query) -> (Answer, Option<Arc<dyn Disk>>) {
-    let find = |name: &str| provider.export_info(name);
+/// Answers a handshake query from the export catalogue as `access` lets `client` see it (on a
+/// worker thread). An `Open` also returns the disk it opened.
+pub fn answer_query(
+    provider: &dyn DiskProvider,
+    q: Query,
+    client: &ClientIdentity,
+    access: &AccessPolicy,
+) -> (Answer, Option<Arc<dyn Disk>>) {
+    // What the client may do, and the export as it may use it (read-only unless it may write).
+    let find = |name: &str| {
+        let mut info = provider.export_info(name)?;
+        let allowed = access.access(client, name)?;
+        info.read_only |= allowed != Access::Write;
+        Some((allowed, info))
+    };
     match q {
-        Query::List => (Answer::List(provider.list_exports()), None),
-        Query::Lookup(name) => (Answer::Lookup(find(&name)), None),
+        Query::List => {
+            let mut exports = provider.list_exports();
+            exports.retain(|e| access.access(client, &e.name).is_some());
+            (Answer::List(exports), None)
+        }
+        Query::Lookup(name) => (Answer::Lookup(find(&name).map(|(_, info)| info)), None),
         Query::Open(name) => {
-            let Some(info) = find(&name) else {
+            let Some((allowed, info)) = find(&name) else {
                 return (Answer::Open(Err(OpenError::NotFound(name))), None);
             };
-            match provider.open_export(&name, !info.read_only) {
+            if allowed == Access::See {
+                let why = format!("client {client} may not open {name}");
+                return (Answer::Open(Err(OpenError::Denied(why))), None);
+            }
+            let write = !info.read_only;
+            match provider.open_export(&name, write) {
                 Ok(disk) => {
                     let export = ExportInfo {
                         name: info.name,
                         description: info.description,
                         size: disk.size(),
-                        read_only: info.read_only || disk.read_only(),
+                        read_only: !write || disk.read_only(),
                     };
                     (Answer::Open(Ok(export)), Some(disk))
                 }

@@ -622,7 +622,7 @@ pub fn transmission_flags(read_only: bool, structured: bool) -> u16 {
 fn open_error_reply(e: &OpenError) -> (u32, String) {
     let code = match e {
         OpenError::NotFound(_) => REP_ERR_UNKNOWN,
-        OpenError::Busy { .. } | OpenError::ReadOnly(_) => REP_ERR_POLICY,
+        OpenError::Busy { .. } | OpenError::ReadOnly(_) | OpenError::Denied(_) => REP_ERR_POLICY,
         OpenError::Other(_) => REP_ERR_UNKNOWN,
     };
     let mut msg = e.to_string();

@@ -9,6 +9,7 @@
 //!   exec          a checked request against a Disk → reply bytes        (worker threads)
 //!   conn, pool    per-connection buffers and backpressure; worker pool
 //!   tls           STARTTLS credentials (x509, PSK) and the client's identity
+//!   access        which identity may see, read or write which export
 //!   config        limits, sizes and counters
 //!   server        the mio event loops, listeners, shutdown
 //! ```
@@ -54,6 +55,7 @@
 //! Fuzz targets call [`handshake::fuzz_handshake`] and [`transmission::fuzz_requests`] (or the
 //! parsers they use) with arbitrary bytes; none of them panics.
 
+pub mod access;
 mod buffers;
 mod config;
 mod conn;
@@ -65,6 +67,7 @@ mod server;
 pub mod tls;
 pub mod transmission;
 
+pub use access::{Access, AccessPolicy, AccessRule};
 pub use config::{NbdConfig, NbdStats, NbdStatsHandle};
 pub use server::{NbdServer, NbdShutdown};
 pub use tls::{TlsMode, TlsServer, TlsSettings};

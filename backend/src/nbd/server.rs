@@ -31,6 +31,7 @@ use slab::Slab;
 use crate::{disk::DiskProvider, ratelimit::RateLimit};
 
 use super::{
+    access::AccessPolicy,
     config::{NbdConfig, NbdStatsHandle, StatsInner},
     conn::{Conn, Ctx, Done, Pump, Socket, Stream},
     pool::{ConnId, Pool},
@@ -107,6 +108,7 @@ pub struct NbdServer {
     shutdown: Arc<AtomicBool>,
     stats: Arc<StatsInner>,
     tls: Option<Arc<TlsServer>>,
+    access: Arc<AccessPolicy>,
 }
 
 impl NbdServer {
@@ -127,12 +129,18 @@ impl NbdServer {
             shutdown: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(StatsInner::default()),
             tls: None,
+            access: Arc::new(AccessPolicy::default()),
         })
     }
 
     /// Offers STARTTLS with these credentials (and requires it if they say so).
     pub fn set_tls(&mut self, tls: Option<Arc<TlsServer>>) {
         self.tls = tls;
+    }
+
+    /// Limits which client may see, read or write which export (by default: all, all).
+    pub fn set_access(&mut self, access: AccessPolicy) {
+        self.access = Arc::new(access);
     }
 
     fn listener_token(&self) -> Token {
@@ -191,6 +199,7 @@ impl NbdServer {
                 provider: self.provider.clone(),
                 cfg: self.cfg.clone(),
                 tls: self.tls.clone(),
+                access: self.access.clone(),
                 pool: Pool::new(workers, parts.waker.clone())?,
                 poll: parts.poll,
                 incoming: parts.handoffs.1,
@@ -232,6 +241,7 @@ struct Loop {
     provider: Arc<dyn DiskProvider>,
     cfg: NbdConfig,
     tls: Option<Arc<TlsServer>>,
+    access: Arc<AccessPolicy>,
     poll: Poll,
     /// Connections loop 0 accepted for this loop.
     incoming: Receiver<Handoff>,
@@ -434,6 +444,7 @@ impl Loop {
                 stats: &self.stats,
                 limiter: &mut self.limiter,
                 tls: self.tls.as_deref(),
+                access: &self.access,
             },
             &mut self.conns,
             &mut self.ready,

@@ -96,27 +96,7 @@ pub fn schedule_from_text(every: &str, keep: Option<&str>) -> Result<Schedule, S
 
 /// Whether `target` (a name, or a pattern with `*` and `?`) matches VDI `name`.
 pub fn matches(target: &str, name: &str) -> bool {
-    let (t, n) = (target.as_bytes(), name.as_bytes());
-    // Iterative wildcard match: on a mismatch, go back to the last `*` and let it take one
-    // more character.
-    let (mut i, mut j) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while j < n.len() {
-        if i < t.len() && (t[i] == b'?' || t[i] == n[j]) {
-            i += 1;
-            j += 1;
-        } else if i < t.len() && t[i] == b'*' {
-            star = Some((i, j));
-            i += 1;
-        } else if let Some((si, sj)) = star {
-            i = si + 1;
-            j = sj + 1;
-            star = Some((si, sj + 1));
-        } else {
-            return false;
-        }
-    }
-    t[i..].iter().all(|&c| c == b'*')
+    crate::util::wildcard_match(target, name)
 }
 
 fn is_pattern(target: &str) -> bool {

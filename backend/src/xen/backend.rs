@@ -84,7 +84,7 @@ fn open_message(e: &OpenError) -> String {
         }
         OpenError::Busy { name, why } => format!("VDI {name:?} is busy: {why}"),
         OpenError::ReadOnly(n) => format!("{n:?} is read-only (attach it with mode r)"),
-        OpenError::Other(m) => m.clone(),
+        OpenError::Other(m) | OpenError::Denied(m) => m.clone(),
     }
 }
 
