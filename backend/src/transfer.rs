@@ -1,8 +1,9 @@
 //! Moving raw images into and out of VDIs (`vdi import`, `vdi export`), used both by the CLI
 //! on a store it opened itself and by the daemon on behalf of the CLI.
 //!
-//! Import walks only the data regions of a sparse source (SEEK_DATA/SEEK_HOLE) and the store
-//! drops all-zero blocks, so holes and zeros stay unallocated. Export writes only data extents
+//! Import walks only the data regions of a sparse source (SEEK_DATA/SEEK_HOLE, or an NBD
+//! server's `base:allocation`) and the store drops all-zero blocks, so holes and zeros stay
+//! unallocated. Export writes only data extents
 //! into a file it sized first, so the output is sparse too.
 
 use std::{
@@ -13,12 +14,19 @@ use std::{
         unix::fs::{FileExt, FileTypeExt},
     },
     sync::Arc,
+    time::Duration,
 };
 
 use crate::{
     disk::ExtentState,
+    nbd::{client::NbdClient, uri::NbdUri},
     store::{Store, StoreError, StoreResult},
 };
+
+/// How long a remote NBD server may take to answer before an import gives up.
+const REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes asked about in one NBD_CMD_BLOCK_STATUS.
+const STATUS_WINDOW: u64 = 1 << 30;
 
 /// Bytes moved per read/write call.
 const CHUNK: u64 = 4 << 20;
@@ -181,6 +189,61 @@ pub fn import(
             }
         }
         // The last word before the name appears: a daemon's client that went away stops it.
+        progress(vdi_size, vdi_size)?;
+    }
+    staged.publish()?;
+    Ok(vdi_size)
+}
+
+/// Creates VDI `name` from the NBD export `source` (a URI: another Parallax host, qemu-nbd,
+/// nbdkit, nbd-server; `nbds://` for TLS), reading only what the server's `base:allocation`
+/// says may hold data. `size` (default: the export's, rounded up to 512 bytes) may be larger.
+/// On failure the half-made VDI is deleted. Returns the VDI's size.
+pub fn import_nbd(
+    store: &Arc<Store>,
+    name: &str,
+    source: &str,
+    size: Option<u64>,
+    progress: Progress,
+) -> StoreResult<u64> {
+    let uri = NbdUri::parse(source).map_err(StoreError::Invalid)?;
+    let remote = |e: io::Error| StoreError::Io(io::Error::new(e.kind(), format!("{source}: {e}")));
+    let mut client = NbdClient::connect(&uri, REMOTE_TIMEOUT).map_err(remote)?;
+    let total = client.size();
+    let vdi_size = match size {
+        Some(s) if s < total => {
+            return Err(StoreError::Invalid(format!(
+                "--size {s} is smaller than the export ({total} bytes)"
+            )))
+        }
+        Some(s) => s,
+        None => total.div_ceil(512).max(1) * 512,
+    };
+    let staged = store.create_staged(name, vdi_size)?;
+    {
+        let disk = store.open_vdi(staged.staging_name(), true)?;
+        let mut buf = vec![0u8; CHUNK as usize];
+        progress(0, total)?;
+        let mut pos = 0u64;
+        while pos < total {
+            let window = (total - pos).min(STATUS_WINDOW) as u32;
+            for extent in client.extents(pos, window).map_err(remote)? {
+                let end = (pos + extent.len).min(total);
+                let mut at = pos;
+                while !extent.zero && at < end {
+                    let n = (end - at).min(CHUNK) as usize;
+                    client.read(&mut buf[..n], at).map_err(remote)?;
+                    disk.write(&buf[..n], at, false)?;
+                    at += n as u64;
+                    progress(at, total)?;
+                }
+                pos = end;
+                progress(pos, total)?;
+                if pos >= total {
+                    break;
+                }
+            }
+        }
         progress(vdi_size, vdi_size)?;
     }
     staged.publish()?;

@@ -26,6 +26,7 @@ use crate::{
         config::Config,
         control::{ControlClient, RemoteError, Request},
     },
+    nbd::uri::NbdUri,
     store::{
         CheckReport, DeleteReport, DfReport, DiffReport, GcReport, Kind, ListFilter,
         RollbackReport, Store, StoreError, StoreOptions, TreeNode, VdiInfo, VdiSummary,
@@ -180,7 +181,11 @@ enum VdiCommand {
         /// The new VDI's name: letters, digits and `. _ + - :`, up to 200 bytes, not starting
         /// with `-` or `.`.
         name: String,
-        /// A raw image (convert others with qemu-img convert -O raw), or `-` for stdin.
+        /// A raw image (convert others with qemu-img convert -O raw), `-` for stdin, or an NBD
+        /// export: `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, or over TLS
+        /// `nbds://USER@HOST/EXPORT?tls-psk-file=KEYS` or
+        /// `nbds://HOST/EXPORT?tls-certificates=DIR` (another Parallax host, qemu-nbd, nbdkit;
+        /// only what its block status shows as data is read).
         file: PathBuf,
         /// VDI size, if larger than the image (required when reading a pipe).
         #[arg(long, value_parser = parse_size)]
@@ -887,21 +892,40 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             size,
             json,
         } => {
-            let f = if file.as_os_str() == "-" {
-                dup_std(0)?
-            } else {
-                File::open(&file).with_context(|| format!("cannot open {}", file.display()))?
-            };
             let bar = Bar::new(&format!("importing {name}"), true, false);
-            let vsize: u64 = t.call(
-                Request::Import {
-                    name: name.clone(),
-                    size,
-                },
-                Some(&f),
-                Some(&bar),
-                |s, p| transfer::import(s, &name, &f, size, &mut quiet(p)),
-            )?;
+            let uri = file.to_str().filter(|s| NbdUri::is_uri(s));
+            let vsize: u64 = if let Some(uri) = uri {
+                // The daemon connects itself: the key files the URI names must not depend on
+                // this process's directory.
+                let cwd = std::env::current_dir().context("cannot find the current directory")?;
+                let uri = NbdUri::with_absolute_paths(uri, &cwd);
+                t.call(
+                    Request::Import {
+                        name: name.clone(),
+                        size,
+                        source: Some(uri.clone()),
+                    },
+                    None,
+                    Some(&bar),
+                    |s, p| transfer::import_nbd(s, &name, &uri, size, &mut quiet(p)),
+                )?
+            } else {
+                let f = if file.as_os_str() == "-" {
+                    dup_std(0)?
+                } else {
+                    File::open(&file).with_context(|| format!("cannot open {}", file.display()))?
+                };
+                t.call(
+                    Request::Import {
+                        name: name.clone(),
+                        size,
+                        source: None,
+                    },
+                    Some(&f),
+                    Some(&bar),
+                    |s, p| transfer::import(s, &name, &f, size, &mut quiet(p)),
+                )?
+            };
             let info: VdiInfo =
                 t.call(Request::Info { name: name.clone() }, None, None, |s, _| {
                     s.info(&name)

@@ -42,10 +42,13 @@ pub enum Request {
         name: String,
         size: u64,
     },
-    /// The raw image comes as a file descriptor.
+    /// The raw image comes as a file descriptor, or from the NBD export at `source` (a URI
+    /// the daemon connects to; paths in it absolute).
     Import {
         name: String,
         size: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
     },
     /// The destination comes as a file descriptor; `stream` for pipes (write every byte).
     Export {
@@ -141,8 +144,11 @@ impl std::fmt::Display for Request {
         match self {
             Request::Hello => write!(f, "hello"),
             Request::Create { name, size } => write!(f, "vdi create {name} --size {size}"),
-            Request::Import { name, size } => {
+            Request::Import { name, size, source } => {
                 write!(f, "vdi import {name}")?;
+                if let Some(s) = source {
+                    write!(f, " {s}")?;
+                }
                 size.map_or(Ok(()), |s| write!(f, " --size {s}"))
             }
             Request::Export { name, stream } => {
@@ -561,7 +567,16 @@ fn execute(
             version: env!("CARGO_PKG_VERSION").into(),
         }),
         Request::Create { name, size } => to_value(s.create_vdi(name, *size)?),
-        Request::Import { name, size } => {
+        Request::Import {
+            name,
+            size,
+            source: Some(uri),
+        } => to_value(transfer::import_nbd(s, name, uri, *size, &mut progress)?),
+        Request::Import {
+            name,
+            size,
+            source: None,
+        } => {
             let f = need_file(fd)?;
             to_value(transfer::import(s, name, &f, *size, &mut progress)?)
         }

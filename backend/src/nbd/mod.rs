@@ -10,6 +10,7 @@
 //!   conn, pool    per-connection buffers and backpressure; worker pool
 //!   tls           STARTTLS credentials (x509, PSK) and the client's identity
 //!   access        which identity may see, read or write which export
+//!   uri, client   NBD URIs, and a blocking client for another server's export
 //!   config        limits, sizes and counters
 //!   server        the mio event loops, listeners, shutdown
 //! ```
@@ -57,6 +58,7 @@
 
 pub mod access;
 mod buffers;
+pub mod client;
 mod config;
 mod conn;
 pub mod exec;
@@ -66,6 +68,7 @@ pub mod proto;
 mod server;
 pub mod tls;
 pub mod transmission;
+pub mod uri;
 
 pub use access::{Access, AccessPolicy, AccessRule};
 pub use config::{NbdConfig, NbdStats, NbdStatsHandle};
