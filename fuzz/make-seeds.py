@@ -29,6 +29,21 @@ FLAGS = struct.pack(">I", 3)
 put("nbd_handshake", "go", FLAGS + opt(8) + opt(10, meta("disk", ["base:allocation"])) + opt(7, name_req("disk", (0, 1, 2, 3))))
 put("nbd_handshake", "list-info", FLAGS + opt(3) + opt(6, name_req("disk@snap", (3,))) + opt(9, meta("disk", [])) + opt(2))
 put("nbd_handshake", "export-name", struct.pack(">I", 1) + opt(1, b"disk"))
+# --- NBD client: what a server sends (greeting, option replies, then reply chunks) ---------
+NBDMAGIC, REPLY_MAGIC, CHUNK_MAGIC = 0x4e42444d41474943, 0x0003e889045565a9, 0x668e33ef
+def rep(o, t, data=b""):
+    return struct.pack(">QIII", REPLY_MAGIC, o, t, len(data)) + data
+def chunk(flags, kind, handle, payload):
+    return struct.pack(">IHHQI", CHUNK_MAGIC, flags, kind, handle, len(payload)) + payload
+SIZE = 65536
+server = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3)
+server += rep(8, 1)
+server += rep(10, 4, struct.pack(">I", 1) + b"base:allocation") + rep(10, 1)
+server += rep(7, 3, struct.pack(">HQH", 0, SIZE, 1)) + rep(7, 3, struct.pack(">HIII", 3, 1, 4096, 1 << 25)) + rep(7, 1)
+status = chunk(1, 5, 1, struct.pack(">III", 1, 32768, 0) + struct.pack(">II", 32768, 3))
+put("nbd_client", "status-then-read", server + status + chunk(1, 1, 2, struct.pack(">Q", 0) + bytes(range(256)) * 256))
+put("nbd_client", "hole-and-error", server + status + chunk(0, 2, 2, struct.pack(">QI", 0, 4096)) + chunk(1, 0x8001, 2, struct.pack(">IH", 5, 3) + b"bad"))
+put("nbd_client", "refused", struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3) + rep(8, 0x80000001) + rep(7, 0x80000006, b"no such export"))
 put("nbd_handshake", "starttls-then-go", FLAGS + opt(8) + opt(5) + opt(5) + opt(7, name_req("disk", (3,))))
 put("nbd_handshake", "unknown-then-go", FLAGS + opt(5, b"x" * 16) + opt(7, name_req("nope")) + opt(7, name_req("")))
 

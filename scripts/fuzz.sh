@@ -21,7 +21,7 @@ if [ $# -gt 0 ] && [[ $1 =~ ^[0-9]+$ ]]; then
   shift
 fi
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(nbd_handshake nbd_requests blkif_ring store_metadata config send_stream)
+[ ${#targets[@]} -eq 0 ] && targets=(nbd_handshake nbd_requests nbd_client blkif_ring store_metadata config send_stream)
 build=("${targets[@]}")
 [ $# -eq 0 ] && build=("")   # cargo fuzz build with no target builds them all in one go
 

@@ -40,6 +40,11 @@ fn nbd_handshake() {
 }
 
 #[test]
+fn nbd_client() {
+    replay("nbd_client");
+}
+
+#[test]
 fn nbd_requests() {
     replay("nbd_requests");
 }

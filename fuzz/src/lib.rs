@@ -14,6 +14,11 @@ pub fn nbd_handshake(data: &[u8]) {
     parallax::nbd::handshake::fuzz_handshake(data);
 }
 
+/// The NBD client against a server sending arbitrary bytes (handshake, block status, read).
+pub fn nbd_client(data: &[u8]) {
+    parallax::nbd::client::fuzz_client(data);
+}
+
 /// Transmission-phase request headers (28 bytes each) through the server's request checks.
 pub fn nbd_requests(data: &[u8]) {
     parallax::nbd::transmission::fuzz_requests(data);
@@ -67,8 +72,9 @@ pub fn send_stream(data: &[u8]) {
 pub type Harness = fn(&[u8]);
 
 /// Every harness by target name (for replaying inputs).
-pub const TARGETS: [(&str, Harness); 6] = [
+pub const TARGETS: [(&str, Harness); 7] = [
     ("nbd_handshake", nbd_handshake),
+    ("nbd_client", nbd_client),
     ("nbd_requests", nbd_requests),
     ("blkif_ring", blkif_ring),
     ("store_metadata", store_metadata),

@@ -63,7 +63,7 @@ fn reply_text(data: &[u8]) -> String {
 impl NbdClient {
     /// Connects and negotiates; every socket operation gives up after `timeout`.
     pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<NbdClient> {
-        let mut link: Box<dyn Link> = match &uri.address {
+        let link: Box<dyn Link> = match &uri.address {
             Address::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port))?;
                 s.set_read_timeout(Some(timeout))?;
@@ -79,6 +79,11 @@ impl NbdClient {
                 Box::new(s)
             }
         };
+        Self::start(link, uri)
+    }
+
+    /// The handshake over a connected `link`.
+    fn start(mut link: Box<dyn Link>, uri: &NbdUri) -> io::Result<NbdClient> {
         let greeting = read_n(&mut *link, GREETING_LEN)?;
         if get_u64(&greeting, 0) != Some(NBDMAGIC) || get_u64(&greeting, 8) != Some(IHAVEOPT) {
             return Err(protocol("not a newstyle NBD server"));
@@ -361,7 +366,7 @@ fn in_range(at: u64, len: u64, offset: u64, buf_len: usize) -> io::Result<usize>
     let start = at
         .checked_sub(offset)
         .ok_or_else(|| protocol("chunk before the request"))?;
-    if start + len > buf_len as u64 {
+    if start.checked_add(len).is_none_or(|end| end > buf_len as u64) {
         return Err(protocol("chunk past the request"));
     }
     Ok(start as usize)
@@ -459,4 +464,45 @@ fn start_tls(link: Box<dyn Link>, uri: &NbdUri) -> io::Result<Box<dyn Link>> {
     s.connect()
         .map_err(|e| io::Error::other(format!("TLS handshake: {e}")))?;
     Ok(Box::new(s))
+}
+
+/// A server that answers with `data`, whatever it is asked; what the client sends is dropped.
+struct Scripted(io::Cursor<Vec<u8>>);
+
+impl Read for Scripted {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for Scripted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs the client against a server that sends `data` (the handshake, then a block status
+/// and a read of the first 64 KiB). A fuzz target's entry point: whatever the server sends,
+/// the client returns an error or data, and never panics or allocates without bound.
+pub fn fuzz_client(data: &[u8]) {
+    let uri = NbdUri {
+        address: Address::Unix(Default::default()),
+        export: "disk".into(),
+        tls: false,
+        psk_file: None,
+        username: None,
+        certificates: None,
+    };
+    let link = Box::new(Scripted(io::Cursor::new(data.to_vec())));
+    let Ok(mut c) = NbdClient::start(link, &uri) else {
+        return;
+    };
+    let n = c.size().min(64 << 10);
+    let _ = c.extents(0, n as u32);
+    let mut buf = vec![0u8; n as usize];
+    let _ = c.read(&mut buf, 0);
 }
