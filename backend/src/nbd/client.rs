@@ -366,7 +366,10 @@ fn in_range(at: u64, len: u64, offset: u64, buf_len: usize) -> io::Result<usize>
     let start = at
         .checked_sub(offset)
         .ok_or_else(|| protocol("chunk before the request"))?;
-    if start.checked_add(len).is_none_or(|end| end > buf_len as u64) {
+    if start
+        .checked_add(len)
+        .is_none_or(|end| end > buf_len as u64)
+    {
         return Err(protocol("chunk past the request"));
     }
     Ok(start as usize)

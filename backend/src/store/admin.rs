@@ -41,6 +41,23 @@ pub struct VdiSummary {
     pub unique: Option<u64>,
 }
 
+impl VdiSummary {
+    /// The summary of `rec`, named `name` (its full name), without the map walk `used` and
+    /// `unique` need.
+    pub(super) fn of(rec: &Record, name: String, origin: (Option<String>, bool)) -> VdiSummary {
+        VdiSummary {
+            name,
+            kind: rec.kind,
+            size: rec.size,
+            created: secs(rec.created_ns),
+            origin: origin.0,
+            origin_deleted: origin.1,
+            used: None,
+            unique: None,
+        }
+    }
+}
+
 /// Which entries `vdi list` shows (all of them by default).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListFilter {
@@ -464,17 +481,9 @@ impl Store {
         let mut cat = self.catalog.lock();
         let id = cat.resolve(&*self.dev, full)?;
         let rec = self.record_of(&mut cat, id)?;
-        let (origin, origin_deleted) = self.origin_name(&mut cat, &rec);
-        Ok(VdiSummary {
-            name: self.full_name(&mut cat, &rec)?,
-            kind: rec.kind,
-            size: rec.size,
-            created: secs(rec.created_ns),
-            origin,
-            origin_deleted,
-            used: None,
-            unique: None,
-        })
+        let origin = self.origin_name(&mut cat, &rec);
+        let name = self.full_name(&mut cat, &rec)?;
+        Ok(VdiSummary::of(&rec, name, origin))
     }
 
     pub fn info(&self, full: &str) -> StoreResult<VdiInfo> {

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{
-    admin::{secs, snapshot_node, vdi_node, ListFilter, TreeNode, VdiSummary},
+    admin::{snapshot_node, vdi_node, ListFilter, TreeNode, VdiSummary},
     catalog::{Catalog, Counts},
     error::{StoreError, StoreResult},
     format::BLOCK_SIZE_U64,
@@ -187,16 +187,7 @@ impl Store {
             }
             let r = Record::decode(raw)?;
             if !is_staging(&r.name) {
-                let v = VdiSummary {
-                    name: r.name.clone(),
-                    kind: r.kind,
-                    size: r.size,
-                    created: secs(r.created_ns),
-                    origin: Some(origin.to_string()),
-                    origin_deleted: false,
-                    used: None,
-                    unique: None,
-                };
+                let v = VdiSummary::of(&r, r.name.clone(), (Some(origin.to_string()), false));
                 out.push((v, r.id));
             }
             Ok(true)
@@ -227,7 +218,7 @@ impl Store {
         name: String,
         origins: &mut HashMap<u64, (Option<String>, bool)>,
     ) -> VdiSummary {
-        let (origin, origin_deleted) = match origins.get(&rec.origin) {
+        let origin = match origins.get(&rec.origin) {
             Some(o) => o.clone(),
             None => {
                 let o = self.origin_name(cat, rec);
@@ -238,16 +229,7 @@ impl Store {
                 o
             }
         };
-        VdiSummary {
-            name,
-            kind: rec.kind,
-            size: rec.size,
-            created: secs(rec.created_ns),
-            origin,
-            origin_deleted,
-            used: None,
-            unique: None,
-        }
+        VdiSummary::of(rec, name, origin)
     }
 
     /// Every live record with an id of at least `first`, in id order (the tree's as of the
@@ -366,6 +348,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::store::admin::secs;
     use crate::store::{device::MemDevice, StoreOptions};
 
     fn store() -> Arc<Store> {
