@@ -335,6 +335,27 @@ fn serve_requires_tls_or_insecure_beyond_loopback() {
     ]);
     f.assert_one_line(1, "reachable from other hosts");
     assert!(f.stderr.contains("--insecure"), "{}", f.stderr);
+    // With --insecure it starts, and says what that means.
+    let err = std::fs::File::create(store.file("insecure.log")).unwrap();
+    let mut child = store
+        .cmd(&["serve", "--listen", "0.0.0.0:0", "--insecure", "--unix"])
+        .arg(store.file("i.sock"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let ready = std::io::BufRead::lines(out)
+        .map_while(Result::ok)
+        .any(|l| l.starts_with(READY_PREFIX));
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(store.file("insecure.log")).unwrap();
+    assert!(ready, "{log}");
+    assert!(
+        log.contains("without TLS (--insecure)") && log.contains("WARN"),
+        "{log}"
+    );
     let f = store.fail(&["serve", "--listen", "127.0.0.1:0", "--tls", "require"]);
     f.assert_one_line(1, "needs a certificate");
     let f = store.fail(&[
