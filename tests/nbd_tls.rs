@@ -492,3 +492,48 @@ fn access_rules_decide_what_each_client_sees_reads_and_writes() {
     }
     run_ok(&mut qemu_io("bob", &bob, "vm1", "read -P 0x33 0 64k"));
 }
+
+/// Our own client with x509: `vdi import` from a daemon that requires client certificates
+/// checks the server's certificate against the CA and its address, and presents its own.
+#[test]
+fn import_over_x509_presents_and_checks_certificates() {
+    let pki = Pki::new();
+    let src = TestStore::new("256M");
+    let img = random_bytes(9, 3 * MIB as usize);
+    src.import("tmpl", &img);
+    let p = |n: &str| pki.path(n).display().to_string();
+    let config = format!(
+        r#"(nbd: (workers: 2, tls: (cert: "{}", key: "{}", ca: "{}")))"#,
+        p("server-cert.pem"),
+        p("server-key.pem"),
+        p("ca-cert.pem")
+    );
+    let d = Daemon::start_with(&src, &config, &[]);
+    let dst = TestStore::new("256M");
+    let uri = |host: &str, dir: &str| {
+        format!(
+            "nbds://{host}:{}/tmpl?tls-certificates={}",
+            d.port(),
+            pki.path(dir).display()
+        )
+    };
+    dst.run(&["vdi", "import", "copy", &uri("127.0.0.1", "client")]);
+    assert!(dst.export("copy") == img);
+    assert!(d.wait_stderr("client=cert:alice"), "{}", d.stderr());
+    // By name too (the certificate names localhost).
+    dst.run(&["vdi", "import", "by-name", &uri("localhost", "client")]);
+    // A certificate from another CA, and none at all, are turned away.
+    dst.fail(&["vdi", "import", "x", &uri("127.0.0.1", "rogue")])
+        .assert_one_line(1, "nbds://");
+    let anon = pki.path("anon");
+    std::fs::create_dir(&anon).unwrap();
+    std::fs::copy(pki.path("ca-cert.pem"), anon.join("ca-cert.pem")).unwrap();
+    dst.fail(&["vdi", "import", "x", &uri("127.0.0.1", "anon")])
+        .assert_one_line(1, "nbds://");
+    // The client checks the server: a CA that did not sign its certificate fails.
+    let other = pki.path("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::copy(pki.path("rogue-ca-cert.pem"), other.join("ca-cert.pem")).unwrap();
+    let e = dst.fail(&["vdi", "import", "x", &uri("127.0.0.1", "other")]);
+    e.assert_one_line(1, "certificate verify failed");
+}
