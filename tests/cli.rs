@@ -12,6 +12,7 @@ use std::{
 
 use parallax_integration::{
     daemon::*,
+    fixtures::names_listed,
     nbd::{random_bytes, run_ok},
 };
 use serde_json::Value;
@@ -351,16 +352,7 @@ fn list_streams_each_vdi_with_its_snapshots(mode: Mode) {
     env.run(&["vdi", "snapshot", "a", "s2"]);
     env.run(&["vdi", "snapshot", "a", "s1"]);
     env.run(&["vdi", "fork", "a@s1", "b"]);
-    let names = |args: &[&str]| -> Vec<String> {
-        let mut a = vec!["vdi", "list", "--json"];
-        a.extend_from_slice(args);
-        env.json(&a)
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["name"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let names = |args: &[&str]| names_listed(&env, args);
     assert_eq!(names(&[]), ["a", "a@s1", "a@s2", "a-b", "a0", "aA", "b"]);
     assert_eq!(names(&["--prefix", "a@"]), ["a@s1", "a@s2"]);
     assert_eq!(names(&["--prefix", "a@s2"]), ["a@s2"]);
@@ -445,16 +437,7 @@ fn list_info_tree(mode: Mode) {
         assert!(e["created"].as_u64().unwrap() > 1_600_000_000, "{e}");
     }
     // Filters, alone and together; the output stays sorted by name.
-    let names = |args: &[&str]| -> Vec<String> {
-        let mut a = vec!["vdi", "list", "--json"];
-        a.extend_from_slice(args);
-        env.json(&a)
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["name"].as_str().unwrap().to_string())
-            .collect()
-    };
+    let names = |args: &[&str]| names_listed(&env, args);
     assert_eq!(names(&["--prefix", "vm"]), ["vm1", "vm1@monday", "vm2"]);
     assert_eq!(names(&["-t", "snapshot"]), ["tmpl@gold", "vm1@monday"]);
     assert_eq!(names(&["--type", "vdi", "--prefix", "vm"]), ["vm1", "vm2"]);

@@ -22,7 +22,14 @@ pub fn pattern() -> Vec<u8> {
 
 /// The names `vdi list` shows, in its order.
 pub fn names(store: &TestStore) -> Vec<String> {
-    let list: Value = store.json(&["vdi", "list", "--json"]);
+    names_listed(store, &[])
+}
+
+/// The names `vdi list --json ARGS…` shows, in its order.
+pub fn names_listed(store: &TestStore, args: &[&str]) -> Vec<String> {
+    let mut a = vec!["vdi", "list", "--json"];
+    a.extend_from_slice(args);
+    let list: Value = store.json(&a);
     list.as_array()
         .unwrap()
         .iter()
