@@ -91,6 +91,18 @@ pub fn foreign_format(head: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// The size of a VDI imported from a source of `len` bytes: `size` if given (never smaller
+/// than the source), else `len` rounded up to 512 bytes.
+fn vdi_size_for(size: Option<u64>, len: u64, what: &str) -> StoreResult<u64> {
+    match size {
+        Some(s) if s < len => Err(StoreError::Invalid(format!(
+            "--size {s} is smaller than the {what} ({len} bytes)"
+        ))),
+        Some(s) => Ok(s),
+        None => Ok(len.div_ceil(512).max(1) * 512),
+    }
+}
+
 /// Creates VDI `name` from the raw image in `src` and fills it. `size` (default: the image's,
 /// rounded up to 512 bytes) may be larger than the image. A pipe is read front to back and
 /// needs `size`. On failure the half-made VDI is deleted. Returns the VDI's size.
@@ -120,20 +132,15 @@ pub fn import(
     } else {
         None
     };
-    let vdi_size =
-        match (size, src_size) {
-            (Some(s), Some(n)) if s < n => {
-                return Err(StoreError::Invalid(format!(
-                    "--size {s} is smaller than the image ({n} bytes)"
-                )))
-            }
-            (Some(s), _) => s,
-            (None, Some(n)) => n.div_ceil(512).max(1) * 512,
-            (None, None) => return Err(StoreError::Invalid(
+    let vdi_size = match src_size {
+        Some(n) => vdi_size_for(size, n, "image")?,
+        None => size.ok_or_else(|| {
+            StoreError::Invalid(
                 "importing from a pipe needs --size (the image's size cannot be known up front)"
                     .into(),
-            )),
-        };
+            )
+        })?,
+    };
     let mut buf = vec![0u8; CHUNK as usize];
     // Look at the first bytes before creating anything.
     let head_len = if seekable {
@@ -210,15 +217,7 @@ pub fn import_nbd(
     let remote = |e: io::Error| StoreError::Io(io::Error::new(e.kind(), format!("{source}: {e}")));
     let mut client = NbdClient::connect(&uri, REMOTE_TIMEOUT).map_err(remote)?;
     let total = client.size();
-    let vdi_size = match size {
-        Some(s) if s < total => {
-            return Err(StoreError::Invalid(format!(
-                "--size {s} is smaller than the export ({total} bytes)"
-            )))
-        }
-        Some(s) => s,
-        None => total.div_ceil(512).max(1) * 512,
-    };
+    let vdi_size = vdi_size_for(size, total, "export")?;
     let staged = store.create_staged(name, vdi_size)?;
     {
         let disk = store.open_vdi(staged.staging_name(), true)?;

@@ -653,9 +653,9 @@ impl Conn {
     /// Parses and acts on buffered input. `Err` means close the connection now.
     fn process(&mut self, ctx: &mut Ctx<'_>) -> Result<(), ()> {
         loop {
+            let switching = self.tls_switching();
             match &mut self.phase {
                 Phase::Handshake(hs) => {
-                    let switching = matches!(self.tls, TlsPhase::Starting | TlsPhase::Accepting);
                     if self.io.input_closed || hs.waiting() || !self.io.out.is_empty() || switching
                     {
                         return Ok(());

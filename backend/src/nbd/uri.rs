@@ -109,9 +109,7 @@ impl NbdUri {
         };
         Ok(uri)
     }
-}
 
-impl NbdUri {
     /// `uri` with the relative file paths in its query (`tls-psk-file`, `tls-certificates`,
     /// `socket`) made relative to `cwd`, for a process that runs elsewhere (the daemon).
     pub fn with_absolute_paths(uri: &str, cwd: &std::path::Path) -> String {
