@@ -13,7 +13,7 @@ pub mod worker;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{is_staging, KeepRule, Kind, ListFilter, Store, StoreResult};
+use crate::store::{is_hidden, KeepRule, Kind, ListFilter, Store, StoreResult};
 
 pub use policy::{auto_name, auto_time, schedule_from_text, AUTO_PREFIX};
 pub use worker::{run_once, PassReport, ScheduleCounters, Scheduler, Waker};
@@ -85,7 +85,7 @@ fn histories(
             ..ListFilter::default()
         })? {
             match e.kind {
-                Kind::Vdi if !is_staging(&e.name) => {
+                Kind::Vdi if !is_hidden(&e.name) => {
                     index.insert(e.name.clone(), out.len());
                     out.push(policy::VdiHistory {
                         name: e.name,

@@ -5,7 +5,10 @@
 //! The report types are serialisable: the CLI prints them (or `--json`), and the daemon's
 //! control socket carries them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,8 +17,8 @@ use super::{
     error::{StoreError, StoreResult},
     format::{Ptr, BLOCK_SIZE_U64, FANOUT, MAX_VDI_BYTES},
     nodes::retry_evicted,
+    registry::is_hidden,
     registry::{decode_id, snapshot_key, snapshot_prefix, split_name, validate_name, Kind, Record},
-    staging::is_staging,
     store::{now_ns, Store},
 };
 
@@ -39,6 +42,9 @@ pub struct VdiSummary {
     pub used: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unique: Option<u64>,
+    /// The NBD export it reads through where it was never written (remote-backed VDIs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<String>,
 }
 
 impl VdiSummary {
@@ -54,6 +60,7 @@ impl VdiSummary {
             origin_deleted: origin.1,
             used: None,
             unique: None,
+            backing: rec.backing.clone(),
         }
     }
 }
@@ -111,6 +118,9 @@ pub struct VdiInfo {
     pub snapshots: Vec<String>,
     pub forks: Vec<String>,
     pub open_handles: usize,
+    /// A remote-backed VDI's backing: what is local, cached and still remote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<super::BackingInfo>,
 }
 
 /// `df`.
@@ -146,6 +156,15 @@ pub struct DfReport {
     /// The store's on-disk format version (`parallax upgrade` moves old ones forward).
     #[serde(default)]
     pub format_version: u64,
+    /// Remote-backed VDIs and snapshots: where their bytes are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backed: Vec<super::BackedUsage>,
+    /// Caches of remote exports (one per backing), and the data they hold (part of
+    /// `stored_bytes`).
+    #[serde(default)]
+    pub remote_caches: u64,
+    #[serde(default)]
+    pub remote_cache_bytes: u64,
 }
 
 /// One node of `vdi tree`.
@@ -380,6 +399,11 @@ impl Store {
     /// (each checkpoint) or `gc`.
     pub fn delete(&self, full: &str, recursive: bool) -> StoreResult<DeleteReport> {
         self.check_writable()?;
+        let backings = if is_hidden(full) {
+            Default::default()
+        } else {
+            self.backings_of(std::slice::from_ref(&full.to_string()))
+        };
         let deleted = {
             let change = self.change();
             let mut cat = self.catalog.lock();
@@ -387,6 +411,13 @@ impl Store {
             self.apply_delete(&mut cat, &victims, change.gen)?
         };
         self.flush()?;
+        for uri in backings {
+            // The delete is done and durable; a cache left over is only space (the next
+            // delete or hydrate of a VDI backed by it tries again).
+            if let Err(e) = self.drop_cache_if_unused(&uri) {
+                tracing::warn!("the cache of {uri} stays for now: {e}");
+            }
+        }
         Ok(DeleteReport {
             deleted,
             dry_run: false,
@@ -486,7 +517,7 @@ impl Store {
         Ok(VdiSummary::of(&rec, name, origin))
     }
 
-    pub fn info(&self, full: &str) -> StoreResult<VdiInfo> {
+    pub fn info(self: &Arc<Self>, full: &str) -> StoreResult<VdiInfo> {
         let (id, rec, handles, snapshots, name, origin) = {
             let mut cat = self.catalog.lock();
             let id = cat.resolve(&*self.dev, full)?;
@@ -528,6 +559,7 @@ impl Store {
             snapshots,
             forks,
             open_handles: handles,
+            backing: self.backing_info(full)?,
         })
     }
 
@@ -544,7 +576,7 @@ impl Store {
         for r in &recs {
             match r.kind {
                 Kind::Snapshot => snaps_of.entry(r.parent).or_default().push(r),
-                Kind::Vdi if is_staging(&r.name) => {}
+                Kind::Vdi if is_hidden(&r.name) => {}
                 Kind::Vdi if r.origin == 0 => roots.push(r),
                 Kind::Vdi if by_id.contains_key(&r.origin) => {
                     forks_of.entry(r.origin).or_default().push(r)
@@ -573,7 +605,7 @@ impl Store {
         Ok(out)
     }
 
-    pub fn df(&self) -> StoreResult<DfReport> {
+    pub fn df(self: &Arc<Self>) -> StoreResult<DfReport> {
         let generation = self.durable_generation();
         let (recs, registry_blocks) = {
             let mut cat = self.catalog.lock();
@@ -588,11 +620,31 @@ impl Store {
                 .walk_live(r.id, |root, h| self.count_data(root, h, &mut memo))?
                 .unwrap_or(0);
         }
+        let (caches, recs): (Vec<Record>, Vec<Record>) =
+            recs.into_iter().partition(|r| is_hidden(&r.name));
+        let mut cache_memo = HashMap::new();
+        let mut remote_cache_bytes = 0;
+        for c in &caches {
+            remote_cache_bytes += self
+                .walk_live(c.id, |root, h| self.count_data(root, h, &mut cache_memo))?
+                .unwrap_or(0)
+                * BLOCK_SIZE_U64;
+        }
+        let mut backed = Vec::new();
+        for r in recs.iter().filter(|r| r.backing.is_some()) {
+            let name = self.full_name(&mut self.catalog.lock(), r)?;
+            let uri = r.backing.as_deref().unwrap_or_default();
+            backed.push(self.backing_usage(&name, uri)?);
+        }
+        // What a cache holds is what its backed VDIs read: count it once.
+        logical += remote_cache_bytes / BLOCK_SIZE_U64;
         let vdis = recs.iter().filter(|r| r.kind == Kind::Vdi).count() as u64;
         let space = self.space.lock();
         // Every allocated block is a map node, a registry node, an orphan-list block, or data
         // (including data still held by queued orphans).
-        let meta_blocks = memo.len() as u64 + registry_blocks + space.orphans.chain.len() as u64;
+        let meta_blocks = (memo.len() + cache_memo.len()) as u64
+            + registry_blocks
+            + space.orphans.chain.len() as u64;
         let allocated = space.rc.allocated();
         let stored_bytes = allocated.saturating_sub(meta_blocks) * BLOCK_SIZE_U64;
         Ok(DfReport {
@@ -622,6 +674,9 @@ impl Store {
             },
             generation,
             format_version: self.format_version(),
+            backed,
+            remote_caches: caches.len() as u64,
+            remote_cache_bytes,
         })
     }
 

@@ -169,6 +169,7 @@ impl Store {
             name: name.to_string(),
             origin_name: String::new(),
             guid: 0,
+            backing: None,
         });
         self.log.append(&Entry::Create {
             id,
@@ -416,6 +417,24 @@ impl Store {
         let mut space = self.space.lock();
         self.tx(&mut space, gen).drop_ref(old, old_height)?;
         self.log.append(&Entry::Rollback { vdi, snapshot: sid });
+        Ok(())
+    }
+
+    /// Makes VDI `id` read through `uri` where its map has holes, or (`None`) stop doing so.
+    pub(super) fn apply_backing(
+        &self,
+        cat: &mut Catalog,
+        id: u64,
+        uri: Option<String>,
+    ) -> StoreResult<()> {
+        let v = self.vdi_locked(cat, id)?;
+        let mut st = v.state.write();
+        if st.rec.kind != Kind::Vdi || st.deleted || uri.as_ref().is_some_and(|u| u.is_empty()) {
+            return Err(bad(format!("backing of {id}")));
+        }
+        st.rec.backing.clone_from(&uri);
+        self.touch(&v, &mut st);
+        self.log.append(&Entry::Backing { id, uri });
         Ok(())
     }
 

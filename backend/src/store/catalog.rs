@@ -21,9 +21,9 @@ use super::{
     device::Device,
     error::{StoreError, StoreResult},
     format::Ptr,
+    registry::is_hidden,
     registry::{decode_id, name_key, record_key, snapshot_key, split_name, Record},
     space::Space,
-    staging::is_staging,
 };
 
 pub(super) struct Catalog {
@@ -44,7 +44,7 @@ impl Counts {
     /// What one name key counts as.
     fn of_key(key: &[u8]) -> Counts {
         match key.first() {
-            Some(b'N') if !is_staging(&String::from_utf8_lossy(&key[1..])) => Counts {
+            Some(b'N') if !is_hidden(&String::from_utf8_lossy(&key[1..])) => Counts {
                 vdis: 1,
                 snapshots: 0,
             },

@@ -54,6 +54,10 @@ pub enum StoreError {
     /// The handle's VDI was rolled back under it (`rollback --force`).
     #[error("{0} was rolled back while open (rollback --force); reopen it")]
     Detached(String),
+    /// A remote-backed VDI's backing could not be read (unreachable past the reconnect
+    /// delay, or it answered with an error).
+    #[error("remote backing: {0}")]
+    Remote(String),
     /// An earlier write or sync failed; the store refuses writes until it is reopened.
     #[error("the store refuses writes after an earlier I/O error; restart or reopen it")]
     Poisoned,
@@ -91,6 +95,7 @@ impl StoreError {
             StoreError::Busy(_) => "busy",
             StoreError::Detached(_) => "detached",
             StoreError::Poisoned => "poisoned",
+            StoreError::Remote(_) => "remote",
         }
     }
 }

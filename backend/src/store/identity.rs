@@ -5,8 +5,8 @@
 
 use super::{
     error::{StoreError, StoreResult},
+    registry::is_hidden,
     registry::{split_name, Kind, Links, Record},
-    staging::is_staging,
     store::Store,
 };
 
@@ -62,7 +62,7 @@ impl Store {
             let rec = Record::decode(raw)?;
             if self.guid_of(&rec) == guid {
                 let name = self.full_name(&mut self.catalog.lock(), &rec)?;
-                if !is_staging(&name) {
+                if !is_hidden(&name) {
                     found = Some(name);
                     return Ok(false);
                 }

@@ -29,7 +29,7 @@ use super::{
     vdi::{Vdi, VdiState, MAX_BATCH},
 };
 use crate::{
-    disk::{check_range, Disk, DiskError, Extent},
+    disk::{check_range, Disk, DiskError, Extent, ExtentState},
     ratelimit::SharedRateLimit,
 };
 
@@ -46,6 +46,9 @@ pub struct StoreDisk {
     read_only: bool,
     /// The VDI's detach count when this handle opened (see [`StoreDisk::attached`]).
     attached_at: u64,
+    /// Holes of a remote-backed VDI read through its backing (`store::backing`). Off only
+    /// for the store's own handles on a cache, whose holes are "not fetched yet".
+    read_through: bool,
 }
 
 /// Data-path errors a client can trigger: at most one line a second, with a count of the rest.
@@ -67,6 +70,16 @@ impl Store {
     /// Opens a VDI (`NAME`) or snapshot (`NAME@SNAP`) for I/O; `write` asks for a writable
     /// handle, which a snapshot refuses.
     pub fn open_vdi(self: &Arc<Self>, name: &str, write: bool) -> StoreResult<StoreDisk> {
+        self.open_disk(name, write, true)
+    }
+
+    /// [`Store::open_vdi`], choosing whether holes read through a backing.
+    pub(super) fn open_disk(
+        self: &Arc<Self>,
+        name: &str,
+        write: bool,
+        read_through: bool,
+    ) -> StoreResult<StoreDisk> {
         let vdi = self.vdi_named(name)?;
         let (snapshot, attached_at) = {
             let st = vdi.state.read();
@@ -82,6 +95,7 @@ impl Store {
             name: name.to_string(),
             read_only: snapshot || !write,
             attached_at,
+            read_through,
         })
     }
 
@@ -146,6 +160,17 @@ impl StoreDisk {
         })
     }
 
+    /// The export this handle's holes read through, if any (`st` is the VDI's state).
+    fn remote_of(&self, st: &VdiState) -> Option<String> {
+        st.rec.backing.clone().filter(|_| self.read_through)
+    }
+
+    /// Whether a hole in this VDI's map means "at the remote" rather than zeros, so that
+    /// zeros written here must be recorded as zeros (`Ptr::ZERO`), never as holes.
+    fn holes_are_remote(&self) -> bool {
+        self.vdi.state.read().rec.backing.is_some()
+    }
+
     fn range(&self, offset: u64, len: u64) -> StoreResult<()> {
         self.check(&self.vdi.state.read(), offset, len)
     }
@@ -188,6 +213,7 @@ impl StoreDisk {
         let _epoch = self.store.epoch.enter();
         let (first, n) = block_range(offset, buf.len() as u64);
         let mut ptrs = Vec::with_capacity(n as usize);
+        let remote;
         {
             let st = self.vdi.state.read();
             if let Err(e) = self.check(&st, offset, buf.len() as u64) {
@@ -196,6 +222,7 @@ impl StoreDisk {
             if buf.is_empty() {
                 return Some(Ok(()));
             }
+            remote = self.remote_of(&st);
             let (nodes, dev) = (&self.store.nodes, &*self.store.dev);
             let (root, height) = (st.rec.root, st.rec.height);
             let found = if nowait {
@@ -209,6 +236,13 @@ impl StoreDisk {
                 Err(e) => return Some(Err(e)),
             }
         }
+        let remote = remote.filter(|_| ptrs.iter().any(|p| p.is_hole()));
+        if remote.is_some() && nowait {
+            // Holes come from the network.
+            return None;
+        }
+        // (offset in buf, length) of holes to read through the backing.
+        let mut remote_runs: Vec<(usize, usize)> = Vec::new();
         let dev = &*self.store.dev;
         let read = |b: &mut [u8], at: u64| -> Option<StoreResult<()>> {
             if !nowait {
@@ -233,6 +267,15 @@ impl StoreDisk {
             let lo = offset.max(bstart);
             let hi = end.min(bstart + BLOCK_SIZE_U64);
             let p = ptrs[k];
+            if p.is_hole() && remote.is_some() {
+                let at = (lo - offset) as usize;
+                match remote_runs.last_mut() {
+                    Some((a, l)) if *a + *l == at => *l += (hi - lo) as usize,
+                    _ => remote_runs.push((at, (hi - lo) as usize)),
+                }
+                k += 1;
+                continue;
+            }
             if !p.is_block() {
                 buf[(lo - offset) as usize..(hi - offset) as usize].fill(0);
                 k += 1;
@@ -282,6 +325,20 @@ impl StoreDisk {
         });
         if let Some(k) = bad {
             return Some(Err(self.mismatch(ptrs[k], first + k as u64)));
+        }
+        if let Some(uri) = remote {
+            for (at, len) in remote_runs {
+                let r = self
+                    .store
+                    .read_remote(&uri, &mut buf[at..at + len], offset + at as u64);
+                if let Err(e) = r {
+                    log_limited(format_args!(
+                        "{}: {e}; answering with an I/O error",
+                        self.name
+                    ));
+                    return Some(Err(e));
+                }
+            }
         }
         Some(Ok(()))
     }
@@ -347,7 +404,12 @@ impl StoreDisk {
     /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]).
     fn write_blocks(&self, lba: u64, data: &[u8]) -> StoreResult<()> {
         let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
-        let mut new: Vec<Ptr> = vec![Ptr::HOLE; blocks.len()];
+        let zero = if self.holes_are_remote() {
+            Ptr::ZERO
+        } else {
+            Ptr::HOLE
+        };
+        let mut new: Vec<Ptr> = vec![zero; blocks.len()];
         let nonzero: Vec<usize> = (0..blocks.len()).filter(|&i| !is_zero(blocks[i])).collect();
         let to_hash: Vec<&[u8]> = nonzero.iter().map(|&i| blocks[i]).collect();
         hash24_each(&to_hash, |n, h| new[nonzero[n]] = Ptr::block(1, h));
@@ -367,6 +429,79 @@ impl StoreDisk {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]) only where the map still has
+    /// holes: what `hydrate` uses, so a block a client writes meanwhile is never overwritten
+    /// with the remote's older contents. Zeros are recorded as zeros. Returns the blocks
+    /// filled.
+    pub(super) fn fill_holes(&self, lba: u64, data: &[u8]) -> StoreResult<u64> {
+        self.writable()?;
+        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
+        debug_assert!(blocks.len() <= WRITE_BATCH && data.len() % BLOCK_SIZE == 0);
+        let mut new: Vec<Ptr> = vec![Ptr::ZERO; blocks.len()];
+        let nonzero: Vec<usize> = (0..blocks.len()).filter(|&i| !is_zero(blocks[i])).collect();
+        let to_hash: Vec<&[u8]> = nonzero.iter().map(|&i| blocks[i]).collect();
+        hash24_each(&to_hash, |n, h| new[nonzero[n]] = Ptr::block(1, h));
+        let runs = self.take_blocks(nonzero.len() as u64)?;
+        let mut addrs = runs.iter().flat_map(|&(a, n)| a..a + n);
+        for p in new.iter_mut().filter(|p| p.is_block()) {
+            *p = p.with_addr(addrs.next().expect("took enough"));
+        }
+        if let Err(e) = self.write_data(&new, &blocks) {
+            self.give_back(&runs);
+            self.store.poison(&e);
+            return Err(e);
+        }
+        if let Err(e) = self.prepare(lba, new.len() as u64) {
+            self.give_back(&runs);
+            return Err(e);
+        }
+        let change = self.store.change();
+        let mut st = self.vdi.state.write();
+        let mut unused = Vec::new();
+        let result = (|| {
+            self.attached(&st)?;
+            let mut cur = Vec::with_capacity(new.len());
+            resolve(
+                &self.store.nodes,
+                &*self.store.dev,
+                st.rec.root,
+                st.rec.height,
+                lba,
+                new.len() as u64,
+                &mut cur,
+            )?;
+            let mut space = self.store.space.lock();
+            let mut tx = self.store.tx(&mut space, change.gen);
+            let mut filled = 0u64;
+            let mut i = 0;
+            while i < new.len() {
+                if !cur[i].is_hole() {
+                    if new[i].is_block() {
+                        unused.push((new[i].addr(), 1));
+                    }
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < new.len() && cur[j].is_hole() {
+                    j += 1;
+                }
+                self.store
+                    .set_map(&self.vdi, &mut st, &mut tx, lba + i as u64, &new[i..j])?;
+                filled += (j - i) as u64;
+                i = j;
+            }
+            Ok(filled)
+        })();
+        drop(st);
+        drop(change);
+        match &result {
+            Ok(_) => self.give_back(&unused),
+            Err(_) => self.give_back(&runs),
+        }
+        result
     }
 
     /// Writes data blocks to their (reserved) addresses, adjacent ones in one vectored write.
@@ -513,7 +648,7 @@ impl StoreDisk {
         let len = data.map_or(BLOCK_SIZE - within, |d| d.len());
         loop {
             let mut block = [0u8; BLOCK_SIZE];
-            let old = {
+            let (old, remote) = {
                 let _epoch = self.store.epoch.enter();
                 let mut out = Vec::with_capacity(1);
                 self.lookup(lba, 1, &mut out)?;
@@ -524,8 +659,14 @@ impl StoreDisk {
                         .read_at(&mut block, old.addr() * BLOCK_SIZE_U64)?;
                     self.verify(&block, old, lba)?;
                 }
-                old
+                (old, self.remote_of(&self.vdi.state.read()))
             };
+            let keep_zero = keep_zero || remote.is_some() || self.holes_are_remote();
+            if let (true, Some(uri)) = (old.is_hole(), &remote) {
+                // The rest of the block is the remote's.
+                self.store
+                    .read_remote(uri, &mut block, lba * BLOCK_SIZE_U64)?;
+            }
             match data {
                 Some(d) => block[within..within + d.len()].copy_from_slice(d),
                 None => block[within..within + len].fill(0),
@@ -603,7 +744,7 @@ impl StoreDisk {
         let first = offset.div_ceil(BLOCK_SIZE_U64);
         let end = (offset + len) / BLOCK_SIZE_U64;
         if first < end {
-            self.fill(first, end, false)?;
+            self.fill(first, end, self.holes_are_remote())?;
         }
         self.after_write(false)
     }
@@ -613,6 +754,7 @@ impl StoreDisk {
     pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> StoreResult<()> {
         self.writable()?;
         self.range(offset, len)?;
+        let no_hole = no_hole || self.holes_are_remote();
         let end = offset + len;
         let first = offset.div_ceil(BLOCK_SIZE_U64);
         let last = end / BLOCK_SIZE_U64;
@@ -656,7 +798,32 @@ impl StoreDisk {
     }
 
     /// Describes allocation from `offset`: at most `max` extents covering at most `len` bytes.
+    /// Holes a remote-backed VDI reads through its backing are data to its readers.
     pub fn extents(&self, offset: u64, len: u64, max: usize) -> StoreResult<Vec<Extent>> {
+        let raw = self.map_extents(offset, len, max)?;
+        if self.remote_of(&self.vdi.state.read()).is_none() {
+            return Ok(raw);
+        }
+        let mut out: Vec<Extent> = Vec::with_capacity(raw.len());
+        for mut e in raw {
+            if e.state == ExtentState::Hole {
+                e.state = ExtentState::Data;
+            }
+            match out.last_mut() {
+                Some(last) if last.state == e.state => last.len += e.len,
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`StoreDisk::extents`] as the map has them: a hole is a hole.
+    pub(super) fn map_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> StoreResult<Vec<Extent>> {
         if len == 0 {
             return Err(StoreError::Invalid("block status of an empty range".into()));
         }

@@ -22,8 +22,8 @@ use super::{
     catalog::{Catalog, Counts},
     error::{StoreError, StoreResult},
     format::BLOCK_SIZE_U64,
+    registry::is_hidden,
     registry::{decode_id, name_key, record_key, snapshot_prefix, split_name, Kind, Links, Record},
-    staging::is_staging,
     store::Store,
 };
 
@@ -92,7 +92,7 @@ impl Store {
                 Err(StoreError::NotFound(_)) => return Ok(()),
                 Err(e) => return Err(e),
             };
-            if snapshots && !is_staging(vdi) {
+            if snapshots && !is_hidden(vdi) {
                 self.list_snapshots(id, vdi, snap, &mut emit)?;
             }
             return Ok(());
@@ -109,7 +109,7 @@ impl Store {
                 let mut batch = Vec::with_capacity(names.len());
                 for (k, v) in names {
                     let name = String::from_utf8_lossy(&k[1..]).into_owned();
-                    if is_staging(&name) {
+                    if is_hidden(&name) {
                         continue;
                     }
                     let id = decode_id(&v)?;
@@ -186,7 +186,7 @@ impl Store {
                 return Ok(true);
             }
             let r = Record::decode(raw)?;
-            if !is_staging(&r.name) {
+            if !is_hidden(&r.name) {
                 let v = VdiSummary::of(&r, r.name.clone(), (Some(origin.to_string()), false));
                 out.push((v, r.id));
             }
@@ -296,7 +296,7 @@ impl Store {
         let (root, vdi_name) = {
             let mut cat = self.catalog.lock();
             let (vdi, _) = split_name(name)?;
-            if is_staging(vdi) {
+            if is_hidden(vdi) {
                 return Err(StoreError::NotFound(name.to_string()));
             }
             let id = cat.resolve(&*self.dev, name)?;
@@ -320,7 +320,7 @@ impl Store {
                     members.insert(r.id);
                     snaps_of.entry(r.parent).or_default().push(r);
                 }
-                Kind::Vdi if !is_staging(&r.name) => {
+                Kind::Vdi if !is_hidden(&r.name) => {
                     members.insert(r.id);
                     forks_of.entry(r.origin).or_default().push(r);
                 }
@@ -348,7 +348,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::admin::secs;
     use crate::store::{device::MemDevice, StoreOptions};
 
     fn store() -> Arc<Store> {
@@ -375,21 +374,12 @@ mod tests {
                     r.name.clone(),
                 ),
             };
-            if is_staging(&vdi) {
+            if is_hidden(&vdi) {
                 continue;
             }
             let name = s.full_name(&mut cat, r).unwrap();
             let (origin, origin_deleted) = s.origin_name(&mut cat, r);
-            let v = VdiSummary {
-                name,
-                kind: r.kind,
-                size: r.size,
-                created: secs(r.created_ns),
-                origin,
-                origin_deleted,
-                used: None,
-                unique: None,
-            };
+            let v = VdiSummary::of(r, name, (origin, origin_deleted));
             if filter.admits(&v) {
                 out.push(((vdi, snap), v));
             }
@@ -410,7 +400,7 @@ mod tests {
         None
     }
 
-    fn check(s: &Store) {
+    fn check(s: &Arc<Store>) {
         let filters = [
             ListFilter::default(),
             ListFilter {

@@ -56,6 +56,8 @@ mod kind {
     pub const ROLLBACK: u8 = 9;
     /// Format 4.
     pub const SCHEDULE: u8 = 10;
+    /// Format 5.
+    pub const BACKING: u8 = 11;
 }
 
 /// One change, as the log records it (FORMAT.md §9.2).
@@ -117,6 +119,12 @@ pub(super) enum Entry {
     Schedule {
         target: String,
         schedule: Option<Schedule>,
+    },
+    /// VDI `id` now reads through the NBD export `uri` where its map has holes (`None`: it
+    /// no longer does; it was hydrated).
+    Backing {
+        id: u64,
+        uri: Option<String>,
     },
 }
 
@@ -260,6 +268,13 @@ impl Entry {
                 }
                 kind::SCHEDULE
             }
+            Entry::Backing { id, uri } => {
+                out.extend_from_slice(&id.to_le_bytes());
+                if let Some(u) = uri {
+                    put_str(out, u);
+                }
+                kind::BACKING
+            }
         };
         let len = out.len() - start - ENTRY_HEADER;
         out[start] = k;
@@ -357,6 +372,14 @@ impl Entry {
                     },
                 }
             }
+            kind::BACKING => Entry::Backing {
+                id: r.u64()?,
+                uri: if r.at < body.len() {
+                    Some(r.string()?)
+                } else {
+                    None
+                },
+            },
             k => {
                 return Err(StoreError::Corrupt(format!(
                     "log entry of unknown kind {k} (written by a newer Parallax?)"
@@ -839,6 +862,11 @@ mod tests {
                 target: "vm-1".into(),
                 schedule: None,
             },
+            Entry::Backing {
+                id: 12,
+                uri: Some("nbd+unix:///gold?socket=/run/p.sock".into()),
+            },
+            Entry::Backing { id: 12, uri: None },
         ]
     }
 

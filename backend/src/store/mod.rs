@@ -15,6 +15,7 @@
 //!  rollback  a VDI back to one of its snapshots
 //!  schedules snapshot schedules as the registry keeps them (the daemon runs them)
 //!  staging   VDIs under construction (import, recv) under a reserved name
+//!  backing   remote-backed VDIs: holes read through an NBD export, via a cached copy
 //!  identity  snapshot guids, the same in every store a snapshot is sent to
 //!  vdi       one VDI in memory: record, lock, handles, reserved blocks
 //!  radix     copy-on-write radix maps        nodes     map nodes in memory (dirty, clean)
@@ -30,6 +31,7 @@
 mod admin;
 mod apply;
 mod background;
+mod backing;
 mod blockhash;
 mod btree;
 mod catalog;
@@ -61,17 +63,20 @@ mod store;
 mod vdi;
 
 pub use admin::{DeleteReport, DfReport, GcReport, ListFilter, TreeNode, VdiInfo, VdiSummary};
+pub use backing::{cache_name, BackedUsage, BackingInfo, HydrateReport, Remote, CACHE_PREFIX};
 pub use catalog::Counts;
 pub use check::{CheckProgress, CheckReport};
 pub use diff::{ChangedExtent, DiffReport};
 pub use error::{StoreError, StoreResult};
 pub use identity::SnapshotIdentity;
 pub use io::{StoreDisk, DATA_ERROR_TARGET};
-pub use registry::{split_name, validate_name, Kind};
+pub use registry::{is_hidden, split_name, validate_name, Kind};
 pub use rollback::RollbackReport;
 pub use schedules::{validate_target, KeepRule, Schedule};
 pub use staging::{is_staging, Staged, STAGING_PREFIX};
 pub use store::{Store, StoreOptions};
 
+#[cfg(test)]
+mod backing_tests;
 #[cfg(test)]
 mod tests;

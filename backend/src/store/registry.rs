@@ -9,7 +9,7 @@ use super::{
 };
 
 /// Byte offsets of a record's fields (FORMAT.md §6); the two length-prefixed names follow
-/// the fixed part.
+/// the fixed part, then (format 5, only when set) the length-prefixed backing URI.
 mod at {
     pub const KIND: usize = 0;
     pub const HEIGHT: usize = 1;
@@ -57,6 +57,10 @@ pub struct Record {
     ///
     /// [`Store::snapshot_identity`]: super::Store::snapshot_identity
     pub guid: u64,
+    /// The NBD export this VDI reads through where its map has holes (format 5): a
+    /// *remote-backed* VDI, whose holes mean "not here yet" rather than zeros
+    /// (`store::backing`). Snapshots and forks inherit it.
+    pub backing: Option<String>,
 }
 
 impl Record {
@@ -74,7 +78,8 @@ impl Record {
         put_u64(&mut b, at::CREATED, self.created_ns);
         put_u64(&mut b, at::PARENT, self.parent);
         put_u64(&mut b, at::ORIGIN, self.origin);
-        for s in [&self.name, &self.origin_name] {
+        let backing = self.backing.iter();
+        for s in [&self.name, &self.origin_name].into_iter().chain(backing) {
             let at = b.len();
             b.resize(at + 2 + s.len(), 0);
             put_u16(&mut b, at, s.len() as u16);
@@ -107,6 +112,11 @@ impl Record {
         };
         let name = string()?;
         let origin_name = string()?;
+        let backing = if at::NAMES + 4 + name.len() + origin_name.len() < b.len() {
+            Some(string()?).filter(|s| !s.is_empty())
+        } else {
+            None
+        };
         let r = Record {
             kind,
             height: b[at::HEIGHT],
@@ -119,6 +129,7 @@ impl Record {
             name,
             origin_name,
             guid: u64_at(b, at::GUID),
+            backing,
         };
         r.root.kind()?;
         if r.height == 0 || r.height > MAX_HEIGHT {
@@ -192,6 +203,12 @@ pub fn decode_id(v: &[u8]) -> StoreResult<u64> {
         .map_err(|_| StoreError::Corrupt("registry id entry is not 8 bytes".into()))
 }
 
+/// Whether `name` is one the store gives itself (a VDI under construction, a remote
+/// export's cache): user names never start with `.`, and listings leave these out.
+pub fn is_hidden(name: &str) -> bool {
+    name.starts_with('.')
+}
+
 /// Checks a VDI or snapshot name: 1–200 bytes of letters, digits and `._+-:`, not starting
 /// with `-` or `.`.
 pub fn validate_name(name: &str, what: &str) -> StoreResult<()> {
@@ -238,8 +255,16 @@ mod tests {
             name: "gold".into(),
             origin_name: "template@v1".into(),
             guid: 0x1234,
+            backing: None,
         };
         assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+        let backed = Record {
+            backing: Some("nbds://a.example/gold?tls-psk-file=/k".into()),
+            ..r.clone()
+        };
+        assert_eq!(Record::decode(&backed.encode()).unwrap(), backed);
+        // A record without a backing is byte for byte what format 4 wrote.
+        assert_eq!(r.encode().len(), at::NAMES + 2 + 4 + 2 + 11);
         let l = Links::peek(&r.encode()).unwrap();
         assert_eq!(
             (l.kind, l.id, l.parent, l.origin),

@@ -182,6 +182,16 @@ impl Store {
                 let mut cat = self.catalog.lock();
                 self.apply_schedule(&mut cat, &target, schedule.as_ref())
             }
+            Entry::Backing { .. } if self.format_version() < 5 => {
+                Err(StoreError::Corrupt(format!(
+                    "a backing entry in a store of format {} (remote-backed VDIs came with format 5)",
+                    self.format_version()
+                )))
+            }
+            Entry::Backing { id, uri } => {
+                let mut cat = self.catalog.lock();
+                self.apply_backing(&mut cat, id, uri)
+            }
         }
     }
 

@@ -7,6 +7,7 @@
 use tracing::warn;
 
 use super::{
+    backing::CACHE_PREFIX,
     error::{StoreError, StoreResult},
     registry::{name_key, validate_name},
     store::Store,
@@ -21,10 +22,14 @@ pub fn is_staging(name: &str) -> bool {
     name.starts_with(STAGING_PREFIX)
 }
 
-/// Checks a VDI name read back from the log or written by the store itself: a user's name, or
-/// the staging name of one.
+/// Checks a VDI name read back from the log or written by the store itself: a user's name,
+/// the staging name of one, or a remote export's cache.
 pub(super) fn validate_stored_name(name: &str) -> StoreResult<()> {
-    validate_name(name.strip_prefix(STAGING_PREFIX).unwrap_or(name), "VDI")
+    let inner = name
+        .strip_prefix(STAGING_PREFIX)
+        .or_else(|| name.strip_prefix(CACHE_PREFIX))
+        .unwrap_or(name);
+    validate_name(inner, "VDI")
 }
 
 /// A VDI under construction: deleted on drop unless [`Staged::publish`] gave it its name.

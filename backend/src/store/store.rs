@@ -108,6 +108,8 @@ pub struct Store {
     pub(super) options: StoreOptions,
     superblock: Superblock,
     path: Option<PathBuf>,
+    /// How backed VDIs reach their remote exports (`backing.rs`); none until given.
+    pub(super) remote: RwLock<Option<Arc<dyn super::backing::Remote>>>,
     /// Holds the store's fcntl locks for as long as the store is open.
     _lock_file: Option<File>,
 }
@@ -351,6 +353,7 @@ impl Store {
                 last.next_id,
             )),
             vdis: Vdis::default(),
+            remote: RwLock::new(None),
             nodes: NodeTable::new(options.node_cache_nodes, last.gen),
             space: Mutex::new(space),
             commit: Mutex::new(last),

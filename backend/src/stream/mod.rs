@@ -69,6 +69,12 @@ pub fn send(
     out: &mut dyn Write,
     progress: Progress,
 ) -> StoreResult<SendReport> {
+    if let Some(uri) = store.stat(name)?.backing {
+        // The stream carries what the map holds; holes here are the remote's data.
+        return Err(StoreError::Invalid(format!(
+            "{name} reads through {uri}, which a stream cannot carry: fork it, `vdi hydrate`              the fork, snapshot and send that"
+        )));
+    }
     let id = store.snapshot_identity(name)?;
     let base = match from {
         Some(b) => {
