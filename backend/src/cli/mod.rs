@@ -26,9 +26,12 @@ use crate::{
         config::Config,
         control::{ControlClient, RemoteError, Request},
     },
-    nbd::uri::NbdUri,
+    nbd::{
+        remote::{NbdRemote, DEFAULT_RECONNECT_DELAY},
+        uri::NbdUri,
+    },
     store::{
-        CheckReport, DeleteReport, DfReport, DiffReport, GcReport, Kind, ListFilter,
+        CheckReport, DeleteReport, DfReport, DiffReport, GcReport, HydrateReport, Kind, ListFilter,
         RollbackReport, Store, StoreError, StoreOptions, TreeNode, VdiInfo, VdiSummary,
     },
     transfer,
@@ -164,14 +167,34 @@ struct ServeArgs {
 
 #[derive(Subcommand, Debug)]
 enum VdiCommand {
-    /// Create an empty VDI.
+    /// Create an empty VDI, or one backed by a remote NBD export.
+    ///
+    /// With --backing, the VDI starts as a copy-on-write layer over the export: what it
+    /// never wrote is read from there the first time, then kept in the store (shared by its
+    /// snapshots and forks, kept across restarts). `vdi hydrate` copies the rest and cuts it
+    /// loose. The export should not change (export a snapshot).
     Create {
         /// The new VDI's name: letters, digits and `. _ + - :`, up to 200 bytes, not starting
         /// with `-` or `.`.
         name: String,
-        /// Size (K/M/G/T suffixes), a multiple of 512 bytes.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// Size (K/M/G/T suffixes), a multiple of 512 bytes; with --backing, the export's
+        /// size if not given.
+        #[arg(long, value_parser = parse_size, required_unless_present = "backing")]
+        size: Option<u64>,
+        /// An NBD export to read through: `nbd://HOST[:PORT]/EXPORT`,
+        /// `nbd+unix:///EXPORT?socket=PATH`, or over TLS
+        /// `nbds://USER@HOST/EXPORT?tls-psk-file=KEYS` or `nbds://HOST/EXPORT?tls-certificates=DIR`.
+        #[arg(long, value_name = "URI")]
+        backing: Option<String>,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy everything a remote-backed VDI still reads through its backing into the store,
+    /// then cut it loose from the backing (clients may use the VDI meanwhile).
+    Hydrate {
+        /// The VDI (not a snapshot: fork it and hydrate the fork).
+        name: String,
         /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
@@ -481,7 +504,8 @@ impl Command {
                 | VdiCommand::Send { json, .. }
                 | VdiCommand::Recv { json, .. }
                 | VdiCommand::Resize { json, .. }
-                | VdiCommand::Delete { json, .. } => *json,
+                | VdiCommand::Delete { json, .. }
+                | VdiCommand::Hydrate { json, .. } => *json,
             },
             Command::Schedule(s) => s.wants_json(),
             Command::Serve(_) | Command::Completions { .. } | Command::Man => false,
@@ -552,7 +576,10 @@ fn target(path: &Path) -> anyhow::Result<Target> {
         return Ok(Target::Daemon(addr));
     }
     match Store::open(path, StoreOptions::default()) {
-        Ok(s) => Ok(Target::Direct(s)),
+        Ok(s) => {
+            s.set_remote(Arc::new(NbdRemote::new(DEFAULT_RECONNECT_DELAY)));
+            Ok(Target::Direct(s))
+        }
         Err(StoreError::InUse { pid }) => bail!(
             "store {} is in use by {} and no parallax daemon answers on {addr}",
             path.display(),
@@ -870,7 +897,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
 fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
     let t = target(path)?;
     match cmd {
-        VdiCommand::Create { name, size, json } => {
+        VdiCommand::Create {
+            name,
+            size,
+            backing: None,
+            json,
+        } => {
+            let size = size.expect("clap requires --size without --backing");
             t.call::<()>(
                 Request::Create {
                     name: name.clone(),
@@ -885,6 +918,52 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 serde_json::json!({ "created": name, "size": size }),
                 || format!("created {name} ({})", format_size(size)),
             )?;
+        }
+        VdiCommand::Create {
+            name,
+            size,
+            backing: Some(uri),
+            json,
+        } => {
+            if !NbdUri::is_uri(&uri) {
+                bail!("--backing takes an NBD URI (nbd://, nbds://, nbd+unix://), not {uri:?}");
+            }
+            NbdUri::parse(&uri).map_err(|e| anyhow!("--backing {uri}: {e}"))?;
+            // Kept in the store and used by the daemon: key files by absolute path.
+            let cwd = std::env::current_dir().context("cannot find the current directory")?;
+            let uri = NbdUri::with_absolute_paths(&uri, &cwd);
+            let size: u64 = t.call(
+                Request::CreateBacked {
+                    name: name.clone(),
+                    size,
+                    uri: uri.clone(),
+                },
+                None,
+                None,
+                |s, _| s.create_backed(&name, size, &uri),
+            )?;
+            report(
+                json,
+                serde_json::json!({ "created": name, "size": size, "backing": uri }),
+                || format!("created {name} ({}), backed by {uri}", format_size(size)),
+            )?;
+        }
+        VdiCommand::Hydrate { name, json } => {
+            let bar = Bar::new(&format!("hydrating {name}"), true, json);
+            let r: HydrateReport = t.call(
+                Request::Hydrate { name: name.clone() },
+                None,
+                Some(&bar),
+                |s, p| s.hydrate(&name, &mut quiet(p)),
+            )?;
+            bar.finish();
+            report(json, serde_json::to_value(&r)?, || {
+                format!(
+                    "hydrated {name}: {} copied in; it no longer reads through {}",
+                    format_size(r.hydrated_bytes),
+                    r.uri
+                )
+            })?;
         }
         VdiCommand::Import {
             name,

@@ -289,6 +289,16 @@ pub fn info(v: &VdiInfo) {
     if v.open_handles > 0 {
         println!("open:       {} handle(s)", v.open_handles);
     }
+    if let Some(b) = &v.backing {
+        println!("backing:    {}", b.uri);
+        println!("  state:    {}", b.state);
+        println!(
+            "  local {}, cached {}, remote {}",
+            format_size(b.local_bytes),
+            format_size(b.cached_bytes),
+            format_size(b.remote_bytes)
+        );
+    }
 }
 
 pub fn diff(r: &DiffReport) {
@@ -362,6 +372,23 @@ pub fn df(path: &Path, r: &DfReport) {
         format_size(r.stored_bytes),
         r.sharing_ratio
     );
+    if r.remote_caches > 0 {
+        println!(
+            "remote:     {} cached from {}",
+            format_size(r.remote_cache_bytes),
+            plural(r.remote_caches, "backing", "backings")
+        );
+    }
+    for b in &r.backed {
+        println!(
+            "  {}: local {}, cached {}, remote {} ({})",
+            b.name,
+            format_size(b.local_bytes),
+            format_size(b.cached_bytes),
+            format_size(b.remote_bytes),
+            b.uri
+        );
+    }
 }
 
 pub fn check(r: &CheckReport) {

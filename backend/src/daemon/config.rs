@@ -27,6 +27,24 @@ pub struct Config {
     /// The Xen vbd backend (xenbus): see [`crate::xen::XenConfig`].
     pub xen: crate::xen::XenConfig,
     pub metrics: MetricsSection,
+    /// Remote-backed VDIs (`vdi create --backing URI`).
+    pub backing: BackingSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackingSection {
+    /// How long a read that needs an unreachable backing waits for it to come back (seconds)
+    /// before it fails with an I/O error; cached reads and writes never wait.
+    pub reconnect_delay_secs: u64,
+}
+
+impl Default for BackingSection {
+    fn default() -> Self {
+        BackingSection {
+            reconnect_delay_secs: crate::nbd::remote::DEFAULT_RECONNECT_DELAY.as_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +124,7 @@ impl Default for Config {
             rings: RingSection::default(),
             xen: crate::xen::XenConfig::default(),
             metrics: MetricsSection::default(),
+            backing: BackingSection::default(),
         }
     }
 }

@@ -42,6 +42,17 @@ pub enum Request {
         name: String,
         size: u64,
     },
+    /// A VDI reading through the NBD export `uri` (paths in it absolute); `size` `None`: the
+    /// export's.
+    CreateBacked {
+        name: String,
+        size: Option<u64>,
+        uri: String,
+    },
+    /// Copy what a remote-backed VDI still reads through its backing, then drop the backing.
+    Hydrate {
+        name: String,
+    },
     /// The raw image comes as a file descriptor, or from the NBD export at `source` (a URI
     /// the daemon connects to; paths in it absolute).
     Import {
@@ -144,6 +155,11 @@ impl std::fmt::Display for Request {
         match self {
             Request::Hello => write!(f, "hello"),
             Request::Create { name, size } => write!(f, "vdi create {name} --size {size}"),
+            Request::CreateBacked { name, size, uri } => {
+                write!(f, "vdi create {name} --backing {uri}")?;
+                size.map_or(Ok(()), |s| write!(f, " --size {s}"))
+            }
+            Request::Hydrate { name } => write!(f, "vdi hydrate {name}"),
             Request::Import { name, size, source } => {
                 write!(f, "vdi import {name}")?;
                 if let Some(s) = source {
@@ -567,6 +583,8 @@ fn execute(
             version: env!("CARGO_PKG_VERSION").into(),
         }),
         Request::Create { name, size } => to_value(s.create_vdi(name, *size)?),
+        Request::CreateBacked { name, size, uri } => to_value(s.create_backed(name, *size, uri)?),
+        Request::Hydrate { name } => to_value(s.hydrate(name, &mut progress)?),
         Request::Import {
             name,
             size,

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use crate::{
     disk::{Disk, DiskError, DiskProvider, ExportInfo, Extent, OpenError},
     metrics::{MeteredDisk, Metrics, Transport},
-    store::{Kind, Store, StoreDisk, StoreError, VdiSummary},
+    store::{is_hidden, Kind, Store, StoreDisk, StoreError, VdiSummary},
     util::format_size,
 };
 
@@ -123,10 +123,17 @@ impl DiskProvider for StoreProvider {
     }
 
     fn export_info(&self, name: &str) -> Option<ExportInfo> {
+        if is_hidden(name) {
+            return None;
+        }
         self.store.stat(name).ok().map(export)
     }
 
     fn open_export(&self, name: &str, write: bool) -> Result<Arc<dyn Disk>, OpenError> {
+        // The store's own VDIs (under construction, caches) are nobody's export.
+        if is_hidden(name) {
+            return Err(OpenError::NotFound(name.to_string()));
+        }
         let disk = self
             .store
             .open_vdi(name, write)

@@ -32,7 +32,7 @@ use crate::{
     blkif::local::{serve_attach, RingRegistry},
     disk::DiskProvider,
     metrics::{Endpoint, Metrics},
-    nbd::{NbdServer, TlsServer},
+    nbd::{remote::NbdRemote, NbdServer, TlsServer},
     schedule::{ScheduleCounters, Scheduler},
     store::Store,
 };
@@ -165,6 +165,9 @@ impl Daemon {
         let tls = TlsServer::new(&cfg.nbd.tls).map_err(|e| anyhow!("nbd.{e}"))?;
         let store = Store::open(&store_path, cfg.store_options())
             .with_context(|| format!("cannot open store {}", store_path.display()))?;
+        store.set_remote(Arc::new(NbdRemote::new(Duration::from_secs(
+            cfg.backing.reconnect_delay_secs,
+        ))));
         let control_addr = match &cfg.control_socket {
             Some(p) => ControlAddr::Path(p.clone()),
             None => ControlAddr::for_store(&store_path)?,

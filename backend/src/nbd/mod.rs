@@ -11,6 +11,7 @@
 //!   tls           STARTTLS credentials (x509, PSK) and the client's identity
 //!   access        which identity may see, read or write which export
 //!   uri, client   NBD URIs, and a blocking client for another server's export
+//!   remote        the store's way to remote-backed VDIs' exports: a client per URI, reconnected
 //!   config        limits, sizes and counters
 //!   server        the mio event loops, listeners, shutdown
 //! ```
@@ -65,6 +66,7 @@ pub mod exec;
 pub mod handshake;
 mod pool;
 pub mod proto;
+pub mod remote;
 mod server;
 pub mod tls;
 pub mod transmission;
