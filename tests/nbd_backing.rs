@@ -235,6 +235,36 @@ fn an_unreachable_backing_fails_uncached_reads_only_and_comes_back() {
     dst.assert_clean();
 }
 
+/// With `backing.hydrate_bytes_per_sec`, the daemon hydrates by itself: the VDI is cut loose
+/// from its backing without anyone asking, and then needs it no more.
+#[test]
+fn the_daemon_hydrates_in_the_background() {
+    let dst = TestStore::new("256M");
+    let img = template_image();
+    let raw = dst.file("src.raw");
+    write_file(&raw, &img);
+    let q = QemuNbd::start(&dst, &raw);
+    let backing = format!("nbd+unix:///base?socket={}", dst.file("q.sock").display());
+    let d = Daemon::start_with(
+        &dst,
+        "(nbd: (workers: 2), backing: (hydrate_bytes_per_sec: 33554432))",
+        &[],
+    );
+    dst.run(&["vdi", "create", "vm", "--backing", &backing]);
+    assert!(
+        d.wait_stderr("hydrate: vm no longer reads through"),
+        "{}",
+        d.stderr()
+    );
+    assert!(info(&dst, "vm").get("backing").is_none());
+    drop(q);
+    assert!(qemu_img_read(&d.uri("vm"), &dst, "vm.raw") == img);
+    let df = dst.json(&["df", "--json"]);
+    assert_eq!(df["remote_caches"], 0, "{df}");
+    drop(d);
+    dst.assert_clean();
+}
+
 /// Bad input is one line and leaves nothing behind.
 #[test]
 fn backed_vdis_refuse_what_they_cannot_do() {

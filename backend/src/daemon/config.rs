@@ -37,12 +37,17 @@ pub struct BackingSection {
     /// How long a read that needs an unreachable backing waits for it to come back (seconds)
     /// before it fails with an I/O error; cached reads and writes never wait.
     pub reconnect_delay_secs: u64,
+    /// Copy what backed VDIs still read through their backings in the background, at most
+    /// this many bytes a second, until each is cut loose (as `vdi hydrate` does); 0 (the
+    /// default): only when asked.
+    pub hydrate_bytes_per_sec: u64,
 }
 
 impl Default for BackingSection {
     fn default() -> Self {
         BackingSection {
             reconnect_delay_secs: crate::nbd::remote::DEFAULT_RECONNECT_DELAY.as_secs(),
+            hydrate_bytes_per_sec: 0,
         }
     }
 }

@@ -344,6 +344,8 @@ pub struct ControlContext {
     pub request_timeout: std::time::Duration,
     /// Told when the schedules change, so that a new one starts at its next tick.
     pub scheduler: Option<Waker>,
+    /// Told when a backed VDI is made, when the daemon hydrates in the background.
+    pub hydrator: Option<super::hydrator::HydrateWaker>,
 }
 
 /// Accepts control connections until the listener is shut down; each runs on its own thread,
@@ -583,7 +585,13 @@ fn execute(
             version: env!("CARGO_PKG_VERSION").into(),
         }),
         Request::Create { name, size } => to_value(s.create_vdi(name, *size)?),
-        Request::CreateBacked { name, size, uri } => to_value(s.create_backed(name, *size, uri)?),
+        Request::CreateBacked { name, size, uri } => {
+            let size = s.create_backed(name, *size, uri)?;
+            if let Some(h) = &ctx.hydrator {
+                h.wake();
+            }
+            to_value(size)
+        }
         Request::Hydrate { name } => to_value(s.hydrate(name, &mut progress)?),
         Request::Import {
             name,
@@ -817,6 +825,7 @@ mod tests {
             ring_attach: None,
             request_timeout: std::time::Duration::from_millis(300),
             scheduler: None,
+            hydrator: None,
         });
         std::thread::spawn(move || serve(listener, ctx));
         assert!(matches!(hello(&path), Reply::Ok(_)));

@@ -4,5 +4,6 @@
 pub mod addr;
 pub mod config;
 pub mod control;
+pub mod hydrator;
 pub mod provider;
 pub mod serve;

@@ -7,6 +7,7 @@
 //!   ├─ control socket thread (+1 per request)   3. stop accepting
 //!   ├─ metrics endpoint thread (if configured)  4. stop answering scrapes
 //!   ├─ snapshot scheduler thread                5. stop after its pass
+//!   ├─ background hydration thread (if set)     5. stop within a step of its copy
 //!   └─ store (its checkpoint thread)            6. final checkpoint, marked closed cleanly
 //! ```
 
@@ -26,6 +27,7 @@ use super::{
     addr::ControlAddr,
     config::Config,
     control::{self, ControlContext},
+    hydrator::Hydrator,
     provider::{FrontEnd, StoreProvider},
 };
 use crate::{
@@ -135,6 +137,7 @@ pub struct Daemon {
     control_path: Option<PathBuf>,
     metrics: Option<Endpoint>,
     scheduler: Option<Scheduler>,
+    hydrator: Option<Hydrator>,
 }
 
 /// Binds the metrics endpoint's address, with an error that names the setting.
@@ -256,12 +259,20 @@ impl Daemon {
         };
         let scheduler = Scheduler::start(store.clone(), schedule_counters)
             .context("cannot start the snapshot scheduler")?;
+        let hydrator = match cfg.backing.hydrate_bytes_per_sec {
+            0 => None,
+            rate => Some(
+                Hydrator::start(store.clone(), rate)
+                    .context("cannot start background hydration")?,
+            ),
+        };
         let ctx = Arc::new(ControlContext {
             store: store.clone(),
             store_path: store_path.display().to_string(),
             ring_attach,
             request_timeout: control::REQUEST_TIMEOUT,
             scheduler: Some(scheduler.waker()),
+            hydrator: hydrator.as_ref().map(Hydrator::waker),
         });
         let control_fd = control_listener.as_raw_fd();
         let control_thread = std::thread::Builder::new()
@@ -289,6 +300,7 @@ impl Daemon {
             },
             metrics: endpoint,
             scheduler: Some(scheduler),
+            hydrator,
         })
     }
 
@@ -328,6 +340,9 @@ impl Daemon {
         }
         if let Some(s) = self.scheduler.take() {
             s.stop();
+        }
+        if let Some(h) = self.hydrator.take() {
+            h.stop();
         }
         if let Some(p) = &self.listening.nbd_unix {
             let _ = std::fs::remove_file(p);

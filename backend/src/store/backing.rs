@@ -190,14 +190,14 @@ impl Store {
         buf: &mut [u8],
         offset: u64,
     ) -> StoreResult<()> {
-        let cache = self
-            .open_disk(&cache_name(uri), true, false)
-            .map_err(|e| match e {
-                StoreError::NotFound(_) => {
-                    StoreError::Corrupt(format!("the cache of backing {uri} is missing"))
-                }
-                e => e,
-            })?;
+        let cache = match self.open_disk(&cache_name(uri), true, false) {
+            // Deleted by hand (`vdi delete .cache:…`): what it held is fetched again.
+            Err(StoreError::NotFound(_)) => {
+                self.ensure_cache(uri, self.remote(uri)?.size(uri)?)?;
+                self.open_disk(&cache_name(uri), true, false)?
+            }
+            r => r?,
+        };
         let size = cache.size();
         let end = (offset + buf.len() as u64).min(size);
         if offset >= end {

@@ -342,3 +342,15 @@ fn power_cuts_while_reading_through_writing_and_hydrating() {
         }
     }
 }
+
+#[test]
+fn a_cache_deleted_by_hand_is_fetched_again() {
+    let remote = MemRemote::new(1 << 20, 3);
+    let s = store_on(Arc::new(MemDevice::new(64 << 20)), &remote);
+    s.create_backed("vm", None, URI).unwrap();
+    assert_eq!(read_all(&s, "vm").unwrap(), remote.image);
+    s.delete(&cache_name(URI), true).unwrap();
+    assert_eq!(read_all(&s, "vm").unwrap(), remote.image);
+    assert_eq!(remote.fetched.load(Ordering::Acquire), 2 << 20);
+    assert_clean(&s);
+}

@@ -1,0 +1,144 @@
+//! Background hydration (`backing.hydrate_bytes_per_sec`): one thread that copies what
+//! remote-backed VDIs still read through their backings into the store, one VDI at a time and
+//! at most that fast, until each is cut loose from its backing (`Store::hydrate`, the same
+//! work as `vdi hydrate`). It looks for backed VDIs when the daemon starts, whenever a
+//! `vdi create --backing` wakes it, and every minute; a VDI whose backing fails is tried
+//! again then.
+
+use std::{
+    sync::Arc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use parking_lot::{Condvar, Mutex};
+use tracing::{info, warn};
+
+use crate::{
+    store::{Kind, Store, StoreError},
+    util::format_size,
+};
+
+/// Longest wait between looks for backed VDIs.
+const IDLE: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Signal {
+    stop: bool,
+    wake: bool,
+}
+
+type Shared = Arc<(Mutex<Signal>, Condvar)>;
+
+/// The hydration thread of a daemon.
+pub struct Hydrator {
+    signal: Shared,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Tells a hydrator to look for backed VDIs now; cheap to clone.
+#[derive(Clone)]
+pub struct HydrateWaker(Shared);
+
+impl HydrateWaker {
+    pub fn wake(&self) {
+        let (m, cv) = &*self.0;
+        m.lock().wake = true;
+        cv.notify_all();
+    }
+}
+
+impl Hydrator {
+    /// Starts hydrating at `bytes_per_sec` (more than 0).
+    pub fn start(store: Arc<Store>, bytes_per_sec: u64) -> std::io::Result<Hydrator> {
+        let signal: Shared = Arc::default();
+        let sig = signal.clone();
+        let thread = std::thread::Builder::new()
+            .name("parallax-hydrate".into())
+            .spawn(move || run(&store, bytes_per_sec.max(1), &sig))?;
+        Ok(Hydrator {
+            signal,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn waker(&self) -> HydrateWaker {
+        HydrateWaker(self.signal.clone())
+    }
+
+    /// Stops the thread (within a step of its copy; what it copied stays).
+    pub fn stop(mut self) {
+        {
+            let (m, cv) = &*self.signal;
+            m.lock().stop = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The VDIs (not snapshots, which cannot change) that still read through a backing.
+fn backed(store: &Store) -> Vec<String> {
+    match store.list() {
+        Ok(l) => l
+            .into_iter()
+            .filter(|v| v.kind == Kind::Vdi && v.backing.is_some())
+            .map(|v| v.name)
+            .collect(),
+        Err(e) => {
+            warn!("hydrate: cannot list VDIs: {e}");
+            Vec::new()
+        }
+    }
+}
+
+fn run(store: &Arc<Store>, bytes_per_sec: u64, signal: &Shared) {
+    let (m, cv) = &**signal;
+    loop {
+        for name in backed(store) {
+            let start = Instant::now();
+            // Paced by sleeping between steps until the bytes done are due; a stop ends the
+            // wait and the copy.
+            let mut pace = |done: u64, _total: u64| -> Result<(), StoreError> {
+                let due = Duration::from_secs_f64(done as f64 / bytes_per_sec as f64);
+                let mut s = m.lock();
+                while !s.stop {
+                    let elapsed = start.elapsed();
+                    if elapsed >= due {
+                        break;
+                    }
+                    cv.wait_for(&mut s, due - elapsed);
+                }
+                if s.stop {
+                    return Err(StoreError::Busy("the daemon is stopping".into()));
+                }
+                Ok(())
+            };
+            match store.hydrate(&name, &mut pace) {
+                Ok(r) => info!(
+                    "hydrate: {name} no longer reads through {} ({} copied in {:.1}s)",
+                    r.uri,
+                    format_size(r.hydrated_bytes),
+                    start.elapsed().as_secs_f64()
+                ),
+                Err(_) if m.lock().stop => return,
+                // Deleted, or hydrated by hand, meanwhile.
+                Err(StoreError::NotFound(_) | StoreError::Invalid(_)) => {}
+                Err(e) => warn!(
+                    "hydrate: {name}: {e}; trying again within {}s",
+                    IDLE.as_secs()
+                ),
+            }
+        }
+        let mut s = m.lock();
+        if !s.stop && !s.wake {
+            cv.wait_for(&mut s, IDLE);
+        }
+        if s.stop {
+            return;
+        }
+        s.wake = false;
+    }
+}
