@@ -11,7 +11,7 @@ use std::{collections::HashMap, sync::Arc};
 use parking_lot::Mutex;
 
 use crate::{
-    disk::{Disk, DiskError, DiskProvider, ExportInfo, Extent, OpenError},
+    disk::{BlockHashes, Disk, DiskError, DiskProvider, ExportInfo, Extent, OpenError},
     metrics::{MeteredDisk, Metrics, Transport},
     store::{is_hidden, Kind, Store, StoreDisk, StoreError, VdiSummary},
     util::format_size,
@@ -230,6 +230,9 @@ impl Disk for WriterLease {
     }
     fn block_status(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, DiskError> {
         self.disk.block_status(offset, len, max)
+    }
+    fn block_hashes(&self, offset: u64, len: u64, max: usize) -> Result<BlockHashes, DiskError> {
+        self.disk.block_hashes(offset, len, max)
     }
     fn cache(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.disk.cache(offset, len)

@@ -81,6 +81,9 @@ pub struct Extent {
     pub state: ExtentState,
 }
 
+/// Runs of (bytes, the hash of the one block the run is, if known): [`Disk::block_hashes`].
+pub type BlockHashes = Vec<(u64, Option<[u8; 24]>)>;
+
 /// A VDI as the front ends see it. Every method may be called concurrently.
 pub trait Disk: Send + Sync {
     /// Size in bytes (a multiple of [`SECTOR_SIZE`]).
@@ -128,6 +131,16 @@ pub trait Disk: Send + Sync {
         len: u64,
         max_extents: usize,
     ) -> Result<Vec<Extent>, DiskError>;
+
+    /// The blake3 hashes (24 bytes, as the store keeps them) of the whole blocks in the range,
+    /// for `parallax:hash:K`: runs of (bytes, `Some(hash)` for one 4 KiB block whose hash is
+    /// known, `None` for a run without), at most `max` runs, covering at most `len` bytes.
+    /// The default knows no hashes.
+    fn block_hashes(&self, offset: u64, len: u64, max: usize) -> Result<BlockHashes, DiskError> {
+        check_range(self.size(), offset, len)?;
+        let _ = max;
+        Ok(vec![(len, None)])
+    }
 
     /// Hints that a range will be read soon. The default does nothing.
     fn cache(&self, offset: u64, len: u64) -> Result<(), DiskError> {

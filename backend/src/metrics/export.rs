@@ -326,6 +326,18 @@ impl<D: Disk> Disk for MeteredDisk<D> {
         r
     }
 
+    fn block_hashes(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<crate::disk::BlockHashes, DiskError> {
+        let t = Instant::now();
+        let r = self.inner.block_hashes(offset, len, max);
+        self.metrics.done(Op::BlockStatus, t, status(&r), 0);
+        r
+    }
+
     fn cache(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         let t = Instant::now();
         let r = self.inner.cache(offset, len);

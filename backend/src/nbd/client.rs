@@ -14,6 +14,7 @@ use std::{
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslStream, SslVerifyMode, SslVersion};
 
 use super::{
+    meta::{HASH_BLOCK, HASH_PARTS, HASH_PREFIX},
     proto::*,
     tls::parse_psk_file,
     uri::{Address, NbdUri},
@@ -31,6 +32,20 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// What a Parallax server says of one 4 KiB block (`parallax:hash`, docs/NBD-HASH.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockInfo {
+    /// Reads as zeros (`base:allocation`).
+    Zero,
+    /// Holds data with this hash.
+    Hash([u8; 24]),
+    /// Data whose hash the server does not offer.
+    Unknown,
+}
+
+/// A context's ID and its descriptors (length, status) in one block status reply.
+type ContextStatus = (u32, Vec<(u32, u32)>);
+
 /// A connection to one export, past the handshake.
 pub struct NbdClient {
     link: Box<dyn Link>,
@@ -41,6 +56,8 @@ pub struct NbdClient {
     structured: bool,
     /// The id the server gave `base:allocation`, if it has it.
     base_allocation: Option<u32>,
+    /// The ids of `parallax:hash:0..5`, if asked for and the server has all six.
+    hash_ids: Option<[u32; HASH_PARTS]>,
     next_handle: u64,
 }
 
@@ -63,6 +80,12 @@ fn reply_text(data: &[u8]) -> String {
 impl NbdClient {
     /// Connects and negotiates; every socket operation gives up after `timeout`.
     pub fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<NbdClient> {
+        Self::connect_with(uri, timeout, false)
+    }
+
+    /// [`NbdClient::connect`], asking for the block hashes of a Parallax server too
+    /// (`hashes`; see [`NbdClient::blocks`]).
+    pub fn connect_with(uri: &NbdUri, timeout: Duration, hashes: bool) -> io::Result<NbdClient> {
         let link: Box<dyn Link> = match &uri.address {
             Address::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port))?;
@@ -79,11 +102,11 @@ impl NbdClient {
                 Box::new(s)
             }
         };
-        Self::start(link, uri)
+        Self::start(link, uri, hashes)
     }
 
     /// The handshake over a connected `link`.
-    fn start(mut link: Box<dyn Link>, uri: &NbdUri) -> io::Result<NbdClient> {
+    fn start(mut link: Box<dyn Link>, uri: &NbdUri, hashes: bool) -> io::Result<NbdClient> {
         let greeting = read_n(&mut *link, GREETING_LEN)?;
         if get_u64(&greeting, 0) != Some(NBDMAGIC) || get_u64(&greeting, 8) != Some(IHAVEOPT) {
             return Err(protocol("not a newstyle NBD server"));
@@ -116,26 +139,43 @@ impl NbdClient {
             max_request: 32 << 20,
             structured: false,
             base_allocation: None,
+            hash_ids: None,
             next_handle: 1,
         };
-        c.negotiate(&uri.export)?;
+        c.negotiate(&uri.export, hashes)?;
         Ok(c)
     }
 
-    fn negotiate(&mut self, export: &str) -> io::Result<()> {
+    fn negotiate(&mut self, export: &str, hashes: bool) -> io::Result<()> {
         let replies = option(&mut *self.link, OPT_STRUCTURED_REPLY, &[])?;
         self.structured = replies.last().is_some_and(|r| r.0 == REP_ACK);
         if self.structured {
+            let mut names = vec![BASE_ALLOCATION.to_string()];
+            if hashes {
+                names.extend((0..HASH_PARTS).map(|k| format!("{HASH_PREFIX}{k}")));
+            }
             let mut q = name_data(export);
-            q.extend_from_slice(&1u32.to_be_bytes());
-            q.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
-            q.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            q.extend_from_slice(&(names.len() as u32).to_be_bytes());
+            for n in &names {
+                q.extend_from_slice(&(n.len() as u32).to_be_bytes());
+                q.extend_from_slice(n.as_bytes());
+            }
+            let mut ids = [None; HASH_PARTS];
             for (reply, data) in option(&mut *self.link, OPT_SET_META_CONTEXT, &q)? {
-                if reply == REP_META_CONTEXT
-                    && &data[4.min(data.len())..] == BASE_ALLOCATION.as_bytes()
-                {
-                    self.base_allocation = get_u32(&data, 0);
+                if reply != REP_META_CONTEXT {
+                    continue;
                 }
+                let name = &data[4.min(data.len())..];
+                if name == BASE_ALLOCATION.as_bytes() {
+                    self.base_allocation = get_u32(&data, 0);
+                } else if let Some(k) =
+                    (0..HASH_PARTS).find(|k| name == format!("{HASH_PREFIX}{k}").as_bytes())
+                {
+                    ids[k] = get_u32(&data, 0);
+                }
+            }
+            if ids.iter().all(Option::is_some) {
+                self.hash_ids = Some(ids.map(|i| i.unwrap_or_default()));
             }
         }
         let mut go = name_data(export);
@@ -259,33 +299,103 @@ impl NbdClient {
                 zero: false,
             }]);
         };
+        let status = self.status(offset, len)?;
+        let out: Vec<Extent> = status
+            .iter()
+            .filter(|c| c.0 == id)
+            .flat_map(|c| &c.1)
+            .filter(|d| d.0 > 0)
+            .map(|&(len, state)| Extent {
+                len: len.into(),
+                zero: state & STATE_ZERO != 0,
+            })
+            .collect();
+        if out.is_empty() {
+            return Err(protocol("NBD_CMD_BLOCK_STATUS reply without extents"));
+        }
+        Ok(out)
+    }
+
+    /// Whether the server gives block hashes (asked for with [`NbdClient::connect_with`]).
+    pub fn has_hashes(&self) -> bool {
+        self.hash_ids.is_some()
+    }
+
+    /// What the server says of each 4 KiB block from `offset` (block aligned), for at most
+    /// `len` bytes (at least the first block): zeros, its hash, or neither.
+    pub fn blocks(&mut self, offset: u64, len: u32) -> io::Result<Vec<BlockInfo>> {
+        const B: u64 = HASH_BLOCK;
+        let Some(ids) = self.hash_ids else {
+            return Ok(vec![
+                BlockInfo::Unknown;
+                u64::from(len).div_ceil(B) as usize
+            ]);
+        };
+        let status = self.status(offset, len)?;
+        // Per context, the status of each block the reply covers (a descriptor may end
+        // inside a block: the block takes the status it starts with).
+        let per_block = |id: u32| -> Vec<u32> {
+            let mut v = Vec::new();
+            let mut pos = 0u64;
+            for &(l, st) in status.iter().filter(|c| c.0 == id).flat_map(|c| &c.1) {
+                // Never past what was asked, whatever the server says.
+                let end = (pos + u64::from(l)).min(u64::from(len));
+                while (v.len() as u64) * B < end {
+                    v.push(st);
+                }
+                pos = end;
+            }
+            v
+        };
+        let parts: Vec<Vec<u32>> = ids.iter().map(|&id| per_block(id)).collect();
+        let zero = self.base_allocation.map(per_block);
+        let n = parts.iter().map(Vec::len).min().unwrap_or(0);
+        if n == 0 {
+            return Err(protocol("NBD_CMD_BLOCK_STATUS reply without hashes"));
+        }
+        Ok((0..n)
+            .map(|i| {
+                if zero
+                    .as_ref()
+                    .and_then(|z| z.get(i))
+                    .is_some_and(|s| s & STATE_ZERO != 0)
+                {
+                    return BlockInfo::Zero;
+                }
+                let mut h = [0u8; 24];
+                for (k, p) in parts.iter().enumerate() {
+                    h[4 * k..4 * k + 4].copy_from_slice(&p[i].to_be_bytes());
+                }
+                if h == [0; 24] {
+                    BlockInfo::Unknown
+                } else {
+                    BlockInfo::Hash(h)
+                }
+            })
+            .collect())
+    }
+
+    /// One `NBD_CMD_BLOCK_STATUS`: the descriptors of each context the server answered for.
+    fn status(&mut self, offset: u64, len: u32) -> io::Result<Vec<ContextStatus>> {
         let handle = self.request(CMD_BLOCK_STATUS, 0, offset, len)?;
         let mut out = Vec::new();
         loop {
             let (flags, kind, payload_len) = self.chunk_header(handle)?;
             if kind == REPLY_TYPE_BLOCK_STATUS {
                 let p = read_n(&mut *self.link, payload_len as usize)?;
-                if get_u32(&p, 0) == Some(id) {
-                    for d in p[4..].chunks_exact(8) {
-                        let (len, state) = (get_u32(d, 0).unwrap_or(0), get_u32(d, 4).unwrap_or(0));
-                        out.push(Extent {
-                            len: len.into(),
-                            zero: state & STATE_ZERO != 0,
-                        });
-                    }
-                }
+                let id = get_u32(&p, 0).ok_or_else(|| protocol("short block status chunk"))?;
+                let descs = p[4..]
+                    .chunks_exact(8)
+                    .map(|d| (get_u32(d, 0).unwrap_or(0), get_u32(d, 4).unwrap_or(0)))
+                    .collect();
+                out.push((id, descs));
             } else {
                 self.other_chunk(kind, payload_len)?;
             }
             if flags & REPLY_FLAG_DONE != 0 {
-                break;
+                return Ok(out);
             }
         }
-        if out.iter().all(|e| e.len == 0) {
-            return Err(protocol("NBD_CMD_BLOCK_STATUS reply without extents"));
-        }
-        out.retain(|e| e.len > 0);
-        Ok(out)
     }
 
     /// Reads a structured reply chunk header for `handle`: (flags, type, payload length).
@@ -501,11 +611,12 @@ pub fn fuzz_client(data: &[u8]) {
         certificates: None,
     };
     let link = Box::new(Scripted(io::Cursor::new(data.to_vec())));
-    let Ok(mut c) = NbdClient::start(link, &uri) else {
+    let Ok(mut c) = NbdClient::start(link, &uri, true) else {
         return;
     };
     let n = c.size().min(64 << 10);
     let _ = c.extents(0, n as u32);
+    let _ = c.blocks(0, n as u32);
     let mut buf = vec![0u8; n as usize];
     let _ = c.read(&mut buf, 0);
 }

@@ -731,7 +731,7 @@ impl Conn {
                             },
                             structured = n.structured,
                             block_sizes = n.block_size_negotiated,
-                            base_allocation = n.base_allocation.is_some(),
+                            contexts = n.contexts.named().len(),
                             "nbd: export opened"
                         );
                         let params = Params::from(&n);

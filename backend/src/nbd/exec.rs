@@ -5,9 +5,10 @@
 use crate::disk::{Disk, DiskError, ExtentState};
 
 use super::buffers;
+use super::meta::{hash_descriptors, hash_part_id, Contexts, BASE_ALLOCATION_ID, HASH_PARTS};
 use super::proto::*;
 use super::transmission::{
-    block_status_reply, error_reply, finish_read_reply, none_chunk, ok_reply, read_prefix_len,
+    block_status_chunk, error_reply, finish_read_reply, none_chunk, ok_reply, read_prefix_len,
     Command, Request,
 };
 
@@ -166,21 +167,44 @@ pub fn execute(disk: &dyn Disk, structured: bool, req: Request, payload: Vec<u8>
             offset,
             len,
             req_one,
-            context,
-        } => {
-            let max = if req_one { 1 } else { MAX_EXTENTS };
-            match disk.block_status(offset, len.into(), max) {
-                Ok(extents) => {
-                    let descs = descriptors(&extents, len, max);
-                    Outcome {
-                        reply: block_status_reply(h, context, &descs),
-                        error: None,
-                    }
-                }
-                Err(e) => done(Err(e)),
+            contexts,
+        } => match status_chunks(disk, h, offset, len, req_one, contexts) {
+            Ok(reply) => Outcome { reply, error: None },
+            Err(e) => done(Err(e)),
+        },
+    }
+}
+
+/// The reply to a block status request: one chunk per selected context, the last with
+/// `DONE`.
+fn status_chunks(
+    disk: &dyn Disk,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+    contexts: Contexts,
+) -> Result<Vec<u8>, DiskError> {
+    let max = if req_one { 1 } else { MAX_EXTENTS };
+    let mut chunks: Vec<(u32, Vec<(u32, u32)>)> = Vec::new();
+    if contexts.base_allocation {
+        let extents = disk.block_status(offset, len.into(), max)?;
+        chunks.push((BASE_ALLOCATION_ID, descriptors(&extents, len, max)));
+    }
+    if contexts.hash_parts != 0 {
+        let hashes = disk.block_hashes(offset, len.into(), max)?;
+        for k in 0..HASH_PARTS {
+            if contexts.hash_parts & (1 << k) != 0 {
+                chunks.push((hash_part_id(k), hash_descriptors(&hashes, k, len, max)));
             }
         }
     }
+    let mut reply = Vec::new();
+    let last = chunks.len().saturating_sub(1);
+    for (i, (id, descs)) in chunks.iter().enumerate() {
+        block_status_chunk(&mut reply, handle, *id, descs, i == last);
+    }
+    Ok(reply)
 }
 
 /// `base:allocation` descriptors for `extents`, trimmed to the request: at most `max`, none
@@ -222,6 +246,7 @@ pub fn descriptors(extents: &[crate::disk::Extent], len: u32, max: usize) -> Vec
 mod tests {
     use super::*;
     use crate::disk::{Extent, MemDisk};
+    use crate::nbd::transmission::block_status_reply;
 
     fn req(command: Command) -> Request {
         Request { handle: 3, command }
@@ -254,7 +279,7 @@ mod tests {
                 offset: 0,
                 len: 16384,
                 req_one: false,
-                context: 1,
+                contexts: BASE,
             }),
             vec![],
         );
@@ -266,7 +291,7 @@ mod tests {
                 offset: 0,
                 len: 16384,
                 req_one: true,
-                context: 1,
+                contexts: BASE,
             }),
             vec![],
         );
@@ -279,11 +304,43 @@ mod tests {
                 offset: 4096,
                 len: 4096,
                 req_one: false,
-                context: 1,
+                contexts: BASE,
             }),
             vec![],
         );
         assert_eq!(s.reply, block_status_reply(3, 1, &[(4096, STATE_ZERO)]));
+    }
+
+    const BASE: Contexts = Contexts {
+        base_allocation: true,
+        hash_parts: 0,
+    };
+
+    /// Each selected context gets its chunk, `base:allocation` first, the last one `DONE`.
+    #[test]
+    fn block_status_answers_every_selected_context() {
+        let d = MemDisk::new(16384);
+        d.write_at(&[1u8; 4096], 0, false).unwrap();
+        let both = Contexts {
+            base_allocation: true,
+            hash_parts: 0b000010,
+        };
+        let r = execute(
+            &d,
+            true,
+            req(Command::BlockStatus {
+                offset: 0,
+                len: 16384,
+                req_one: false,
+                contexts: both,
+            }),
+            vec![],
+        );
+        let mut want = Vec::new();
+        block_status_chunk(&mut want, 3, 1, &[(4096, 0), (12288, 3)], false);
+        // A disk without hashes: one run, status 0 ("no hash").
+        block_status_chunk(&mut want, 3, 3, &[(16384, 0)], true);
+        assert_eq!(r.reply, want);
     }
 
     #[test]

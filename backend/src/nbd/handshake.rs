@@ -21,8 +21,8 @@ use super::proto::*;
 /// 4096-byte name and a few queries) is far below it.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 
-/// The ID of `base:allocation` in `NBD_OPT_SET_META_CONTEXT` replies and block status chunks.
-pub const BASE_ALLOCATION_ID: u32 = 1;
+use super::meta::Contexts;
+pub use super::meta::BASE_ALLOCATION_ID;
 
 /// Minimum and preferred block sizes we advertise.
 /// Advertised minimum block size: any byte range works (sub-block writes are read-modify-write
@@ -83,8 +83,8 @@ pub struct Negotiated {
     /// The client asked for `NBD_INFO_BLOCK_SIZE` in `NBD_OPT_GO`, so it promised to honour
     /// the advertised constraints: misaligned requests are then errors.
     pub block_size_negotiated: bool,
-    /// The context ID for `base:allocation`, if the client selected it for this export.
-    pub base_allocation: Option<u32>,
+    /// The metadata contexts the client selected for this export (IDs: [`super::meta`]).
+    pub contexts: Contexts,
     /// Maximum request length advertised.
     pub max_request_bytes: u32,
 }
@@ -171,7 +171,7 @@ enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct MetaSelection {
     export: String,
-    base_allocation: bool,
+    contexts: Contexts,
 }
 
 /// One connection's handshake. Create it, send [`Handshake::greeting`], then feed the
@@ -530,22 +530,16 @@ impl Handshake {
                     self.error(option, REP_ERR_UNKNOWN, "no such export");
                     return Step::Continue;
                 }
-                let selected = if set {
-                    queries.iter().any(|q| q == BASE_ALLOCATION)
-                } else {
-                    queries.is_empty()
-                        || queries.iter().any(|q| q == BASE_ALLOCATION || q == "base:")
-                };
-                if selected {
-                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
-                    let mut data = id.to_be_bytes().to_vec();
-                    data.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                let selected = Contexts::from_queries(&queries, set);
+                for (id, context) in selected.named() {
+                    let mut data = if set { id } else { 0 }.to_be_bytes().to_vec();
+                    data.extend_from_slice(context.as_bytes());
                     self.reply(option, REP_META_CONTEXT, &data);
                 }
                 if set {
                     self.meta = Some(MetaSelection {
                         export: name,
-                        base_allocation: selected,
+                        contexts: selected,
                     });
                 }
                 self.reply(option, REP_ACK, &[]);
@@ -560,16 +554,16 @@ impl Handshake {
 
     fn enter(&mut self, export: ExportInfo, name: &str, block_size_negotiated: bool) -> Step {
         self.phase = Phase::Done;
-        let base_allocation = match &self.meta {
-            Some(m) if m.base_allocation && m.export == name => Some(BASE_ALLOCATION_ID),
-            _ => None,
+        let contexts = match &self.meta {
+            Some(m) if m.export == name => m.contexts,
+            _ => Contexts::default(),
         };
         Step::Transmission(Negotiated {
             flags: transmission_flags(export.read_only, self.structured),
             export,
             structured: self.structured,
             block_size_negotiated,
-            base_allocation,
+            contexts,
             max_request_bytes: self.limits.max_request_bytes,
         })
     }
@@ -938,7 +932,8 @@ mod tests {
             panic!("{step:?}")
         };
         assert!(n.structured && n.block_size_negotiated);
-        assert_eq!(n.base_allocation, Some(BASE_ALLOCATION_ID));
+        assert!(n.contexts.base_allocation);
+        assert_eq!(n.contexts.hash_parts, 0);
         assert_eq!(n.flags & FLAG_READ_ONLY, 0);
         assert_ne!(n.flags & FLAG_SEND_DF, 0);
         let r = replies(&out);
@@ -983,7 +978,7 @@ mod tests {
         let Step::Transmission(n) = step else {
             panic!()
         };
-        assert_eq!(n.base_allocation, None);
+        assert!(n.contexts.is_empty());
         assert!(!n.block_size_negotiated);
     }
 
@@ -999,16 +994,30 @@ mod tests {
     #[test]
     fn list_meta_context_wildcards() {
         let exports = [export("a", false)];
-        for queries in [&[][..], &["base:"][..], &["base:allocation"][..]] {
+        let listed = |queries: &[&str]| -> Vec<String> {
             let mut hs = started(1);
             let mut input = opt(OPT_STRUCTURED_REPLY, &[]);
             input.extend(opt(OPT_LIST_META_CONTEXT, &meta_data("a", queries)));
             let (out, _) = run(&mut hs, &input, &exports);
             let r = replies(&out);
-            assert_eq!(r[1].1, REP_META_CONTEXT, "{queries:?}");
-            assert_eq!(r[1].2, [&[0u8, 0, 0, 0][..], b"base:allocation"].concat());
-            assert_eq!(r[2].1, REP_ACK);
-        }
+            assert_eq!(r.last().unwrap().1, REP_ACK);
+            r[1..r.len() - 1]
+                .iter()
+                .map(|(_, kind, data)| {
+                    assert_eq!(*kind, REP_META_CONTEXT);
+                    assert_eq!(data[..4], [0, 0, 0, 0], "LIST gives no IDs");
+                    String::from_utf8(data[4..].to_vec()).unwrap()
+                })
+                .collect()
+        };
+        let hashes: Vec<String> = (0..6).map(|k| format!("parallax:hash:{k}")).collect();
+        let mut all = vec!["base:allocation".to_string()];
+        all.extend(hashes.clone());
+        assert_eq!(listed(&[]), all);
+        assert_eq!(listed(&["base:"]), ["base:allocation"]);
+        assert_eq!(listed(&["base:allocation"]), ["base:allocation"]);
+        assert_eq!(listed(&["parallax:"]), hashes);
+        assert_eq!(listed(&["parallax:hash:3"]), ["parallax:hash:3"]);
         let mut hs = started(1);
         let mut input = opt(OPT_STRUCTURED_REPLY, &[]);
         input.extend(opt(

@@ -5,6 +5,7 @@
 //! ```text
 //!   proto         wire constants, headers, encoders/decoders            (pure)
 //!   handshake     option haggling state machine: bytes in, replies out  (pure)
+//!   meta          metadata contexts: base:allocation, parallax:hash:0..5 (pure)
 //!   transmission  request checks (decide) and reply encoding            (pure)
 //!   exec          a checked request against a Disk → reply bytes        (worker threads)
 //!   conn, pool    per-connection buffers and backpressure; worker pool
@@ -28,8 +29,10 @@
 //!   `NBD_REP_ERR_TLS_REQD` until the client upgrades, and `EXPORT_NAME` ends the connection).
 //!   Everything else (extended headers) is `NBD_REP_ERR_UNSUP`. Options longer than 64 KiB
 //!   are skipped and refused with `NBD_REP_ERR_TOO_BIG`; more than [`NbdConfig::max_options`] options end the connection.
-//! - Meta contexts: only `base:allocation` (context ID 1). `LIST_META_CONTEXT` with no query,
-//!   `base:` or `base:allocation` lists it; `SET_META_CONTEXT` selects it only by its full name.
+//! - Meta contexts: `base:allocation` (context ID 1) and the block hashes
+//!   `parallax:hash:0` … `:5` (IDs 2–7, docs/NBD-HASH.md, [`meta`]). `LIST_META_CONTEXT` with
+//!   no query lists all; `base:` or `parallax:` a namespace; `SET_META_CONTEXT` selects each
+//!   only by its full name, and a block status reply has one chunk per selected context.
 //!   Other namespaces are ignored. Extents: hole → `HOLE|ZERO`, zeroed → `ZERO`, data → 0.
 //! - Block sizes: minimum 1 (sub-block requests are read-modify-write), preferred 4096,
 //!   maximum [`NbdConfig::max_request_bytes`].
@@ -64,6 +67,7 @@ mod config;
 mod conn;
 pub mod exec;
 pub mod handshake;
+pub mod meta;
 mod pool;
 pub mod proto;
 pub mod remote;

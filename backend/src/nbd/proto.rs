@@ -110,7 +110,7 @@ pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context we serve.
+/// The standard metadata context (the others: [`super::meta`]).
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Error values carried in replies (the spec fixes these numbers; they match Linux errno).

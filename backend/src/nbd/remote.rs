@@ -19,8 +19,12 @@ use std::{
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
-use super::{client::NbdClient, uri::NbdUri};
-use crate::store::{Remote, StoreError, StoreResult};
+use super::{
+    client::{BlockInfo, NbdClient},
+    meta::HASH_BLOCK,
+    uri::NbdUri,
+};
+use crate::store::{Remote, RemoteBlock, StoreError, StoreResult};
 
 /// How long a connection attempt or a request may take before it counts as a failure.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,7 +84,7 @@ impl NbdRemote {
         loop {
             let attempt = match client.as_mut() {
                 Some(c) => op(c),
-                None => NbdClient::connect(&parsed, IO_TIMEOUT).and_then(|mut c| {
+                None => NbdClient::connect_with(&parsed, IO_TIMEOUT, true).and_then(|mut c| {
                     let r = op(&mut c);
                     *client = Some(c);
                     r
@@ -131,6 +135,26 @@ impl Remote for NbdRemote {
     fn size(&self, uri: &str) -> StoreResult<u64> {
         // Asked when a VDI is made: an operator wants to hear at once that it is unreachable.
         self.with_client(uri, false, |c| Ok(c.size()))
+    }
+
+    fn blocks(&self, uri: &str, offset: u64, len: u64) -> StoreResult<Option<Vec<RemoteBlock>>> {
+        let len = len.min(u64::from(u32::MAX) & !(HASH_BLOCK - 1)) as u32;
+        self.with_client(uri, true, |c| {
+            if !c.has_hashes() {
+                return Ok(None);
+            }
+            let blocks = c.blocks(offset, len)?;
+            Ok(Some(
+                blocks
+                    .into_iter()
+                    .map(|b| match b {
+                        BlockInfo::Zero => RemoteBlock::Zero,
+                        BlockInfo::Hash(h) => RemoteBlock::Hash(h),
+                        BlockInfo::Unknown => RemoteBlock::Unknown,
+                    })
+                    .collect(),
+            ))
+        })
     }
 
     fn read(&self, uri: &str, buf: &mut [u8], offset: u64) -> StoreResult<()> {

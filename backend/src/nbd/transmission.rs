@@ -9,6 +9,7 @@
 //! ```
 
 use super::handshake::{Negotiated, MIN_BLOCK};
+use super::meta::Contexts;
 use super::proto::*;
 
 /// What the transmission phase needs to know about the negotiation.
@@ -20,8 +21,8 @@ pub struct Params {
     pub structured: bool,
     /// The client asked for block size constraints, so misaligned requests are errors.
     pub strict_blocks: bool,
-    /// Context ID of `base:allocation`, if selected.
-    pub base_allocation: Option<u32>,
+    /// The metadata contexts selected.
+    pub contexts: Contexts,
     /// Largest READ/WRITE/CACHE/WRITE_ZEROES length.
     pub max_request: u32,
 }
@@ -33,7 +34,7 @@ impl From<&Negotiated> for Params {
             read_only: n.export.read_only,
             structured: n.structured,
             strict_blocks: n.block_size_negotiated,
-            base_allocation: n.base_allocation,
+            contexts: n.contexts,
             max_request: n.max_request_bytes,
         }
     }
@@ -72,7 +73,7 @@ pub enum Command {
         offset: u64,
         len: u32,
         req_one: bool,
-        context: u32,
+        contexts: Contexts,
     },
 }
 
@@ -164,7 +165,7 @@ pub fn decide(p: &Params, h: &RequestHeader) -> Decision {
     if h.kind == CMD_WRITE && len > p.max_request {
         return reject(EINVAL, "request longer than the maximum block size");
     }
-    if h.kind == CMD_BLOCK_STATUS && p.base_allocation.is_none() {
+    if h.kind == CMD_BLOCK_STATUS && p.contexts.is_empty() {
         return reject(EINVAL, "no metadata context was negotiated");
     }
     if writes && p.read_only {
@@ -212,14 +213,11 @@ pub fn decide(p: &Params, h: &RequestHeader) -> Decision {
             if len == 0 {
                 return reject(EINVAL, "block status of an empty range");
             }
-            let Some(context) = p.base_allocation else {
-                return reject(EINVAL, "no metadata context was negotiated");
-            };
             Command::BlockStatus {
                 offset,
                 len,
                 req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
-                context,
+                contexts: p.contexts,
             }
         }
     };
@@ -300,11 +298,24 @@ pub fn finish_read_reply(buf: &mut [u8], structured: bool, handle: u64, offset: 
 
 /// A `BLOCK_STATUS` chunk with `DONE` for one context: descriptors of (length, flags).
 pub fn block_status_reply(handle: u64, context: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut v = Vec::new();
+    block_status_chunk(&mut v, handle, context, extents, true);
+    v
+}
+
+/// Appends a `BLOCK_STATUS` chunk for one context (the last of a reply with `done`).
+pub fn block_status_chunk(
+    v: &mut Vec<u8>,
+    handle: u64,
+    context: u32,
+    extents: &[(u32, u32)],
+    done: bool,
+) {
     let len = 4 + 8 * extents.len();
-    let mut v = Vec::with_capacity(CHUNK_HEADER_LEN + len);
+    v.reserve(CHUNK_HEADER_LEN + len);
     put_chunk_header(
-        &mut v,
-        REPLY_FLAG_DONE,
+        v,
+        if done { REPLY_FLAG_DONE } else { 0 },
         REPLY_TYPE_BLOCK_STATUS,
         handle,
         len as u32,
@@ -314,7 +325,6 @@ pub fn block_status_reply(handle: u64, context: u32, extents: &[(u32, u32)]) -> 
         v.extend_from_slice(&l.to_be_bytes());
         v.extend_from_slice(&f.to_be_bytes());
     }
-    v
 }
 
 /// Runs [`decide`] over every 28-byte header in `data` with a few parameter sets. A fuzz
@@ -326,7 +336,10 @@ pub fn fuzz_requests(data: &[u8]) {
             read_only: false,
             structured: true,
             strict_blocks: true,
-            base_allocation: Some(1),
+            contexts: Contexts {
+                base_allocation: true,
+                hash_parts: 0,
+            },
             max_request: 1 << 16,
         },
         Params {
@@ -334,7 +347,7 @@ pub fn fuzz_requests(data: &[u8]) {
             read_only: true,
             structured: false,
             strict_blocks: false,
-            base_allocation: None,
+            contexts: Contexts::default(),
             max_request: 0xffff_fe00,
         },
     ];
@@ -361,7 +374,10 @@ mod tests {
         read_only: false,
         structured: true,
         strict_blocks: false,
-        base_allocation: Some(1),
+        contexts: Contexts {
+            base_allocation: true,
+            hash_parts: 0,
+        },
         max_request: 1 << 16,
     };
 
@@ -416,11 +432,7 @@ mod tests {
         assert!(matches!(
             decide(&P, &req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1 << 20)),
             Decision::Execute(Request {
-                command: Command::BlockStatus {
-                    req_one: true,
-                    context: 1,
-                    ..
-                },
+                command: Command::BlockStatus { req_one: true, .. },
                 ..
             })
         ));
@@ -485,7 +497,7 @@ mod tests {
             Some(EINVAL)
         );
         let no_meta = Params {
-            base_allocation: None,
+            contexts: Contexts::default(),
             ..P
         };
         assert_eq!(

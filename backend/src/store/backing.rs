@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     error::{StoreError, StoreResult},
-    format::BLOCK_SIZE_U64,
+    format::{hash24, BLOCK_SIZE_U64},
     io::StoreDisk,
-    registry::{validate_name, Kind},
+    registry::{name_key, validate_name, Kind},
     store::Store,
 };
 use crate::disk::ExtentState;
@@ -40,8 +40,27 @@ const FETCH_ALIGN: u64 = 256 * 1024;
 /// Bytes per step of `hydrate` (one conditional write each).
 const HYDRATE_STEP: u64 = 1 << 20;
 
+/// What a remote says of one 4 KiB block before it is read ([`Remote::blocks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteBlock {
+    /// Reads as zeros: nothing to fetch.
+    Zero,
+    /// Data with this hash (blake3, 24 bytes, as this store keeps them): a block here with
+    /// the same hash need not be fetched, and one fetched must match it.
+    Hash([u8; 24]),
+    /// Data, hash unknown.
+    Unknown,
+}
+
 /// Reads NBD exports (the store's only way to the network).
 pub trait Remote: Send + Sync {
+    /// What the export says of each 4 KiB block of `offset..offset + len` (block aligned),
+    /// if it tells (a Parallax server's `parallax:hash`, docs/NBD-HASH.md); it may describe
+    /// fewer blocks than asked. `None`: it does not.
+    fn blocks(&self, uri: &str, offset: u64, len: u64) -> StoreResult<Option<Vec<RemoteBlock>>> {
+        let _ = (uri, offset, len);
+        Ok(None)
+    }
     /// The size of the export at `uri`, in bytes.
     fn size(&self, uri: &str) -> StoreResult<u64>;
     /// Fills `buf` from `offset` of the export at `uri` (the range is inside its size).
@@ -214,8 +233,7 @@ impl Store {
                 pos = b;
                 let (want_lo, want_hi) = (a.max(offset), b.min(end));
                 if e.state == ExtentState::Hole {
-                    let mut data = vec![0u8; (b - a) as usize];
-                    self.remote(uri)?.read(uri, &mut data, a)?;
+                    let data = self.fetch(uri, a, b)?;
                     cache.write(&data, a, false)?;
                     if want_lo < want_hi {
                         buf[(want_lo - offset) as usize..(want_hi - offset) as usize]
@@ -230,6 +248,88 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The bytes `a..b` (`a` block aligned) of backing `uri`. Where the remote gives block
+    /// hashes, blocks that read as zeros are not fetched, a block another cache holds at the
+    /// same offset with the same hash is copied from there (a template derived from one
+    /// already cached costs only what differs), and every block fetched must match its hash.
+    fn fetch(self: &Arc<Self>, uri: &str, a: u64, b: u64) -> StoreResult<Vec<u8>> {
+        let remote = self.remote(uri)?;
+        let mut data = vec![0u8; (b - a) as usize];
+        let Some(blocks) = remote.blocks(uri, a, b - a)? else {
+            remote.read(uri, &mut data, a)?;
+            return Ok(data);
+        };
+        let n = (b - a).div_ceil(BLOCK_SIZE_U64) as usize;
+        let whole = |i: usize| a + (i as u64 + 1) * BLOCK_SIZE_U64 <= b;
+        let mut need = vec![true; n];
+        let others = self.other_caches(uri)?;
+        for (i, blk) in blocks.iter().enumerate().take(n) {
+            let at = a + i as u64 * BLOCK_SIZE_U64;
+            match blk {
+                RemoteBlock::Zero => need[i] = false,
+                RemoteBlock::Hash(h) if whole(i) => {
+                    for o in others.iter().filter(|o| at + BLOCK_SIZE_U64 <= o.size()) {
+                        if o.hash_at(at / BLOCK_SIZE_U64)? == Some(*h) {
+                            let at_buf = i * BLOCK_SIZE_U64 as usize;
+                            o.read(&mut data[at_buf..at_buf + BLOCK_SIZE_U64 as usize], at)?;
+                            need[i] = false;
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut i = 0;
+        while i < n {
+            if !need[i] {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < n && need[j] {
+                j += 1;
+            }
+            let lo = i * BLOCK_SIZE_U64 as usize;
+            let hi = (j * BLOCK_SIZE_U64 as usize).min(data.len());
+            remote.read(uri, &mut data[lo..hi], a + lo as u64)?;
+            i = j;
+        }
+        for (i, blk) in blocks.iter().enumerate().take(n) {
+            let at = i * BLOCK_SIZE_U64 as usize;
+            if let (RemoteBlock::Hash(h), true) = (blk, whole(i)) {
+                if hash24(&data[at..at + BLOCK_SIZE_U64 as usize]) != *h {
+                    return Err(StoreError::Remote(format!(
+                        "{uri}: the block at byte {} does not match the hash the server gave",
+                        a + at as u64
+                    )));
+                }
+            }
+        }
+        Ok(data)
+    }
+
+    /// Read-only handles on the caches of every other backing.
+    fn other_caches(self: &Arc<Self>, uri: &str) -> StoreResult<Vec<StoreDisk>> {
+        let mine = cache_name(uri);
+        let names = self
+            .catalog
+            .lock()
+            .scan_names(&*self.dev, &name_key(CACHE_PREFIX))?;
+        let mut out = Vec::new();
+        for (key, _) in names {
+            let name = String::from_utf8_lossy(&key[1..]).into_owned();
+            if name != mine {
+                match self.open_disk(&name, false, false) {
+                    Ok(d) => out.push(d),
+                    Err(StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// `vdi info`'s backing part: `None` if `full` is not remote-backed.

@@ -12,7 +12,8 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 use super::{
     backing::cache_name,
     device::{CrashDevice, Device, MemDevice},
-    Remote, Store, StoreError, StoreOptions, StoreResult,
+    format::hash24,
+    Remote, RemoteBlock, Store, StoreError, StoreOptions, StoreResult,
 };
 
 const URI: &str = "nbd://gold.example/tpl@v1";
@@ -352,5 +353,90 @@ fn a_cache_deleted_by_hand_is_fetched_again() {
     s.delete(&cache_name(URI), true).unwrap();
     assert_eq!(read_all(&s, "vm").unwrap(), remote.image);
     assert_eq!(remote.fetched.load(Ordering::Acquire), 2 << 20);
+    assert_clean(&s);
+}
+
+/// A remote that gives block hashes (as a Parallax server does) and can lie about its data.
+struct HashingRemote {
+    inner: Arc<MemRemote>,
+    flip: AtomicBool,
+}
+
+impl Remote for HashingRemote {
+    fn size(&self, uri: &str) -> StoreResult<u64> {
+        self.inner.size(uri)
+    }
+
+    fn blocks(&self, _: &str, offset: u64, len: u64) -> StoreResult<Option<Vec<RemoteBlock>>> {
+        let img = &self.inner.image[offset as usize..(offset + len) as usize];
+        Ok(Some(
+            img.chunks(4096)
+                .map(|b| {
+                    if b.iter().all(|&x| x == 0) {
+                        RemoteBlock::Zero
+                    } else {
+                        RemoteBlock::Hash(hash24(b))
+                    }
+                })
+                .collect(),
+        ))
+    }
+
+    fn read(&self, uri: &str, buf: &mut [u8], offset: u64) -> StoreResult<()> {
+        self.inner.read(uri, buf, offset)?;
+        if self.flip.load(Ordering::Acquire) {
+            buf[0] ^= 1;
+        }
+        Ok(())
+    }
+
+    fn state(&self, _: &str) -> String {
+        "hashing".into()
+    }
+}
+
+#[test]
+fn hashes_skip_zeros_reuse_other_caches_and_catch_bad_data() {
+    let base = MemRemote::new(1 << 20, 4);
+    let remote = Arc::new(HashingRemote {
+        inner: base.clone(),
+        flip: AtomicBool::new(false),
+    });
+    let s = Store::open_device(
+        {
+            let dev: Arc<dyn Device> = Arc::new(MemDevice::new(64 << 20));
+            Store::format(&*dev, 64 << 20).unwrap();
+            dev
+        },
+        opts(),
+    )
+    .unwrap();
+    s.set_remote(remote.clone());
+    // Zeros are not fetched: every fifth block of the image.
+    s.create_backed("a", None, URI).unwrap();
+    assert_eq!(read_all(&s, "a").unwrap(), base.image);
+    let data = base
+        .image
+        .chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count();
+    assert_eq!(base.fetched.load(Ordering::Acquire), data as u64 * 4096);
+    // The same blocks behind another URI come from the first cache, not the network.
+    let other = "nbd://gold.example/tpl2@v1";
+    s.create_backed("b", None, other).unwrap();
+    assert_eq!(read_all(&s, "b").unwrap(), base.image);
+    assert_eq!(base.fetched.load(Ordering::Acquire), data as u64 * 4096);
+    // Data that does not match its hash is refused, and not kept.
+    remote.flip.store(true, Ordering::Release);
+    let third = "nbd://gold.example/tpl3@v1";
+    s.delete("a", false).unwrap();
+    s.delete("b", false).unwrap();
+    s.create_backed("c", None, third).unwrap();
+    let err = read_all(&s, "c").unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+    let info = s.backing_info("c").unwrap().unwrap();
+    assert_eq!(info.cached_bytes, 0);
+    remote.flip.store(false, Ordering::Release);
+    assert_eq!(read_all(&s, "c").unwrap(), base.image);
     assert_clean(&s);
 }

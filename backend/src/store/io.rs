@@ -29,7 +29,7 @@ use super::{
     vdi::{Vdi, VdiState, MAX_BATCH},
 };
 use crate::{
-    disk::{check_range, Disk, DiskError, Extent, ExtentState},
+    disk::{check_range, BlockHashes, Disk, DiskError, Extent, ExtentState},
     ratelimit::SharedRateLimit,
 };
 
@@ -859,6 +859,52 @@ impl StoreDisk {
         Ok(res)
     }
 
+    /// The hash of block `lba` if the map points it at a stored block.
+    pub(super) fn hash_at(&self, lba: u64) -> StoreResult<Option<[u8; 24]>> {
+        let mut p = Vec::with_capacity(1);
+        self.lookup(lba, 1, &mut p)?;
+        Ok(p[0].is_block().then_some(p[0].hash))
+    }
+
+    /// The hashes of the whole blocks in the range, as the map holds them (`parallax:hash`):
+    /// a stored block has its hash; holes, zeros, partial blocks at the edges and a backed
+    /// VDI's blocks still at its remote have none here. At most `max` runs.
+    pub fn hashes(&self, offset: u64, len: u64, max: usize) -> StoreResult<BlockHashes> {
+        self.range(offset, len)?;
+        let end = offset + len;
+        let first = offset.div_ceil(BLOCK_SIZE_U64);
+        let last = end / BLOCK_SIZE_U64;
+        let mut out: BlockHashes = Vec::new();
+        let push = |n: u64, h: Option<[u8; 24]>, out: &mut BlockHashes| match (h, out.last_mut()) {
+            (None, Some((l, None))) => *l += n,
+            _ => out.push((n, h)),
+        };
+        if first * BLOCK_SIZE_U64 > offset {
+            push((first * BLOCK_SIZE_U64).min(end) - offset, None, &mut out);
+        }
+        if first < last {
+            // Bounded: at most `max` runs, so at most `max` blocks are looked at.
+            let n = (last - first).min(max.max(1) as u64);
+            let mut ptrs = Vec::with_capacity(n as usize);
+            self.lookup(first, n, &mut ptrs)?;
+            for p in ptrs {
+                let h = p.is_block().then_some(p.hash);
+                let merges = h.is_none() && matches!(out.last(), Some((_, None)));
+                if !merges && out.len() >= max {
+                    break;
+                }
+                push(BLOCK_SIZE_U64, h, &mut out);
+            }
+            let covered: u64 = out.iter().map(|r| r.0).sum();
+            if offset + covered == last * BLOCK_SIZE_U64 && last * BLOCK_SIZE_U64 < end {
+                push(end - last * BLOCK_SIZE_U64, None, &mut out);
+            }
+        } else if out.is_empty() {
+            push(len, None, &mut out);
+        }
+        Ok(out)
+    }
+
     /// Reads ahead (warms the page cache for the blocks of a range).
     pub fn prefetch(&self, offset: u64, len: u64) -> StoreResult<()> {
         self.range(offset, len)
@@ -916,6 +962,11 @@ impl Disk for StoreDisk {
         max_extents: usize,
     ) -> Result<Vec<Extent>, DiskError> {
         self.extents(offset, len, max_extents)
+            .map_err(|e| to_disk(&self.name, e))
+    }
+
+    fn block_hashes(&self, offset: u64, len: u64, max: usize) -> Result<BlockHashes, DiskError> {
+        self.hashes(offset, len, max)
             .map_err(|e| to_disk(&self.name, e))
     }
 

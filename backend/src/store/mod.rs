@@ -63,7 +63,9 @@ mod store;
 mod vdi;
 
 pub use admin::{DeleteReport, DfReport, GcReport, ListFilter, TreeNode, VdiInfo, VdiSummary};
-pub use backing::{cache_name, BackedUsage, BackingInfo, HydrateReport, Remote, CACHE_PREFIX};
+pub use backing::{
+    cache_name, BackedUsage, BackingInfo, HydrateReport, Remote, RemoteBlock, CACHE_PREFIX,
+};
 pub use catalog::Counts;
 pub use check::{CheckProgress, CheckReport};
 pub use diff::{ChangedExtent, DiffReport};
