@@ -131,16 +131,29 @@ fn a_vdi_backed_by_a_parallax_host_over_tls() {
     dst.assert_clean();
 }
 
+/// A store to test in, the template written to a raw file in it and served by qemu-nbd on
+/// a unix socket, and that export's URI.
+fn template_on_qemu_nbd() -> (TestStore, Vec<u8>, QemuNbd, String) {
+    let dst = TestStore::new("256M");
+    let img = template_image();
+    write_file(&dst.file("src.raw"), &img);
+    let q = QemuNbd::start(&dst);
+    let backing = format!("nbd+unix:///base?socket={}", dst.file("q.sock").display());
+    (dst, img, q, backing)
+}
+
 struct QemuNbd(Child);
 
 impl QemuNbd {
-    fn start(store: &TestStore, raw: &std::path::Path) -> QemuNbd {
+    /// qemu-nbd serving the store's `src.raw`.
+    fn start(store: &TestStore) -> QemuNbd {
         let sock = store.file("q.sock");
+        let raw = store.file("src.raw");
         let _ = std::fs::remove_file(&sock);
         let q = Command::new("qemu-nbd")
             .args(["-f", "raw", "-x", "base", "--persistent", "-r", "-k"])
             .arg(&sock)
-            .arg(raw)
+            .arg(&raw)
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-nbd");
@@ -166,12 +179,7 @@ impl Drop for QemuNbd {
 /// the next read fetches it; then hydrate.
 #[test]
 fn an_unreachable_backing_fails_uncached_reads_only_and_comes_back() {
-    let dst = TestStore::new("256M");
-    let img = template_image();
-    let raw = dst.file("src.raw");
-    write_file(&raw, &img);
-    let q = QemuNbd::start(&dst, &raw);
-    let backing = format!("nbd+unix:///base?socket={}", dst.file("q.sock").display());
+    let (dst, img, q, backing) = template_on_qemu_nbd();
     let d = Daemon::start_with(&dst, DST_CONFIG, &[]);
     dst.run(&[
         "vdi",
@@ -217,7 +225,7 @@ fn an_unreachable_backing_fails_uncached_reads_only_and_comes_back() {
     assert!(d.wait_stderr("reconnecting"));
 
     // Back: the next read fetches, without anyone reconnecting by hand.
-    let _q = QemuNbd::start(&dst, &raw);
+    let _q = QemuNbd::start(&dst);
     qemu_io(&uri, &["read 16M 4k"]);
     assert!(info(&dst, "vm")["backing"]["state"]
         .as_str()
@@ -239,12 +247,7 @@ fn an_unreachable_backing_fails_uncached_reads_only_and_comes_back() {
 /// from its backing without anyone asking, and then needs it no more.
 #[test]
 fn the_daemon_hydrates_in_the_background() {
-    let dst = TestStore::new("256M");
-    let img = template_image();
-    let raw = dst.file("src.raw");
-    write_file(&raw, &img);
-    let q = QemuNbd::start(&dst, &raw);
-    let backing = format!("nbd+unix:///base?socket={}", dst.file("q.sock").display());
+    let (dst, img, q, backing) = template_on_qemu_nbd();
     let d = Daemon::start_with(
         &dst,
         "(nbd: (workers: 2), backing: (hydrate_bytes_per_sec: 33554432))",

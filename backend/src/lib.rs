@@ -13,8 +13,8 @@
 //! Xen block-ring backend, [`xen`] its xenbus control plane (the vbd handshake in xenstore),
 //! [`daemon`] the long-running `parallax serve`, and [`cli`] the `parallax` command;
 //! [`ratelimit`] keeps what clients and guests can make us log in bounds, [`metrics`] counts
-//! what the daemon serves for Prometheus, and [`schedule`] takes and prunes the snapshots of
-//! snapshot schedules.
+//! what the daemon serves for Prometheus, [`schedule`] takes and prunes the snapshots of
+//! snapshot schedules, and [`signal`] is how the daemon wakes or stops its background threads.
 
 pub mod blkif;
 pub mod cli;
@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod ratelimit;
 pub mod schedule;
+pub mod signal;
 pub mod store;
 pub mod stream;
 pub mod transfer;

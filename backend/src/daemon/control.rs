@@ -27,7 +27,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     blkif::local::{recv_with_fds, send_with_fds},
-    schedule::{self, policy, Waker},
+    schedule::{self, policy},
+    signal::Signal,
     store::{Kind, ListFilter, Schedule, Store, StoreError},
     stream, transfer,
 };
@@ -343,9 +344,9 @@ pub struct ControlContext {
     /// How long a client may take to send its request line ([`REQUEST_TIMEOUT`]).
     pub request_timeout: std::time::Duration,
     /// Told when the schedules change, so that a new one starts at its next tick.
-    pub scheduler: Option<Waker>,
+    pub scheduler: Option<Signal>,
     /// Told when a backed VDI is made, when the daemon hydrates in the background.
-    pub hydrator: Option<super::hydrator::HydrateWaker>,
+    pub hydrator: Option<Signal>,
 }
 
 /// Accepts control connections until the listener is shut down; each runs on its own thread,

@@ -11,10 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use parking_lot::{Condvar, Mutex};
 use tracing::{info, warn};
 
 use crate::{
+    signal::Signal,
     store::{Kind, Store, StoreError},
     util::format_size,
 };
@@ -22,36 +22,16 @@ use crate::{
 /// Longest wait between looks for backed VDIs.
 const IDLE: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
-struct Signal {
-    stop: bool,
-    wake: bool,
-}
-
-type Shared = Arc<(Mutex<Signal>, Condvar)>;
-
 /// The hydration thread of a daemon.
 pub struct Hydrator {
-    signal: Shared,
+    signal: Signal,
     thread: Option<JoinHandle<()>>,
-}
-
-/// Tells a hydrator to look for backed VDIs now; cheap to clone.
-#[derive(Clone)]
-pub struct HydrateWaker(Shared);
-
-impl HydrateWaker {
-    pub fn wake(&self) {
-        let (m, cv) = &*self.0;
-        m.lock().wake = true;
-        cv.notify_all();
-    }
 }
 
 impl Hydrator {
     /// Starts hydrating at `bytes_per_sec` (more than 0).
     pub fn start(store: Arc<Store>, bytes_per_sec: u64) -> std::io::Result<Hydrator> {
-        let signal: Shared = Arc::default();
+        let signal = Signal::default();
         let sig = signal.clone();
         let thread = std::thread::Builder::new()
             .name("parallax-hydrate".into())
@@ -62,17 +42,14 @@ impl Hydrator {
         })
     }
 
-    pub fn waker(&self) -> HydrateWaker {
-        HydrateWaker(self.signal.clone())
+    /// Wakes the thread (a backed VDI was made).
+    pub fn waker(&self) -> Signal {
+        self.signal.clone()
     }
 
     /// Stops the thread (within a step of its copy; what it copied stays).
     pub fn stop(mut self) {
-        {
-            let (m, cv) = &*self.signal;
-            m.lock().stop = true;
-            cv.notify_all();
-        }
+        self.signal.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -94,8 +71,7 @@ fn backed(store: &Store) -> Vec<String> {
     }
 }
 
-fn run(store: &Arc<Store>, bytes_per_sec: u64, signal: &Shared) {
-    let (m, cv) = &**signal;
+fn run(store: &Arc<Store>, bytes_per_sec: u64, signal: &Signal) {
     loop {
         for name in backed(store) {
             let start = Instant::now();
@@ -103,15 +79,7 @@ fn run(store: &Arc<Store>, bytes_per_sec: u64, signal: &Shared) {
             // wait and the copy.
             let mut pace = |done: u64, _total: u64| -> Result<(), StoreError> {
                 let due = Duration::from_secs_f64(done as f64 / bytes_per_sec as f64);
-                let mut s = m.lock();
-                while !s.stop {
-                    let elapsed = start.elapsed();
-                    if elapsed >= due {
-                        break;
-                    }
-                    cv.wait_for(&mut s, due - elapsed);
-                }
-                if s.stop {
+                if !signal.sleep_until(start + due) {
                     return Err(StoreError::Busy("the daemon is stopping".into()));
                 }
                 Ok(())
@@ -123,7 +91,7 @@ fn run(store: &Arc<Store>, bytes_per_sec: u64, signal: &Shared) {
                     format_size(r.hydrated_bytes),
                     start.elapsed().as_secs_f64()
                 ),
-                Err(_) if m.lock().stop => return,
+                Err(_) if signal.is_stopped() => return,
                 // Deleted, or hydrated by hand, meanwhile.
                 Err(StoreError::NotFound(_) | StoreError::Invalid(_)) => {}
                 Err(e) => warn!(
@@ -132,13 +100,8 @@ fn run(store: &Arc<Store>, bytes_per_sec: u64, signal: &Shared) {
                 ),
             }
         }
-        let mut s = m.lock();
-        if !s.stop && !s.wake {
-            cv.wait_for(&mut s, IDLE);
-        }
-        if s.stop {
+        if !signal.wait(IDLE) {
             return;
         }
-        s.wake = false;
     }
 }

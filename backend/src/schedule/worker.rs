@@ -16,11 +16,13 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use parking_lot::{Condvar, Mutex};
 use tracing::{debug, info, warn};
 
 use super::{histories, policy};
-use crate::store::{Store, StoreError, StoreResult};
+use crate::{
+    signal::Signal,
+    store::{Store, StoreError, StoreResult},
+};
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,30 +76,10 @@ pub struct ScheduleCounters {
     pub failed_passes: AtomicU64,
 }
 
-#[derive(Default)]
-struct Signal {
-    stop: bool,
-    wake: bool,
-}
-
-type Shared = Arc<(Mutex<Signal>, Condvar)>;
-
 /// The scheduler thread of a daemon.
 pub struct Scheduler {
-    signal: Shared,
+    signal: Signal,
     thread: Option<JoinHandle<()>>,
-}
-
-/// Wakes a scheduler (after its schedules changed); cheap to clone.
-#[derive(Clone)]
-pub struct Waker(Shared);
-
-impl Waker {
-    pub fn wake(&self) {
-        let (m, cv) = &*self.0;
-        m.lock().wake = true;
-        cv.notify_all();
-    }
 }
 
 /// How long a pass that failed waits before the next try.
@@ -108,7 +90,7 @@ const IDLE: Duration = Duration::from_secs(60);
 
 impl Scheduler {
     pub fn start(store: Arc<Store>, counters: Arc<ScheduleCounters>) -> std::io::Result<Scheduler> {
-        let signal: Shared = Arc::default();
+        let signal = Signal::default();
         let sig = signal.clone();
         let thread = std::thread::Builder::new()
             .name("parallax-schedules".into())
@@ -119,25 +101,21 @@ impl Scheduler {
         })
     }
 
-    pub fn waker(&self) -> Waker {
-        Waker(self.signal.clone())
+    /// Wakes the thread (after its schedules changed).
+    pub fn waker(&self) -> Signal {
+        self.signal.clone()
     }
 
     /// Stops the thread, after the pass it may be in.
     pub fn stop(mut self) {
-        {
-            let (m, cv) = &*self.signal;
-            m.lock().stop = true;
-            cv.notify_all();
-        }
+        self.signal.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn run(store: &Store, signal: &Shared, counters: &ScheduleCounters) {
-    let (m, cv) = &**signal;
+fn run(store: &Store, signal: &Signal, counters: &ScheduleCounters) {
     loop {
         let now = SystemTime::now();
         let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -174,14 +152,9 @@ fn run(store: &Store, signal: &Shared, counters: &ScheduleCounters) {
                 RETRY
             }
         };
-        let mut s = m.lock();
-        if !s.stop && !s.wake {
-            cv.wait_for(&mut s, wait);
-        }
-        if s.stop {
+        if !signal.wait(wait) {
             return;
         }
-        s.wake = false;
     }
 }
 

@@ -13,7 +13,8 @@ use super::{
     backing::cache_name,
     device::{CrashDevice, Device, MemDevice},
     format::hash24,
-    Remote, RemoteBlock, Store, StoreError, StoreOptions, StoreResult,
+    tests::small_opts,
+    Remote, RemoteBlock, Store, StoreError, StoreResult,
 };
 
 const URI: &str = "nbd://gold.example/tpl@v1";
@@ -63,20 +64,10 @@ impl Remote for MemRemote {
     }
 }
 
-fn opts() -> StoreOptions {
-    StoreOptions {
-        node_cache_nodes: 64,
-        rc_cache_pages: 4,
-        orphans_per_commit: 7,
-        max_dirty_nodes: 300,
-        checkpoint_interval: None,
-    }
-}
-
 fn store_on(dev: Arc<dyn Device>, remote: &Arc<MemRemote>) -> Arc<Store> {
     let len = dev.len();
     Store::format(&*dev, len).unwrap();
-    let s = Store::open_device(dev, opts()).unwrap();
+    let s = Store::open_device(dev, small_opts()).unwrap();
     s.set_remote(remote.clone());
     s
 }
@@ -297,7 +288,8 @@ fn crash_case(seed: u64, cut: Option<u64>, image_seed: u64) -> u64 {
     let ops = dev.ops();
     drop(s);
     let after: Arc<dyn Device> = Arc::new(dev.after_crash(image_seed));
-    let s = Store::open_device(after, opts()).unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+    let s =
+        Store::open_device(after, small_opts()).unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
     s.set_remote(remote.clone());
     assert_clean(&s);
     match s.stat("vm") {
@@ -402,15 +394,7 @@ fn hashes_skip_zeros_reuse_other_caches_and_catch_bad_data() {
         inner: base.clone(),
         flip: AtomicBool::new(false),
     });
-    let s = Store::open_device(
-        {
-            let dev: Arc<dyn Device> = Arc::new(MemDevice::new(64 << 20));
-            Store::format(&*dev, 64 << 20).unwrap();
-            dev
-        },
-        opts(),
-    )
-    .unwrap();
+    let s = store_on(Arc::new(MemDevice::new(64 << 20)), &base);
     s.set_remote(remote.clone());
     // Zeros are not fetched: every fifth block of the image.
     s.create_backed("a", None, URI).unwrap();

@@ -33,6 +33,9 @@ use crate::{
     ratelimit::SharedRateLimit,
 };
 
+/// Runs of blocks (first, count).
+type Runs = Vec<(u64, u64)>;
+
 /// Whole blocks hashed and placed per round of the locks.
 const WRITE_BATCH: usize = 256;
 /// Leaf entries a block-status call looks at before answering with what it has.
@@ -403,27 +406,12 @@ impl StoreDisk {
 
     /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]).
     fn write_blocks(&self, lba: u64, data: &[u8]) -> StoreResult<()> {
-        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let zero = if self.holes_are_remote() {
             Ptr::ZERO
         } else {
             Ptr::HOLE
         };
-        let mut new: Vec<Ptr> = vec![zero; blocks.len()];
-        let nonzero: Vec<usize> = (0..blocks.len()).filter(|&i| !is_zero(blocks[i])).collect();
-        let to_hash: Vec<&[u8]> = nonzero.iter().map(|&i| blocks[i]).collect();
-        hash24_each(&to_hash, |n, h| new[nonzero[n]] = Ptr::block(1, h));
-        let wanted = new.iter().filter(|p| p.is_block()).count() as u64;
-        let runs = self.take_blocks(wanted)?;
-        let mut addrs = runs.iter().flat_map(|&(a, n)| a..a + n);
-        for p in new.iter_mut().filter(|p| p.is_block()) {
-            *p = p.with_addr(addrs.next().expect("took enough"));
-        }
-        if let Err(e) = self.write_data(&new, &blocks) {
-            self.give_back(&runs);
-            self.store.poison(&e);
-            return Err(e);
-        }
+        let (new, runs) = self.place(data, zero)?;
         if let Err(e) = self.set(lba, &new) {
             self.give_back(&runs);
             return Err(e);
@@ -437,22 +425,8 @@ impl StoreDisk {
     /// filled.
     pub(super) fn fill_holes(&self, lba: u64, data: &[u8]) -> StoreResult<u64> {
         self.writable()?;
-        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
-        debug_assert!(blocks.len() <= WRITE_BATCH && data.len() % BLOCK_SIZE == 0);
-        let mut new: Vec<Ptr> = vec![Ptr::ZERO; blocks.len()];
-        let nonzero: Vec<usize> = (0..blocks.len()).filter(|&i| !is_zero(blocks[i])).collect();
-        let to_hash: Vec<&[u8]> = nonzero.iter().map(|&i| blocks[i]).collect();
-        hash24_each(&to_hash, |n, h| new[nonzero[n]] = Ptr::block(1, h));
-        let runs = self.take_blocks(nonzero.len() as u64)?;
-        let mut addrs = runs.iter().flat_map(|&(a, n)| a..a + n);
-        for p in new.iter_mut().filter(|p| p.is_block()) {
-            *p = p.with_addr(addrs.next().expect("took enough"));
-        }
-        if let Err(e) = self.write_data(&new, &blocks) {
-            self.give_back(&runs);
-            self.store.poison(&e);
-            return Err(e);
-        }
+        debug_assert!(data.len() <= WRITE_BATCH * BLOCK_SIZE && data.len() % BLOCK_SIZE == 0);
+        let (new, runs) = self.place(data, Ptr::ZERO)?;
         if let Err(e) = self.prepare(lba, new.len() as u64) {
             self.give_back(&runs);
             return Err(e);
@@ -502,6 +476,28 @@ impl StoreDisk {
             Err(_) => self.give_back(&runs),
         }
         result
+    }
+
+    /// Hashes whole blocks, reserves room for those that are not all zeros and writes them
+    /// there: the map entries to set (`zero` for zero blocks) and the blocks reserved (to give
+    /// back if the change fails).
+    fn place(&self, data: &[u8], zero: Ptr) -> StoreResult<(Vec<Ptr>, Runs)> {
+        let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
+        let mut new: Vec<Ptr> = vec![zero; blocks.len()];
+        let nonzero: Vec<usize> = (0..blocks.len()).filter(|&i| !is_zero(blocks[i])).collect();
+        let to_hash: Vec<&[u8]> = nonzero.iter().map(|&i| blocks[i]).collect();
+        hash24_each(&to_hash, |n, h| new[nonzero[n]] = Ptr::block(1, h));
+        let runs = self.take_blocks(nonzero.len() as u64)?;
+        let mut addrs = runs.iter().flat_map(|&(a, n)| a..a + n);
+        for p in new.iter_mut().filter(|p| p.is_block()) {
+            *p = p.with_addr(addrs.next().expect("took enough"));
+        }
+        if let Err(e) = self.write_data(&new, &blocks) {
+            self.give_back(&runs);
+            self.store.poison(&e);
+            return Err(e);
+        }
+        Ok((new, runs))
     }
 
     /// Writes data blocks to their (reserved) addresses, adjacent ones in one vectored write.

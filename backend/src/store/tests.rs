@@ -14,7 +14,7 @@ use crate::disk::ExtentState;
 /// Snapshots taken during a test, with what each must hold.
 type Snaps = Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
 
-fn small_opts() -> StoreOptions {
+pub(super) fn small_opts() -> StoreOptions {
     StoreOptions {
         node_cache_nodes: 64,
         rc_cache_pages: 4,
