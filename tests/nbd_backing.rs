@@ -43,20 +43,8 @@ fn info(store: &TestStore, name: &str) -> Value {
 /// the source gone.
 #[test]
 fn a_vdi_backed_by_a_parallax_host_over_tls() {
-    let src = TestStore::new("256M");
     let img = template_image();
-    src.import("tmpl", &img);
-    src.run(&["vdi", "snapshot", "tmpl@v1"]);
-    run_ok(
-        Command::new("psktool")
-            .args(["-u", "alice", "-p"])
-            .arg(src.file("keys.psk")),
-    );
-    let s = Daemon::start_with(
-        &src,
-        r#"(commit_interval_ms: 500, nbd: (workers: 2, tls: (psk: "keys.psk")))"#,
-        &[],
-    );
+    let (src, s) = tls_source_host(&img);
     let backing = format!(
         "nbds://alice@127.0.0.1:{}/tmpl@v1?tls-psk-file={}",
         s.port(),

@@ -21,20 +21,8 @@ const DATA_BYTES: u64 = 4 * MIB as u64 + 4096;
 
 /// A Parallax host serving `tmpl` (and its snapshot `tmpl@v1`) over TLS with a PSK for alice.
 fn source_host() -> (TestStore, Daemon, Vec<u8>) {
-    let src = TestStore::new("256M");
     let img = template_image();
-    src.import("tmpl", &img);
-    src.run(&["vdi", "snapshot", "tmpl@v1"]);
-    run_ok(
-        Command::new("psktool")
-            .args(["-u", "alice", "-p"])
-            .arg(src.file("keys.psk")),
-    );
-    let d = Daemon::start_with(
-        &src,
-        r#"(commit_interval_ms: 500, nbd: (workers: 2, tls: (psk: "keys.psk")))"#,
-        &[],
-    );
+    let (src, d) = tls_source_host(&img);
     (src, d, img)
 }
 

@@ -254,6 +254,25 @@ pub struct Daemon {
     readers: Vec<JoinHandle<()>>,
 }
 
+/// A Parallax host serving `tmpl` (holding `img`) and its snapshot `tmpl@v1` over TLS only,
+/// with a PSK for `alice` in its `keys.psk`.
+pub fn tls_source_host(img: &[u8]) -> (TestStore, Daemon) {
+    let src = TestStore::new("256M");
+    src.import("tmpl", img);
+    src.run(&["vdi", "snapshot", "tmpl@v1"]);
+    crate::nbd::run_ok(
+        Command::new("psktool")
+            .args(["-u", "alice", "-p"])
+            .arg(src.file("keys.psk")),
+    );
+    let d = Daemon::start_with(
+        &src,
+        r#"(commit_interval_ms: 500, nbd: (workers: 2, tls: (psk: "keys.psk")))"#,
+        &[],
+    );
+    (src, d)
+}
+
 /// The config file `Daemon::start` uses: commit often, so tests see periodic commits too.
 pub const DEFAULT_CONFIG: &str = "(commit_interval_ms: 500, nbd: (workers: 4))";
 
