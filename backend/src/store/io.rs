@@ -213,7 +213,7 @@ impl StoreDisk {
     }
 
     fn read_into(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Option<StoreResult<()>> {
-        let _epoch = self.store.epoch.enter();
+        let epoch = self.store.epoch.enter();
         let (first, n) = block_range(offset, buf.len() as u64);
         let mut ptrs = Vec::with_capacity(n as usize);
         let remote;
@@ -329,6 +329,9 @@ impl StoreDisk {
         if let Some(k) = bad {
             return Some(Err(self.mismatch(ptrs[k], first + k as u64)));
         }
+        // The network may take long: hold no reader epoch (it would keep freed blocks from
+        // being reused) while it does.
+        drop(epoch);
         if let Some(uri) = remote {
             for (at, len) in remote_runs {
                 let r = self
@@ -433,7 +436,7 @@ impl StoreDisk {
         }
         let change = self.store.change();
         let mut st = self.vdi.state.write();
-        let mut unused = Vec::new();
+        let mut claimed = vec![false; new.len()];
         let result = (|| {
             self.attached(&st)?;
             let mut cur = Vec::with_capacity(new.len());
@@ -452,9 +455,6 @@ impl StoreDisk {
             let mut i = 0;
             while i < new.len() {
                 if !cur[i].is_hole() {
-                    if new[i].is_block() {
-                        unused.push((new[i].addr(), 1));
-                    }
                     i += 1;
                     continue;
                 }
@@ -464,6 +464,7 @@ impl StoreDisk {
                 }
                 self.store
                     .set_map(&self.vdi, &mut st, &mut tx, lba + i as u64, &new[i..j])?;
+                claimed[i..j].fill(true);
                 filled += (j - i) as u64;
                 i = j;
             }
@@ -471,10 +472,12 @@ impl StoreDisk {
         })();
         drop(st);
         drop(change);
-        match &result {
-            Ok(_) => self.give_back(&unused),
-            Err(_) => self.give_back(&runs),
-        }
+        // Blocks written for entries that were no longer holes (or not set, on an error).
+        let unused: Vec<(u64, u64)> = (0..new.len())
+            .filter(|&i| new[i].is_block() && !claimed[i])
+            .map(|i| (new[i].addr(), 1))
+            .collect();
+        self.give_back(&unused);
         result
     }
 
