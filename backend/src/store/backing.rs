@@ -164,16 +164,25 @@ impl Store {
         }
         let remote_size = self.remote(uri)?.size(uri)?;
         let size = size.unwrap_or(remote_size);
-        self.ensure_cache(uri, remote_size)?;
         let staged = self.create_staged(name, size)?;
-        {
+        let marked = self.ensure_cache(uri, remote_size).and_then(|()| {
             let _change = self.change();
             let mut cat = self.catalog.lock();
             let id = cat.resolve(&*self.dev, staged.staging_name())?;
-            self.apply_backing(&mut cat, id, Some(uri.to_string()))?;
+            self.apply_backing(&mut cat, id, Some(uri.to_string()))
+        });
+        let result = match marked {
+            Ok(()) => staged.publish(),
+            Err(e) => {
+                drop(staged);
+                Err(e)
+            }
+        };
+        if result.is_err() {
+            // Nothing is left of the VDI; nor of a cache made for it alone.
+            let _ = self.drop_cache_if_unused(uri);
         }
-        staged.publish()?;
-        Ok(size)
+        result.map(|()| size)
     }
 
     /// Makes the cache of `uri` if there is none (a backed cache: holes are "not fetched").

@@ -345,6 +345,13 @@ fn a_cache_deleted_by_hand_is_fetched_again() {
     s.delete(&cache_name(URI), true).unwrap();
     assert_eq!(read_all(&s, "vm").unwrap(), remote.image);
     assert_eq!(remote.fetched.load(Ordering::Acquire), 2 << 20);
+    // A create that fails leaves no cache behind.
+    let other = "nbd://gold.example/other";
+    assert!(matches!(
+        s.create_backed("vm", None, other),
+        Err(StoreError::Exists(_))
+    ));
+    assert!(s.stat(&cache_name(other)).is_err());
     assert_clean(&s);
 }
 
