@@ -63,7 +63,8 @@ impl Store {
     }
 
     /// Points blocks from `lba` at `new` (reserved blocks, holes or zeros), claims the blocks
-    /// and drops the references of what the entries pointed at; logs each run applied.
+    /// and drops the references of what the entries pointed at; logs each run applied. In a
+    /// remote-backed VDI, where a hole means "the remote's bytes", holes are recorded as zeros.
     pub(super) fn set_map(
         &self,
         vdi: &Arc<Vdi>,
@@ -72,6 +73,16 @@ impl Store {
         lba: u64,
         new: &[Ptr],
     ) -> StoreResult<()> {
+        let as_zeros: Vec<Ptr>;
+        let new = if st.rec.backing.is_some() && new.iter().any(Ptr::is_hole) {
+            as_zeros = new
+                .iter()
+                .map(|p| if p.is_hole() { Ptr::ZERO } else { *p })
+                .collect();
+            &as_zeros[..]
+        } else {
+            new
+        };
         let height = st.rec.height;
         let blocks = st.rec.size.div_ceil(4096);
         if lba.checked_add(new.len() as u64).is_none_or(|e| e > blocks) {
@@ -115,7 +126,8 @@ impl Store {
         Ok(())
     }
 
-    /// Makes blocks `first..end` all holes (or recorded zeros).
+    /// Makes blocks `first..end` all holes (or recorded zeros; always, in a remote-backed
+    /// VDI).
     pub(super) fn fill_map(
         &self,
         vdi: &Arc<Vdi>,
@@ -125,6 +137,7 @@ impl Store {
         end: u64,
         zero: bool,
     ) -> StoreResult<()> {
+        let zero = zero || st.rec.backing.is_some();
         if first > end || end > st.rec.size.div_ceil(4096) {
             return Err(bad(format!("blocks {first}..{end} outside VDI {}", vdi.id)));
         }

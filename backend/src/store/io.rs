@@ -168,12 +168,6 @@ impl StoreDisk {
         st.rec.backing.clone().filter(|_| self.read_through)
     }
 
-    /// Whether a hole in this VDI's map means "at the remote" rather than zeros, so that
-    /// zeros written here must be recorded as zeros (`Ptr::ZERO`), never as holes.
-    fn holes_are_remote(&self) -> bool {
-        self.vdi.state.read().rec.backing.is_some()
-    }
-
     fn range(&self, offset: u64, len: u64) -> StoreResult<()> {
         self.check(&self.vdi.state.read(), offset, len)
     }
@@ -187,7 +181,17 @@ impl StoreDisk {
 
     /// The pointers mapping `count` blocks from `lba`.
     fn lookup(&self, lba: u64, count: u64, out: &mut Vec<Ptr>) -> StoreResult<()> {
-        let st = self.vdi.state.read();
+        self.resolve_locked(&self.vdi.state.read(), lba, count, out)
+    }
+
+    /// [`StoreDisk::lookup`] with the VDI's state already locked (`st`).
+    fn resolve_locked(
+        &self,
+        st: &VdiState,
+        lba: u64,
+        count: u64,
+        out: &mut Vec<Ptr>,
+    ) -> StoreResult<()> {
         resolve(
             &self.store.nodes,
             &*self.store.dev,
@@ -409,12 +413,8 @@ impl StoreDisk {
 
     /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]).
     fn write_blocks(&self, lba: u64, data: &[u8]) -> StoreResult<()> {
-        let zero = if self.holes_are_remote() {
-            Ptr::ZERO
-        } else {
-            Ptr::HOLE
-        };
-        let (new, runs) = self.place(data, zero)?;
+        // (A backed VDI's map records zeros instead: `Store::set_map`.)
+        let (new, runs) = self.place(data, Ptr::HOLE)?;
         if let Err(e) = self.set(lba, &new) {
             self.give_back(&runs);
             return Err(e);
@@ -440,15 +440,7 @@ impl StoreDisk {
         let result = (|| {
             self.attached(&st)?;
             let mut cur = Vec::with_capacity(new.len());
-            resolve(
-                &self.store.nodes,
-                &*self.store.dev,
-                st.rec.root,
-                st.rec.height,
-                lba,
-                new.len() as u64,
-                &mut cur,
-            )?;
+            self.resolve_locked(&st, lba, new.len() as u64, &mut cur)?;
             let mut space = self.store.space.lock();
             let mut tx = self.store.tx(&mut space, change.gen);
             let mut filled = 0u64;
@@ -647,10 +639,11 @@ impl StoreDisk {
         let len = data.map_or(BLOCK_SIZE - within, |d| d.len());
         loop {
             let mut block = [0u8; BLOCK_SIZE];
-            let (old, remote) = {
+            let (old, remote, backed) = {
                 let _epoch = self.store.epoch.enter();
+                let st = self.vdi.state.read();
                 let mut out = Vec::with_capacity(1);
-                self.lookup(lba, 1, &mut out)?;
+                self.resolve_locked(&st, lba, 1, &mut out)?;
                 let old = out[0];
                 if old.is_block() {
                     self.store
@@ -658,9 +651,10 @@ impl StoreDisk {
                         .read_at(&mut block, old.addr() * BLOCK_SIZE_U64)?;
                     self.verify(&block, old, lba)?;
                 }
-                (old, self.remote_of(&self.vdi.state.read()))
+                (old, self.remote_of(&st), st.rec.backing.is_some())
             };
-            let keep_zero = keep_zero || remote.is_some() || self.holes_are_remote();
+            // A hole here would read the remote's bytes again, not zeros.
+            let keep_zero = keep_zero || backed;
             if let (true, Some(uri)) = (old.is_hole(), &remote) {
                 // The rest of the block is the remote's.
                 self.store
@@ -708,15 +702,7 @@ impl StoreDisk {
                 return Err(e);
             }
             let mut cur = Vec::with_capacity(1);
-            resolve(
-                &self.store.nodes,
-                &*self.store.dev,
-                st.rec.root,
-                st.rec.height,
-                lba,
-                1,
-                &mut cur,
-            )?;
+            self.resolve_locked(&st, lba, 1, &mut cur)?;
             if cur[0] != old {
                 // Someone wrote this block meanwhile: start over from what is there now.
                 drop(st);
@@ -743,7 +729,7 @@ impl StoreDisk {
         let first = offset.div_ceil(BLOCK_SIZE_U64);
         let end = (offset + len) / BLOCK_SIZE_U64;
         if first < end {
-            self.fill(first, end, self.holes_are_remote())?;
+            self.fill(first, end, false)?;
         }
         self.after_write(false)
     }
@@ -753,7 +739,6 @@ impl StoreDisk {
     pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> StoreResult<()> {
         self.writable()?;
         self.range(offset, len)?;
-        let no_hole = no_hole || self.holes_are_remote();
         let end = offset + len;
         let first = offset.div_ceil(BLOCK_SIZE_U64);
         let last = end / BLOCK_SIZE_U64;
