@@ -1,8 +1,9 @@
 //! [`Signal`]: how the daemon tells a background thread (the snapshot scheduler, background
-//! hydration) to look again now, or to end.
+//! hydration) to look again now, or to end; [`Worker`]: such a thread.
 
 use std::{
     sync::Arc,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -61,6 +62,43 @@ impl Signal {
             cv.wait_for(&mut s, until - now);
         }
         false
+    }
+}
+
+/// A named background thread that runs until told to stop through its [`Signal`].
+pub struct Worker {
+    signal: Signal,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts thread `name` running `body` with the signal that wakes or stops it.
+    pub fn spawn(
+        name: &str,
+        body: impl FnOnce(&Signal) + Send + 'static,
+    ) -> std::io::Result<Worker> {
+        let signal = Signal::default();
+        let sig = signal.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(&sig))?;
+        Ok(Worker {
+            signal,
+            thread: Some(thread),
+        })
+    }
+
+    /// What wakes the thread (cheap to clone and keep).
+    pub fn waker(&self) -> Signal {
+        self.signal.clone()
+    }
+
+    /// Stops the thread and waits for it (it ends at its next wait).
+    pub fn stop(mut self) {
+        self.signal.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

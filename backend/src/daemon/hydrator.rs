@@ -7,14 +7,13 @@
 
 use std::{
     sync::Arc,
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use tracing::{info, warn};
 
 use crate::{
-    signal::Signal,
+    signal::{Signal, Worker},
     store::{Kind, Store, StoreError},
     util::format_size,
 };
@@ -22,38 +21,12 @@ use crate::{
 /// Longest wait between looks for backed VDIs.
 const IDLE: Duration = Duration::from_secs(60);
 
-/// The hydration thread of a daemon.
-pub struct Hydrator {
-    signal: Signal,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Hydrator {
-    /// Starts hydrating at `bytes_per_sec` (more than 0).
-    pub fn start(store: Arc<Store>, bytes_per_sec: u64) -> std::io::Result<Hydrator> {
-        let signal = Signal::default();
-        let sig = signal.clone();
-        let thread = std::thread::Builder::new()
-            .name("parallax-hydrate".into())
-            .spawn(move || run(&store, bytes_per_sec.max(1), &sig))?;
-        Ok(Hydrator {
-            signal,
-            thread: Some(thread),
-        })
-    }
-
-    /// Wakes the thread (a backed VDI was made).
-    pub fn waker(&self) -> Signal {
-        self.signal.clone()
-    }
-
-    /// Stops the thread (within a step of its copy; what it copied stays).
-    pub fn stop(mut self) {
-        self.signal.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Starts the hydration thread of a daemon, at most `bytes_per_sec`: wake it when a backed
+/// VDI is made; a stop ends it within a step of its copy (what it copied stays).
+pub fn spawn_hydrator(store: Arc<Store>, bytes_per_sec: u64) -> std::io::Result<Worker> {
+    Worker::spawn("parallax-hydrate", move |signal| {
+        run(&store, bytes_per_sec.max(1), signal)
+    })
 }
 
 /// The VDIs (not snapshots, which cannot change) that still read through a backing.

@@ -27,7 +27,7 @@ use super::{
     addr::ControlAddr,
     config::Config,
     control::{self, ControlContext},
-    hydrator::Hydrator,
+    hydrator::spawn_hydrator,
     provider::{FrontEnd, StoreProvider},
 };
 use crate::{
@@ -35,7 +35,8 @@ use crate::{
     disk::DiskProvider,
     metrics::{Endpoint, Metrics},
     nbd::{remote::NbdRemote, NbdServer, TlsServer},
-    schedule::{ScheduleCounters, Scheduler},
+    schedule::{spawn_scheduler, ScheduleCounters},
+    signal::Worker,
     store::Store,
 };
 
@@ -136,8 +137,8 @@ pub struct Daemon {
     control_thread: Option<std::thread::JoinHandle<()>>,
     control_path: Option<PathBuf>,
     metrics: Option<Endpoint>,
-    scheduler: Option<Scheduler>,
-    hydrator: Option<Hydrator>,
+    scheduler: Option<Worker>,
+    hydrator: Option<Worker>,
 }
 
 /// Binds the metrics endpoint's address, with an error that names the setting.
@@ -257,13 +258,12 @@ impl Daemon {
         } else {
             None
         };
-        let scheduler = Scheduler::start(store.clone(), schedule_counters)
+        let scheduler = spawn_scheduler(store.clone(), schedule_counters)
             .context("cannot start the snapshot scheduler")?;
         let hydrator = match cfg.backing.hydrate_bytes_per_sec {
             0 => None,
             rate => Some(
-                Hydrator::start(store.clone(), rate)
-                    .context("cannot start background hydration")?,
+                spawn_hydrator(store.clone(), rate).context("cannot start background hydration")?,
             ),
         };
         let ctx = Arc::new(ControlContext {
@@ -272,7 +272,7 @@ impl Daemon {
             ring_attach,
             request_timeout: control::REQUEST_TIMEOUT,
             scheduler: Some(scheduler.waker()),
-            hydrator: hydrator.as_ref().map(Hydrator::waker),
+            hydrator: hydrator.as_ref().map(Worker::waker),
         });
         let control_fd = control_listener.as_raw_fd();
         let control_thread = std::thread::Builder::new()

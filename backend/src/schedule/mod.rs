@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::store::{is_hidden, KeepRule, Kind, ListFilter, Store, StoreResult};
 
 pub use policy::{auto_name, auto_time, schedule_from_text, AUTO_PREFIX};
-pub use worker::{run_once, PassReport, ScheduleCounters, Scheduler};
+pub use worker::{run_once, spawn_scheduler, PassReport, ScheduleCounters};
 
 /// One schedule as `schedule list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,6 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -20,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{histories, policy};
 use crate::{
-    signal::Signal,
+    signal::{Signal, Worker},
     store::{Store, StoreError, StoreResult},
 };
 
@@ -76,43 +75,21 @@ pub struct ScheduleCounters {
     pub failed_passes: AtomicU64,
 }
 
-/// The scheduler thread of a daemon.
-pub struct Scheduler {
-    signal: Signal,
-    thread: Option<JoinHandle<()>>,
-}
-
 /// How long a pass that failed waits before the next try.
 const RETRY: Duration = Duration::from_secs(10);
 /// Longest sleep with no schedule applying to anything (a new VDI a pattern matches is
 /// noticed within this; a schedule change wakes the thread at once).
 const IDLE: Duration = Duration::from_secs(60);
 
-impl Scheduler {
-    pub fn start(store: Arc<Store>, counters: Arc<ScheduleCounters>) -> std::io::Result<Scheduler> {
-        let signal = Signal::default();
-        let sig = signal.clone();
-        let thread = std::thread::Builder::new()
-            .name("parallax-schedules".into())
-            .spawn(move || run(&store, &sig, &counters))?;
-        Ok(Scheduler {
-            signal,
-            thread: Some(thread),
-        })
-    }
-
-    /// Wakes the thread (after its schedules changed).
-    pub fn waker(&self) -> Signal {
-        self.signal.clone()
-    }
-
-    /// Stops the thread, after the pass it may be in.
-    pub fn stop(mut self) {
-        self.signal.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Starts the scheduler thread of a daemon: wake it when the schedules change; a stop ends
+/// it after the pass it may be in.
+pub fn spawn_scheduler(
+    store: Arc<Store>,
+    counters: Arc<ScheduleCounters>,
+) -> std::io::Result<Worker> {
+    Worker::spawn("parallax-schedules", move |signal| {
+        run(&store, signal, &counters)
+    })
 }
 
 fn run(store: &Store, signal: &Signal, counters: &ScheduleCounters) {

@@ -399,10 +399,11 @@ impl Store {
     /// (each checkpoint) or `gc`.
     pub fn delete(&self, full: &str, recursive: bool) -> StoreResult<DeleteReport> {
         self.check_writable()?;
-        let backings = if is_hidden(full) {
-            Default::default()
+        // Its backing (a VDI's snapshots have the same), for dropping the cache after.
+        let backing = if is_hidden(full) {
+            None
         } else {
-            self.backings_of(std::slice::from_ref(&full.to_string()))
+            self.stat(full).ok().and_then(|v| v.backing)
         };
         let deleted = {
             let change = self.change();
@@ -411,7 +412,7 @@ impl Store {
             self.apply_delete(&mut cat, &victims, change.gen)?
         };
         self.flush()?;
-        for uri in backings {
+        if let Some(uri) = backing {
             // The delete is done and durable; a cache left over is only space (the next
             // delete or hydrate of a VDI backed by it tries again).
             if let Err(e) = self.drop_cache_if_unused(&uri) {

@@ -18,7 +18,7 @@
 //! A backing is assumed not to change (export a snapshot), as with any copy-on-write backing
 //! file.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -494,15 +494,6 @@ impl Store {
             Err(StoreError::NotFound(_)) => Ok(false),
             Err(e) => Err(e),
         }
-    }
-
-    /// The backings of the VDIs or snapshots `names` (asked before they are deleted, for
-    /// [`Store::drop_cache_if_unused`] after).
-    pub(super) fn backings_of(&self, names: &[String]) -> BTreeSet<String> {
-        names
-            .iter()
-            .filter_map(|n| self.stat(n).ok()?.backing)
-            .collect()
     }
 }
 
