@@ -3,7 +3,7 @@
 //! qemu-nbd — keeping what it fetched, read and written by qemu-img and qemu-io.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -125,41 +125,9 @@ fn template_on_qemu_nbd() -> (TestStore, Vec<u8>, QemuNbd, String) {
     let dst = TestStore::new("256M");
     let img = template_image();
     write_file(&dst.file("src.raw"), &img);
-    let q = QemuNbd::start(&dst);
+    let q = QemuNbd::start(&dst.file("src.raw"), &dst.file("q.sock"));
     let backing = format!("nbd+unix:///base?socket={}", dst.file("q.sock").display());
     (dst, img, q, backing)
-}
-
-struct QemuNbd(Child);
-
-impl QemuNbd {
-    /// qemu-nbd serving the store's `src.raw`.
-    fn start(store: &TestStore) -> QemuNbd {
-        let sock = store.file("q.sock");
-        let raw = store.file("src.raw");
-        let _ = std::fs::remove_file(&sock);
-        let q = Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "base", "--persistent", "-r", "-k"])
-            .arg(&sock)
-            .arg(&raw)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-nbd");
-        for _ in 0..100 {
-            if sock.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        QemuNbd(q)
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// qemu-nbd as the backing, which goes away: cached reads and whole-block writes go on, an
@@ -213,7 +181,7 @@ fn an_unreachable_backing_fails_uncached_reads_only_and_comes_back() {
     assert!(d.wait_stderr("reconnecting"));
 
     // Back: the next read fetches, without anyone reconnecting by hand.
-    let _q = QemuNbd::start(&dst);
+    let _q = QemuNbd::start(&dst.file("src.raw"), &dst.file("q.sock"));
     qemu_io(&uri, &["read 16M 4k"]);
     assert!(info(&dst, "vm")["backing"]["state"]
         .as_str()

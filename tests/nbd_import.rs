@@ -1,8 +1,6 @@
 //! `parallax vdi import NAME URI`: a VDI pulled from another host's NBD export — a Parallax
 //! daemon over TLS, or qemu-nbd — with only the data regions read, in direct and daemon mode.
 
-use std::process::{Child, Command, Stdio};
-
 use parallax_integration::{daemon::*, nbd::*};
 
 const MIB: usize = 1 << 20;
@@ -124,23 +122,10 @@ fn import_from_qemu_nbd() {
     let raw = dst.file("src.raw");
     write_file(&raw, &img);
     let sock = dst.file("q.sock");
-    let mut q: Child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-x", "base", "--persistent", "-k"])
-        .arg(&sock)
-        .arg(&raw)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-nbd");
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let q = QemuNbd::start(&raw, &sock);
     let uri = format!("nbd+unix:///base?socket={}", sock.display());
     let v = dst.json(&["vdi", "import", "base", &uri, "--json"]);
-    let _ = q.kill();
-    let _ = q.wait();
+    drop(q);
     assert_eq!(v["allocated"], DATA_BYTES, "{v}");
     assert!(dst.export("base") == img);
 }

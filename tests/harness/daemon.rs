@@ -273,6 +273,36 @@ pub fn tls_source_host(img: &[u8]) -> (TestStore, Daemon) {
     (src, d)
 }
 
+/// qemu-nbd serving a raw file read-only as export `base` on a unix socket, until dropped.
+pub struct QemuNbd(std::process::Child);
+
+impl QemuNbd {
+    pub fn start(raw: &Path, sock: &Path) -> QemuNbd {
+        let _ = std::fs::remove_file(sock);
+        let q = Command::new("qemu-nbd")
+            .args(["-f", "raw", "-x", "base", "--persistent", "-r", "-k"])
+            .arg(sock)
+            .arg(raw)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        for _ in 0..100 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        QemuNbd(q)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The config file `Daemon::start` uses: commit often, so tests see periodic commits too.
 pub const DEFAULT_CONFIG: &str = "(commit_interval_ms: 500, nbd: (workers: 4))";
 
