@@ -17,6 +17,7 @@ use super::{
     error::{StoreError, StoreResult},
     format::{Ptr, BLOCK_SIZE_U64, FANOUT, MAX_VDI_BYTES},
     nodes::retry_evicted,
+    migration::PARKED_PREFIX,
     registry::is_hidden,
     registry::{decode_id, snapshot_key, snapshot_prefix, split_name, validate_name, Kind, Record},
     store::{now_ns, Store},
@@ -351,8 +352,22 @@ impl Store {
         self.flush()
     }
 
-    /// Renames a VDI (its snapshots follow), or a snapshot within its VDI.
+    /// Renames a VDI (its snapshots follow), or a snapshot within its VDI. Names the store
+    /// gives itself (starting with `.`) are neither taken nor given.
     pub fn rename(&self, old: &str, new: &str) -> StoreResult<()> {
+        if is_hidden(old) {
+            return Err(StoreError::NotFound(old.to_string()));
+        }
+        let (nv, ns) = split_name(new)?;
+        validate_name(nv, "VDI")?;
+        if let Some(ns) = ns {
+            validate_name(ns, "snapshot")?;
+        }
+        self.rename_stored(old, new)
+    }
+
+    /// [`Store::rename`] for the store's own names too (staging, migration).
+    pub(super) fn rename_stored(&self, old: &str, new: &str) -> StoreResult<()> {
         self.check_writable()?;
         {
             let _change = self.change();
@@ -470,7 +485,13 @@ impl Store {
         for &vid in &victims {
             let v = self.vdi_locked(cat, vid)?;
             let n = v.handles();
-            if n > 0 {
+            // A parked VDI's handles were all detached when it was parked, and nothing opens
+            // it since: they hold it only until their clients go away.
+            let parked = {
+                let st = v.state.read();
+                st.rec.kind == Kind::Vdi && st.rec.name.starts_with(PARKED_PREFIX)
+            };
+            if n > 0 && !parked {
                 let r = v.state.read().rec.clone();
                 let what = self.full_name(cat, &r)?;
                 return Err(StoreError::Busy(format!(

@@ -288,7 +288,7 @@ impl Store {
         let mut st = v.state.write();
         match st.rec.kind {
             Kind::Vdi => {
-                validate_name(name, "VDI")?;
+                validate_stored_name(name)?;
                 if cat.resolve(&*self.dev, name).is_ok() {
                     return Err(StoreError::Exists(format!("VDI {name}")));
                 }

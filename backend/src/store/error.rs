@@ -58,6 +58,9 @@ pub enum StoreError {
     /// delay, or it answered with an error).
     #[error("remote backing: {0}")]
     Remote(String),
+    /// Another Parallax host (a migration's other end) failed or could not be reached.
+    #[error("{0}")]
+    Peer(String),
     /// An earlier write or sync failed; the store refuses writes until it is reopened.
     #[error("the store refuses writes after an earlier I/O error; restart or reopen it")]
     Poisoned,
@@ -95,7 +98,7 @@ impl StoreError {
             StoreError::Busy(_) => "busy",
             StoreError::Detached(_) => "detached",
             StoreError::Poisoned => "poisoned",
-            StoreError::Remote(_) => "remote",
+            StoreError::Remote(_) | StoreError::Peer(_) => "remote",
         }
     }
 }

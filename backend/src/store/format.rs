@@ -13,9 +13,9 @@ pub const BLOCK_SIZE: usize = 4096;
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
 /// The format this code writes. Older stores (version 1: no intent log; version 2: no
 /// rollback entries or staging names; version 3: no snapshot schedules; version 4: no
-/// remote-backed VDIs) are read and written in their own format until `parallax upgrade`
-/// moves them to this one.
-pub const FORMAT_VERSION: u64 = 5;
+/// remote-backed VDIs; version 5: no migration names) are read and written in their own
+/// format until `parallax upgrade` moves them to this one.
+pub const FORMAT_VERSION: u64 = 6;
 /// The oldest format this code opens.
 pub const OLDEST_VERSION: u64 = 1;
 

@@ -9,6 +9,7 @@ use tracing::warn;
 use super::{
     backing::CACHE_PREFIX,
     error::{StoreError, StoreResult},
+    migration::{INCOMING_PREFIX, PARKED_PREFIX},
     registry::{name_key, validate_name},
     store::Store,
 };
@@ -23,12 +24,14 @@ pub fn is_staging(name: &str) -> bool {
 }
 
 /// Checks a VDI name read back from the log or written by the store itself: a user's name,
-/// the staging name of one, or a remote export's cache.
+/// the staging name of one (which may be an incoming migration's), a remote export's cache,
+/// or a migration's name on either side.
 pub(super) fn validate_stored_name(name: &str) -> StoreResult<()> {
-    let inner = name
-        .strip_prefix(STAGING_PREFIX)
-        .or_else(|| name.strip_prefix(CACHE_PREFIX))
-        .unwrap_or(name);
+    let inner = name.strip_prefix(STAGING_PREFIX).unwrap_or(name);
+    let inner = [CACHE_PREFIX, INCOMING_PREFIX, PARKED_PREFIX]
+        .iter()
+        .find_map(|p| inner.strip_prefix(p))
+        .unwrap_or(inner);
     validate_name(inner, "VDI")
 }
 
@@ -57,7 +60,14 @@ impl Store {
         name: &str,
         create: impl FnOnce(&str) -> StoreResult<()>,
     ) -> StoreResult<Staged<'_>> {
-        validate_name(name, "VDI")?;
+        match name.strip_prefix(INCOMING_PREFIX) {
+            // A migration's bulk copy (format 6) is made like a received VDI.
+            Some(inner) => {
+                self.require_migration()?;
+                validate_name(inner, "VDI")?
+            }
+            None => validate_name(name, "VDI")?,
+        }
         if self.stat(name).is_ok() {
             return Err(StoreError::Exists(format!("VDI {name}")));
         }
@@ -119,7 +129,7 @@ impl Staged<'_> {
     pub fn publish(mut self) -> StoreResult<()> {
         self.store.flush()?;
         if self.staging != self.name {
-            self.store.rename(&self.staging, &self.name)?;
+            self.store.rename_stored(&self.staging, &self.name)?;
         }
         self.published = true;
         Ok(())
