@@ -24,7 +24,9 @@ use crate::{
     daemon::{
         addr::ControlAddr,
         config::Config,
-        control::{ControlClient, RemoteError, Request},
+        control::{ControlClient, PeerTls, RemoteError, Request},
+        control_net::NetDestination,
+        migrate::{migrate, MigrateOptions, MigrateReport},
     },
     nbd::{
         remote::{NbdRemote, DEFAULT_RECONNECT_DELAY},
@@ -160,6 +162,15 @@ struct ServeArgs {
     /// who can connect could read and write every VDI) (`nbd.insecure`).
     #[arg(long)]
     insecure: bool,
+    /// Serve the control protocol to other hosts on this address (`HOST[:PORT]`, port 10810
+    /// by default), inside TLS with the NBD credentials: what `vdi migrate --to` reaches
+    /// (`control.listen`).
+    #[arg(long, value_name = "ADDR")]
+    control_listen: Option<String>,
+    /// A client identity the control listener serves (`psk:NAME`, `cert:NAME`, with `*` and
+    /// `?`); repeat for more (`control.clients`).
+    #[arg(long, value_name = "ID")]
+    control_client: Vec<String>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     print_config: bool,
@@ -186,6 +197,37 @@ enum VdiCommand {
         /// `nbds://USER@HOST/EXPORT?tls-psk-file=KEYS` or `nbds://HOST/EXPORT?tls-certificates=DIR`.
         #[arg(long, value_name = "URI")]
         backing: Option<String>,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a VDI to another Parallax host, whose daemon serves `--control-listen`.
+    ///
+    /// The VDI is copied while its clients keep using it here; then, at the switch-over, its
+    /// clients here are detached (stop or pause the VM first), only what changed since the
+    /// copy is sent, and the destination owns it. The time without a writer is reported. If
+    /// anything fails, the VDI stays whole and owned by one host: here unless the destination
+    /// has taken it; if the destination cannot say, the VDI stays parked here until the same
+    /// command is run again. Snapshots do not move: send them with `vdi send`.
+    Migrate {
+        /// The VDI.
+        name: String,
+        /// The destination's control listener, `HOST[:PORT]` (port 10810 by default).
+        #[arg(long, value_name = "HOST")]
+        to: String,
+        /// Keys (`identity:hexkey` lines, as `psktool` writes) to prove this host's identity.
+        #[arg(long, value_name = "FILE")]
+        tls_psk_file: Option<PathBuf>,
+        /// The identity whose key to use (default: $USER).
+        #[arg(long, value_name = "NAME")]
+        tls_username: Option<String>,
+        /// A directory with `ca-cert.pem` (and `client-cert.pem`, `client-key.pem`) for x509.
+        #[arg(long, value_name = "DIR")]
+        tls_certificates: Option<PathBuf>,
+        /// Delete the VDI's snapshots here once it has moved (without it, a VDI with
+        /// snapshots is refused).
+        #[arg(long)]
+        delete_snapshots: bool,
         /// Print the result as JSON, for scripts.
         #[arg(long)]
         json: bool,
@@ -505,7 +547,8 @@ impl Command {
                 | VdiCommand::Recv { json, .. }
                 | VdiCommand::Resize { json, .. }
                 | VdiCommand::Delete { json, .. }
-                | VdiCommand::Hydrate { json, .. } => *json,
+                | VdiCommand::Hydrate { json, .. }
+                | VdiCommand::Migrate { json, .. } => *json,
             },
             Command::Schedule(s) => s.wants_json(),
             Command::Serve(_) | Command::Completions { .. } | Command::Man => false,
@@ -948,6 +991,63 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
                 || format!("created {name} ({}), backed by {uri}", format_size(size)),
             )?;
         }
+        VdiCommand::Migrate {
+            name,
+            to,
+            tls_psk_file,
+            tls_username,
+            tls_certificates,
+            delete_snapshots,
+            json,
+        } => {
+            // The daemon reads the key files: by absolute path.
+            let cwd = std::env::current_dir().context("cannot find the current directory")?;
+            let tls = PeerTls {
+                psk_file: tls_psk_file.map(|p| cwd.join(p)),
+                username: tls_username,
+                certificates: tls_certificates.map(|p| cwd.join(p)),
+            };
+            let bar = Bar::new(&format!("migrating {name} to {to}"), true, json);
+            let req = Request::Migrate {
+                name: name.clone(),
+                to: to.clone(),
+                tls: tls.clone(),
+                delete_snapshots,
+            };
+            let opts = MigrateOptions { delete_snapshots };
+            let r: MigrateReport = t.call(req, None, Some(&bar), |s, p| {
+                let mut dest = NetDestination::new(&to, &tls)?;
+                migrate(s, &name, &mut dest, &opts, &mut quiet(p))
+            })?;
+            bar.finish();
+            report(json, serde_json::to_value(&r)?, || {
+                let mut out = String::new();
+                if let Some(why) = &r.resumed {
+                    out.push_str(why);
+                    out.push('\n');
+                }
+                out.push_str(&format!(
+                    "migrated {name} to {}: {} copied, then {} during the switch-over; no \
+                     writer for {} ms ({} client(s) detached here); {} holds what arrived",
+                    r.to,
+                    format_size(r.bulk_bytes),
+                    format_size(r.delta_bytes),
+                    r.downtime_ms,
+                    r.detached,
+                    r.arrived
+                ));
+                if !r.deleted_snapshots.is_empty() {
+                    out.push_str(&format!(
+                        "\ndeleted here: {}",
+                        r.deleted_snapshots.join(", ")
+                    ));
+                }
+                if let Some(t) = &r.removed_schedule {
+                    out.push_str(&format!("\nremoved the snapshot schedule of {t} here"));
+                }
+                out
+            })?;
+        }
         VdiCommand::Hydrate { name, json } => {
             let bar = Bar::new(&format!("hydrating {name}"), true, json);
             let r: HydrateReport = t.call(
@@ -1372,6 +1472,12 @@ fn serve(store: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<i32> {
         tls.mode = args.tls;
     }
     cfg.nbd.insecure |= args.insecure;
+    if args.control_listen.is_some() {
+        cfg.control.listen = args.control_listen;
+    }
+    if !args.control_client.is_empty() {
+        cfg.control.clients = args.control_client;
+    }
     if args.print_config {
         println!("{}", cfg.to_ron());
         return Ok(0);

@@ -29,6 +29,8 @@ pub struct Config {
     pub metrics: MetricsSection,
     /// Remote-backed VDIs (`vdi create --backing URI`).
     pub backing: BackingSection,
+    /// The control protocol over TCP and TLS, for other hosts (`vdi migrate`).
+    pub control: super::control_net::NetControlSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +132,7 @@ impl Default for Config {
             xen: crate::xen::XenConfig::default(),
             metrics: MetricsSection::default(),
             backing: BackingSection::default(),
+            control: Default::default(),
         }
     }
 }
@@ -234,6 +237,18 @@ impl Config {
             })?;
         }
         self.xen.validate()?;
+        if self.control.listen.is_some()
+            && self.nbd.tls.cert.is_none()
+            && self.nbd.tls.psk.is_none()
+        {
+            return Err(
+                "control.listen: the control listener only speaks TLS; give the NBD server credentials (--tls-psk, or --tls-cert and --tls-key)"
+                    .into(),
+            );
+        }
+        self.control
+            .validate()
+            .map_err(|e| format!("control: {e}"))?;
         if self.commit_interval_ms == 0 {
             return Err("commit_interval_ms must be at least 1".into());
         }
@@ -331,6 +346,28 @@ mod tests {
         assert!(e.contains("nonsense"), "{e}");
         assert!(Config::parse("(commit_interval_ms: 0)").is_err());
         assert!(Config::parse("(").is_err());
+    }
+
+    #[test]
+    fn the_control_listener_needs_tls_and_named_clients() {
+        assert_eq!(Config::default().control.listen, None);
+        let e =
+            Config::parse(r#"(control: (listen: "127.0.0.1:0", clients: ["psk:a"]))"#).unwrap_err();
+        assert!(e.contains("only speaks TLS"), "{e}");
+        let tls = r#"nbd: (tls: (psk: "keys.psk"))"#;
+        let e = Config::parse(&format!("({tls}, control: (listen: \"127.0.0.1:0\"))")).unwrap_err();
+        assert!(e.contains("--control-client"), "{e}");
+        let e = Config::parse(&format!(
+            "({tls}, control: (listen: \"127.0.0.1:0\", clients: [\"alice\"]))"
+        ))
+        .unwrap_err();
+        assert!(e.contains("\"alice\""), "{e}");
+        let c = Config::parse(&format!(
+            "({tls}, control: (listen: \"127.0.0.1:0\", clients: [\"psk:src-*\"]))"
+        ))
+        .unwrap();
+        assert_eq!(c.control.clients, ["psk:src-*"]);
+        assert_eq!(Config::parse(&c.to_ron()).unwrap(), c);
     }
 
     #[test]

@@ -148,6 +148,40 @@ pub enum Request {
     ScheduleRemove {
         target: String,
     },
+    /// Move VDI `name` to the Parallax host whose network control listener is `to`.
+    Migrate {
+        name: String,
+        to: String,
+        /// How to prove who this host is to `to` (key paths absolute).
+        #[serde(default)]
+        tls: PeerTls,
+        #[serde(default)]
+        delete_snapshots: bool,
+    },
+    /// (Between hosts.) The stream that follows is a migration's bulk copy of `name`
+    /// (`migration` absent) or its final delta.
+    MigrateIn {
+        name: String,
+        #[serde(default)]
+        migration: Option<u64>,
+    },
+    /// (Between hosts.) End migration `migration` of `name` unless it committed.
+    MigrateAbort {
+        name: String,
+        migration: u64,
+        #[serde(default)]
+        final_snapshot: Option<(String, u64)>,
+    },
+}
+
+/// The credentials a host presents to another's network control listener, as `nbds://` URIs
+/// give them (`tls-psk-file` with `tls-username`, or `tls-certificates`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PeerTls {
+    pub psk_file: Option<std::path::PathBuf>,
+    pub username: Option<String>,
+    pub certificates: Option<std::path::PathBuf>,
 }
 
 /// How the daemon's log names a request: the command a user would type, not Rust's debug form.
@@ -243,6 +277,31 @@ impl std::fmt::Display for Request {
             ),
             Request::ScheduleList => write!(f, "schedule list"),
             Request::ScheduleRemove { target } => write!(f, "schedule remove {target}"),
+            Request::Migrate {
+                name,
+                to,
+                delete_snapshots,
+                ..
+            } => write!(
+                f,
+                "vdi migrate {name} --to {to}{}",
+                if *delete_snapshots {
+                    " --delete-snapshots"
+                } else {
+                    ""
+                }
+            ),
+            Request::MigrateIn {
+                name,
+                migration: None,
+            } => write!(f, "migrate-in {name} (bulk copy)"),
+            Request::MigrateIn {
+                name,
+                migration: Some(m),
+            } => write!(f, "migrate-in {name} (final delta of {m:x})"),
+            Request::MigrateAbort {
+                name, migration, ..
+            } => write!(f, "migrate-abort {name} ({migration:x})"),
         }
     }
 }
@@ -308,10 +367,30 @@ pub fn read_request_line(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedF
     }
 }
 
-fn send(mut stream: &UnixStream, reply: &Reply) -> io::Result<()> {
+/// Where a connection's answer lines go: a Unix socket, or a TLS session (`control_net`).
+pub(super) trait Lines {
+    fn put(&self, bytes: &[u8]) -> io::Result<()>;
+}
+
+impl Lines for UnixStream {
+    fn put(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut s = self;
+        s.write_all(bytes)
+    }
+}
+
+impl<W: Write> Lines for std::cell::RefCell<W> {
+    fn put(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut w = self.borrow_mut();
+        w.write_all(bytes)?;
+        w.flush()
+    }
+}
+
+pub(super) fn send(out: &dyn Lines, reply: &Reply) -> io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line)
+    out.put(&line)
 }
 
 /// Checks that the peer is root or runs as our user.
@@ -347,6 +426,8 @@ pub struct ControlContext {
     pub scheduler: Option<Signal>,
     /// Told when a backed VDI is made, when the daemon hydrates in the background.
     pub hydrator: Option<Signal>,
+    /// VDIs migrating to this host.
+    pub arrivals: super::migrate::Arrivals,
 }
 
 /// Accepts control connections until the listener is shut down; each runs on its own thread,
@@ -466,12 +547,24 @@ fn handle(stream: UnixStream, ctx: &ControlContext, mut slot: Slot) -> io::Resul
             )
         }
     };
+    let mut input = &stream;
+    answer(&req, fds.into_iter().next(), Some(&mut input), ctx, &stream)
+}
+
+/// Runs `req` and sends its answer: what every transport does once it has a request.
+/// `input` is the rest of the connection, for requests followed by a stream.
+pub(super) fn answer(
+    req: &Request,
+    fd: Option<OwnedFd>,
+    input: Option<&mut dyn io::Read>,
+    ctx: &ControlContext,
+    out: &dyn Lines,
+) -> io::Result<()> {
     info!("control: {req}");
-    let mut fds = fds.into_iter();
     // A panic here is a bug; it must not leave the client without an answer, nor the store
     // taking writes on in-memory state the panic may have left half changed.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        execute(&req, fds.next(), ctx, &stream)
+        execute(req, fd, input, ctx, out)
     }));
     let reply = match outcome {
         Ok(Ok(v)) => Reply::Ok(v),
@@ -499,20 +592,20 @@ fn handle(stream: UnixStream, ctx: &ControlContext, mut slot: Slot) -> io::Resul
     if let Reply::Error { message, .. } = &reply {
         info!("control: {req} failed: {message}");
     }
-    send(&stream, &reply)
+    send(out, &reply)
 }
 
 /// Writes the `item` lines of a streamed answer in blocks: the first at once, then whenever
 /// 32 KiB are waiting or 20 ms have passed, so a long list costs few writes and a slow one
 /// still shows its entries as they come.
 struct ItemWriter<'a> {
-    stream: &'a UnixStream,
+    stream: &'a dyn Lines,
     buf: Vec<u8>,
     sent: Option<std::time::Instant>,
 }
 
 impl<'a> ItemWriter<'a> {
-    fn new(stream: &'a UnixStream) -> Self {
+    fn new(stream: &'a dyn Lines) -> Self {
         ItemWriter {
             stream,
             buf: Vec::new(),
@@ -535,8 +628,7 @@ impl<'a> ItemWriter<'a> {
 
     /// Sends what is waiting. A client that went away ends the listing.
     fn finish(&mut self) -> Result<(), StoreError> {
-        let mut s = self.stream;
-        s.write_all(&self.buf).map_err(|e| {
+        self.stream.put(&self.buf).map_err(|e| {
             StoreError::Io(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 format!("the client went away ({e})"),
@@ -555,8 +647,9 @@ fn to_value<T: Serialize>(v: T) -> Result<serde_json::Value, StoreError> {
 fn execute(
     req: &Request,
     fd: Option<OwnedFd>,
+    input: Option<&mut dyn io::Read>,
     ctx: &ControlContext,
-    stream: &UnixStream,
+    stream: &dyn Lines,
 ) -> Result<serde_json::Value, StoreError> {
     let s = &ctx.store;
     let mut last_pct = u64::MAX;
@@ -709,6 +802,43 @@ fn execute(
             ctx.wake_scheduler();
             to_value(())
         }
+        Request::Migrate {
+            name,
+            to,
+            tls,
+            delete_snapshots,
+        } => {
+            let mut dest = super::control_net::NetDestination::new(to, tls)?;
+            let opts = super::migrate::MigrateOptions {
+                delete_snapshots: *delete_snapshots,
+            };
+            to_value(super::migrate::migrate(
+                s,
+                name,
+                &mut dest,
+                &opts,
+                &mut progress,
+            )?)
+        }
+        Request::MigrateIn { name, migration } => {
+            let input = input.ok_or_else(|| {
+                StoreError::Invalid("this request needs the stream after it".into())
+            })?;
+            to_value(match migration {
+                None => ctx.arrivals.receive_full(s, name, input)?,
+                Some(m) => ctx.arrivals.receive_final(s, name, *m, input)?,
+            })
+        }
+        Request::MigrateAbort {
+            name,
+            migration,
+            final_snapshot,
+        } => to_value(ctx.arrivals.abort(
+            s,
+            name,
+            *migration,
+            final_snapshot.as_ref().map(|(n, g)| (n.as_str(), *g)),
+        )?),
     }
 }
 
@@ -827,6 +957,7 @@ mod tests {
             request_timeout: std::time::Duration::from_millis(300),
             scheduler: None,
             hydrator: None,
+            arrivals: Default::default(),
         });
         std::thread::spawn(move || serve(listener, ctx));
         assert!(matches!(hello(&path), Reply::Ok(_)));

@@ -4,6 +4,8 @@
 pub mod addr;
 pub mod config;
 pub mod control;
+pub mod control_net;
 pub mod hydrator;
+pub mod migrate;
 pub mod provider;
 pub mod serve;

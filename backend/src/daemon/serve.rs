@@ -27,6 +27,7 @@ use super::{
     addr::ControlAddr,
     config::Config,
     control::{self, ControlContext},
+    control_net,
     hydrator::spawn_hydrator,
     provider::{FrontEnd, StoreProvider},
 };
@@ -84,6 +85,8 @@ pub struct Listening {
     pub control: ControlAddr,
     /// The metrics endpoint, when `metrics.listen` is set.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The network control listener, when `control.listen` is set.
+    pub control_net: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Returns once everything is committed.
@@ -110,6 +113,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_default(),
         l.control
     );
+    if let Some(a) = l.control_net {
+        println!("parallax serve: control over TLS on {a}");
+    }
     // Under systemd (Type=notify) the unit is started once this arrives; without
     // $NOTIFY_SOCKET it does nothing.
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
@@ -136,6 +142,8 @@ pub struct Daemon {
     control_fd: i32,
     control_thread: Option<std::thread::JoinHandle<()>>,
     control_path: Option<PathBuf>,
+    /// The network control listener's socket and thread.
+    control_net: Option<(i32, std::thread::JoinHandle<()>)>,
     metrics: Option<Endpoint>,
     scheduler: Option<Worker>,
     hydrator: Option<Worker>,
@@ -177,6 +185,10 @@ impl Daemon {
             None => ControlAddr::for_store(&store_path)?,
         };
         let control_listener = bind_control(&control_addr)?;
+        let control_net_listener = match &cfg.control.listen {
+            Some(a) => Some(control_net::bind(a)?),
+            None => None,
+        };
         // Before the front ends, so that every handle they open is counted; an address that
         // cannot be bound leaves nothing running.
         let schedule_counters = Arc::new(ScheduleCounters::default());
@@ -273,8 +285,22 @@ impl Daemon {
             request_timeout: control::REQUEST_TIMEOUT,
             scheduler: Some(scheduler.waker()),
             hydrator: hydrator.as_ref().map(Worker::waker),
+            arrivals: Default::default(),
         });
         let control_fd = control_listener.as_raw_fd();
+        let mut control_net_addr = None;
+        let control_net = match (control_net_listener, &tls) {
+            (Some(l), Some(tls)) => {
+                control_net_addr = Some(l.local_addr()?);
+                let fd = l.as_raw_fd();
+                let (tls, clients, ctx) = (tls.clone(), cfg.control.clients.clone(), ctx.clone());
+                let t = std::thread::Builder::new()
+                    .name("parallax-ctl-net".into())
+                    .spawn(move || control_net::serve(l, tls, clients, ctx))?;
+                Some((fd, t))
+            }
+            _ => None,
+        };
         let control_thread = std::thread::Builder::new()
             .name("parallax-control".into())
             .spawn(move || control::serve(control_listener, ctx))?;
@@ -287,6 +313,7 @@ impl Daemon {
                 nbd_unix,
                 control: control_addr.clone(),
                 metrics: endpoint.as_ref().map(Endpoint::addr),
+                control_net: control_net_addr,
             },
             nbd_shutdown,
             nbd_thread,
@@ -298,6 +325,7 @@ impl Daemon {
                 ControlAddr::Path(p) => Some(p),
                 ControlAddr::Abstract(_) => None,
             },
+            control_net,
             metrics: endpoint,
             scheduler: Some(scheduler),
             hydrator,
@@ -330,6 +358,13 @@ impl Daemon {
             libc::shutdown(self.control_fd, libc::SHUT_RDWR);
         }
         if let Some(t) = self.control_thread.take() {
+            let _ = t.join();
+        }
+        if let Some((fd, t)) = self.control_net.take() {
+            // SAFETY: as above, for the network control listener, which its thread owns.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
             let _ = t.join();
         }
         if let Some(p) = &self.control_path {

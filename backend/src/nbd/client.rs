@@ -523,6 +523,13 @@ fn option(link: &mut dyn Link, option: u32, data: &[u8]) -> io::Result<Vec<(u32,
 /// Wraps `link` in TLS with the URI's credentials: PSK keys, or x509 (checking the server's
 /// certificate against the CA and its name against the host).
 fn start_tls(link: Box<dyn Link>, uri: &NbdUri) -> io::Result<Box<dyn Link>> {
+    Ok(Box::new(tls_client(link, uri)?))
+}
+
+/// The client side of a TLS session over `link` with `uri`'s credentials (`tls-psk-file` and
+/// `tls-username`, or `tls-certificates`), as for an `nbds://` URI; also what the control
+/// protocol uses between hosts.
+pub fn tls_client<S: Read + Write>(link: S, uri: &NbdUri) -> io::Result<SslStream<S>> {
     let err = |e: openssl::error::ErrorStack| io::Error::other(format!("TLS: {e}"));
     let mut b = SslConnector::builder(SslMethod::tls_client()).map_err(err)?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))
@@ -576,7 +583,7 @@ fn start_tls(link: Box<dyn Link>, uri: &NbdUri) -> io::Result<Box<dyn Link>> {
     let mut s = SslStream::new(ssl, link).map_err(err)?;
     s.connect()
         .map_err(|e| io::Error::other(format!("TLS handshake: {e}")))?;
-    Ok(Box::new(s))
+    Ok(s)
 }
 
 /// A server that answers with `data`, whatever it is asked; what the client sends is dropped.

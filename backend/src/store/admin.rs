@@ -16,8 +16,8 @@ use super::{
     catalog::Catalog,
     error::{StoreError, StoreResult},
     format::{Ptr, BLOCK_SIZE_U64, FANOUT, MAX_VDI_BYTES},
-    nodes::retry_evicted,
     migration::PARKED_PREFIX,
+    nodes::retry_evicted,
     registry::is_hidden,
     registry::{decode_id, snapshot_key, snapshot_prefix, split_name, validate_name, Kind, Record},
     store::{now_ns, Store},
@@ -248,6 +248,8 @@ impl Store {
             .and_then(|o| self.full_name(cat, &o).ok());
         match current {
             Some(name) => (Some(name), false),
+            // A migration's received copy, gone once the VDI arrived: no origin to speak of.
+            None if is_hidden(&rec.origin_name) => (None, false),
             None => (Some(rec.origin_name.clone()), true),
         }
     }

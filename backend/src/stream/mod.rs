@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     disk::ExtentState,
-    store::{split_name, Store, StoreError, StoreResult},
+    store::{split_name, Staged, Store, StoreError, StoreResult},
     transfer::Progress,
 };
 use wire::{Base, Header, Record, StreamError, StreamReader, StreamWriter, MAX_DATA};
@@ -167,6 +167,22 @@ pub fn recv(
     input: &mut dyn Read,
     progress: Progress,
 ) -> StoreResult<RecvReport> {
+    receive(store, name, input, progress, None, &mut |staged| {
+        staged.publish()
+    })
+}
+
+/// [`recv`], for a migration: an incremental stream's base is looked for under `base_vdi`
+/// (the name this store gave the VDI it received before, which may be hidden) and the VDI is
+/// given its name by `publish`, which may refuse.
+pub fn receive(
+    store: &Arc<Store>,
+    name: &str,
+    input: &mut dyn Read,
+    progress: Progress,
+    base_vdi: Option<&str>,
+    publish: &mut dyn FnMut(Staged<'_>) -> StoreResult<()>,
+) -> StoreResult<RecvReport> {
     let version = store.format_version();
     if version < 3 {
         return Err(StoreError::Invalid(format!(
@@ -188,7 +204,11 @@ pub fn recv(
     let (staged, base) = match &h.base {
         None => (store.create_staged(name, h.size)?, None),
         Some(b) => {
-            let Some(found) = store.find_snapshot(b.guid, &b.name)? else {
+            let hint = match (base_vdi, split_name(&b.name)?) {
+                (Some(v), (_, Some(snap))) => format!("{v}@{snap}"),
+                _ => b.name.clone(),
+            };
+            let Some(found) = store.find_snapshot(b.guid, &hint)? else {
                 return Err(StoreError::NotFound(format!(
                     "{} (the base of this incremental stream; receive it first, or send a full \
                      stream)",
@@ -229,7 +249,7 @@ pub fn recv(
     staged.snapshot(&snap, h.created_ns, h.guid)?;
     // The last word before the name appears: a daemon's client that went away stops it.
     progress(h.size, h.size)?;
-    staged.publish()?;
+    publish(staged)?;
     Ok(RecvReport {
         name: name.to_string(),
         snapshot: format!("{name}@{snap}"),

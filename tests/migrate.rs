@@ -1,0 +1,183 @@
+//! `vdi migrate NAME --to HOST`: two Parallax daemons on this machine, the destination serving
+//! its control listener over TLS-PSK. The VDI moves with what its NBD client wrote, the client
+//! is cut off at the switch-over, the destination serves it to qemu-io, and refusals (no TLS,
+//! an identity not allowed, an unreachable host) leave the VDI where it was.
+
+use std::{net::TcpListener, process::Command};
+
+use parallax_integration::{daemon::*, nbd::*};
+
+const MIB: usize = 1 << 20;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A destination daemon: NBD and its control listener over TLS-PSK with keys for `host` and
+/// `stranger`, serving only `psk:host`. Returns the daemon and its control address.
+fn destination(store: &TestStore) -> (Daemon, String) {
+    for who in ["host", "stranger"] {
+        run_ok(
+            Command::new("psktool")
+                .args(["-u", who, "-p"])
+                .arg(store.file("keys.psk")),
+        );
+    }
+    let port = free_port();
+    let d = Daemon::start_with(
+        store,
+        &format!(
+            r#"(commit_interval_ms: 500, nbd: (workers: 2, tls: (psk: "keys.psk")),
+                control: (listen: "127.0.0.1:{port}", clients: ["psk:host"]))"#
+        ),
+        &[],
+    );
+    (d, format!("127.0.0.1:{port}"))
+}
+
+fn migrate_cmd(src: &TestStore, dst: &TestStore, name: &str, to: &str, user: &str) -> Command {
+    let mut c = src.cmd(&["vdi", "migrate", name, "--to", to, "--tls-username", user]);
+    c.arg("--tls-psk-file").arg(dst.file("keys.psk"));
+    c
+}
+
+#[test]
+fn a_vdi_moves_to_another_daemon_with_what_its_client_wrote() {
+    let img = image_with_holes(31, 16 * MIB);
+    let src = TestStore::new("256M");
+    src.import("vm", &img);
+    let s = Daemon::start(&src);
+    let dst = TestStore::new("256M");
+    let (d, to) = destination(&dst);
+
+    // The VM writes (and flushes) on the source; its connection stays open.
+    let mut vm = s.nbd("vm");
+    vm.write(5 * MIB as u64, &[0xa5; 65536]).unwrap();
+    vm.flush().unwrap();
+    let mut want = img.clone();
+    want[5 * MIB..5 * MIB + 65536].fill(0xa5);
+
+    let out = output_ok(migrate_cmd(&src, &dst, "vm", &to, "host").arg("--json"));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["name"], "vm");
+    assert_eq!(r["detached"], 1, "{r}");
+    assert_eq!(r["bulk_bytes"].as_u64().unwrap(), data_bytes(&want), "{r}");
+    assert_eq!(
+        r["delta_bytes"], 0,
+        "nothing was written after the copy: {r}"
+    );
+    assert!(r["downtime_ms"].as_u64().unwrap() < 30_000, "{r}");
+
+    // The source's client is cut off; the source no longer has the VDI.
+    assert!(
+        vm.write(0, &[1; 4096]).is_err(),
+        "a detached client must not write"
+    );
+    drop(vm);
+    let listed = src.json(&["vdi", "list", "--json"]);
+    assert_eq!(listed, serde_json::json!([]), "{listed}");
+    src.fail(&["vdi", "info", "vm"]).assert_one_line(1, "vm");
+
+    // The destination has it, whole, with the snapshot of what arrived, and serves it.
+    assert_eq!(dst.export("vm"), want);
+    let arrived = r["arrived"].as_str().unwrap();
+    assert_eq!(dst.export(arrived), want);
+    let io = run_ok(
+        Command::new("qemu-io")
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-psk,id=tls0,endpoint=client,username=host,dir={}",
+                dst.dir.path().display()
+            ))
+            .args(["--image-opts", &format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=vm,tls-creds=tls0",
+                d.port()
+            )])
+            .args(["-c", "write -P 0x3c 0 4k", "-c", "read -P 0x3c 0 4k", "-c", "flush"]),
+    );
+    let io = String::from_utf8_lossy(&io.stdout);
+    assert!(
+        !io.contains("fail") && io.contains("read 4096/4096"),
+        "{io}"
+    );
+    src.assert_clean();
+    dst.assert_clean();
+
+    // And it can come back the same way, once the source listens too.
+    drop(s);
+    let (_back, back_to) = destination(&src);
+    let mut c = dst.cmd(&[
+        "vdi",
+        "migrate",
+        "vm",
+        "--to",
+        &back_to,
+        "--tls-username",
+        "host",
+    ]);
+    c.arg("--tls-psk-file").arg(src.file("keys.psk"));
+    c.arg("--delete-snapshots");
+    let text = String::from_utf8(output_ok(&mut c).stdout).unwrap();
+    assert!(text.contains("migrated vm to"), "{text}");
+    let mut back = want.clone();
+    back[..4096].fill(0x3c);
+    assert_eq!(src.export("vm"), back);
+    drop(d);
+}
+
+#[test]
+fn refusals_leave_the_vdi_where_it_was() {
+    let src = TestStore::new("64M");
+    src.import("vm", &random_bytes(5, MIB));
+    let _s = Daemon::start(&src);
+    let dst = TestStore::new("64M");
+    let (_d, to) = destination(&dst);
+
+    // An identity the destination does not serve.
+    output_fail(&mut migrate_cmd(&src, &dst, "vm", &to, "stranger"))
+        .assert_one_line(1, "psk:stranger may not use");
+    // A host that does not answer.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    output_fail(&mut migrate_cmd(&src, &dst, "vm", &nowhere, "host")).assert_one_line(1, &nowhere);
+    // No credentials.
+    src.fail(&["vdi", "migrate", "vm", "--to", &to])
+        .assert_one_line(1, "--tls-psk-file");
+    // The destination has a VDI of that name.
+    dst.run(&["vdi", "create", "vm", "--size", "1M"]);
+    output_fail(&mut migrate_cmd(&src, &dst, "vm", &to, "host")).assert_one_line(1, "exists");
+
+    // Still here, whole and writable, with nothing left over on either side.
+    let names = |s: &TestStore| -> Vec<String> {
+        s.json(&["vdi", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&src), ["vm"]);
+    assert_eq!(names(&dst), ["vm"]);
+    assert_eq!(src.export("vm"), random_bytes(5, MIB));
+    src.run(&["vdi", "snapshot", "vm@still-mine"]);
+    src.assert_clean();
+    dst.assert_clean();
+
+    // A control listener without TLS does not start.
+    let plain = TestStore::new("16M");
+    let f = output_fail(&mut plain.cmd(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--unix",
+        plain.file("nbd.sock").to_str().unwrap(),
+        "--control-listen",
+        "127.0.0.1:0",
+        "--control-client",
+        "psk:host",
+    ]));
+    f.assert_one_line(1, "only speaks TLS");
+}
