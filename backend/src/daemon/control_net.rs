@@ -47,6 +47,10 @@ use crate::{
 pub const DEFAULT_PORT: u16 = 10810;
 /// How long a peer may take to connect, finish its TLS handshake and send its request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may go without a byte moving once its request is in (a stream
+/// that stalls, a peer that stops reading, an answer that never comes): a peer that is gone
+/// does not hold a thread, or a parked VDI, forever.
+const STALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 << 10;
 
@@ -208,10 +212,14 @@ fn handle(
         return refuse("invalid", "request line missing or too long".into());
     }
     {
-        // The request is in: from here a transfer may take as long as it takes.
+        // The request is in: a transfer may take as long as it takes, if it moves.
         let r = conn.0.borrow();
-        r.get_ref().get_ref().set_read_timeout(None)?;
-        r.get_ref().get_ref().set_write_timeout(None)?;
+        r.get_ref()
+            .get_ref()
+            .set_read_timeout(Some(STALL_TIMEOUT))?;
+        r.get_ref()
+            .get_ref()
+            .set_write_timeout(Some(STALL_TIMEOUT))?;
     }
     let req: Request = match serde_json::from_slice(&line) {
         Ok(r) => r,
@@ -293,6 +301,8 @@ impl NetDestination {
         tcp.set_nodelay(true).map_err(|e| self.unreachable(e))?;
         tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(|e| self.unreachable(e))?;
+        tcp.set_write_timeout(Some(STALL_TIMEOUT))
+            .map_err(|e| self.unreachable(e))?;
         let mut tls = tls_client(tcp, &self.uri).map_err(|e| self.unreachable(e))?;
         let mut line = serde_json::to_vec(req).map_err(|e| StoreError::Invalid(e.to_string()))?;
         line.push(b'\n');
@@ -313,12 +323,12 @@ impl NetDestination {
         let wait = if let Err(e) = &sent {
             debug!("{}: sending failed: {e}", self.addr);
             let _ = tls.get_ref().shutdown(std::net::Shutdown::Write);
-            Some(HANDSHAKE_TIMEOUT)
+            HANDSHAKE_TIMEOUT
         } else {
-            None
+            STALL_TIMEOUT
         };
         tls.get_ref()
-            .set_read_timeout(wait)
+            .set_read_timeout(Some(wait))
             .map_err(|e| self.unreachable(e))?;
         let mut answer = String::new();
         let read = BufReader::new(&mut tls).read_line(&mut answer);

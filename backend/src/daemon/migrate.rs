@@ -163,6 +163,7 @@ pub fn migrate(
     progress: Progress,
 ) -> StoreResult<MigrateReport> {
     store.require_migration()?;
+    crate::store::validate_name(name, "VDI")?;
     let to = dest.describe();
     let tag = destination_tag(&to);
     let resumed = if store.is_parked(name) {
