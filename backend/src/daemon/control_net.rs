@@ -338,9 +338,7 @@ impl NetDestination {
         };
         match (reply, sent) {
             (Some(Reply::Ok(v)), Ok(())) => Ok(v),
-            (Some(Reply::Error { kind, message }), _) => {
-                Err(remote_error(&self.addr, &kind, message))
-            }
+            (Some(Reply::Error { message, .. }), _) => Err(remote_error(&self.addr, message)),
             (_, Err(e)) => Err(e),
             (_, Ok(())) => Err(self.unreachable(match read {
                 Err(e) => e.to_string(),
@@ -350,16 +348,9 @@ impl NetDestination {
     }
 }
 
-/// The destination's error as this host reports it: the same kind, saying where it happened.
-fn remote_error(addr: &str, kind: &str, message: String) -> StoreError {
-    let message = format!("{addr}: {message}");
-    match kind {
-        "exists" => StoreError::Exists(message),
-        "busy" => StoreError::Busy(message),
-        "not-found" => StoreError::NotFound(message),
-        "invalid" | "unsupported" | "denied" => StoreError::Invalid(message),
-        _ => StoreError::Peer(message),
-    }
+/// The other host's error as this host reports it: its words, saying where it happened.
+fn remote_error(addr: &str, message: String) -> StoreError {
+    StoreError::Peer(format!("{addr}: {message}"))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> StoreResult<T> {
