@@ -181,3 +181,72 @@ fn refusals_leave_the_vdi_where_it_was() {
     ]));
     f.assert_one_line(1, "only speaks TLS");
 }
+
+/// `parallax --connect HOST …`: an admin elsewhere (dom0, for a storage domain) manages the
+/// VDIs of a daemon through the same listener and identities.
+#[test]
+fn another_host_manages_vdis_through_the_control_listener() {
+    let dst = TestStore::new("64M");
+    let (_d, to) = destination(&dst);
+    let keys = dst.file("keys.psk");
+    let remote = |user: &str, args: &[&str]| {
+        let mut c = parallax();
+        c.args([
+            "--connect",
+            &to,
+            "--connect-username",
+            user,
+            "--connect-psk-file",
+        ])
+        .arg(&keys)
+        .args(args);
+        c
+    };
+    for args in [
+        &["vdi", "create", "a", "--size", "1M"][..],
+        &["vdi", "snapshot", "a@s"],
+        &["vdi", "fork", "a@s", "b"],
+    ] {
+        output_ok(&mut remote("host", args));
+    }
+    let out = output_ok(&mut remote("host", &["vdi", "list", "--json"]));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "a@s", "b"]);
+    output_ok(&mut remote(
+        "host",
+        &["schedule", "set", "b", "--every", "1h"],
+    ));
+    let out = output_ok(&mut remote("host", &["schedule", "list", "--json"]));
+    let schedules: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(schedules[0]["target"], "b", "{schedules}");
+    output_ok(&mut remote("host", &["schedule", "remove", "b"]));
+    let out = output_ok(&mut remote("host", &["vdi", "info", "b", "--json"]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["origin"], "a@s", "{info}");
+    output_ok(&mut remote("host", &["vdi", "delete", "b", "--recursive"]));
+    let out = output_ok(&mut remote("host", &["df", "--json"]));
+    let df: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(df["vdis"], 1, "{df}");
+    // The host's own view agrees.
+    assert_eq!(
+        dst.json(&["vdi", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // What hands over a file, or needs the store itself, stays on the host; strangers are
+    // refused; nothing changed.
+    output_fail(&mut remote("host", &["vdi", "export", "a", "/dev/null"]))
+        .assert_one_line(1, "cannot cross a network");
+    output_fail(&mut remote("host", &["upgrade"])).assert_one_line(1, "--connect");
+    output_fail(&mut remote("stranger", &["vdi", "list"])).assert_one_line(1, "may not use");
+    dst.assert_clean();
+}

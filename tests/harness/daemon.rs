@@ -70,6 +70,7 @@ pub fn parallax() -> Command {
     let mut c = Command::new(parallax_bin());
     c.env_remove("PARALLAX_STORE")
         .env_remove("PARALLAX_CONTROL")
+        .env_remove("PARALLAX_CONNECT")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
     c

@@ -25,7 +25,7 @@ use crate::{
         addr::ControlAddr,
         config::Config,
         control::{ControlClient, PeerTls, RemoteError, Request},
-        control_net::NetDestination,
+        control_net::NetClient,
         migrate::{migrate, MigrateOptions, MigrateReport},
     },
     nbd::{
@@ -59,11 +59,73 @@ Quick start:
 #[derive(Parser, Debug)]
 #[command(name = "parallax", version, about = ABOUT, long_about = LONG_ABOUT, propagate_version = true)]
 struct Cli {
+    #[command(flatten)]
+    place: Place,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where commands go: a store of this host, or with `--connect` another host's daemon.
+#[derive(clap::Args, Debug)]
+struct Place {
     /// The store: a file or a block device.
     #[arg(long, global = true, env = "PARALLAX_STORE", value_name = "PATH")]
     store: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
+    /// Send the command to another host's (or domain's) daemon instead: its control listener,
+    /// `HOST[:PORT]` (`serve --control-listen`), over TLS. Commands that hand over a file
+    /// (import or export of a file, send, recv) run only on the host itself.
+    #[arg(long, global = true, env = "PARALLAX_CONNECT", value_name = "HOST")]
+    connect: Option<String>,
+    /// With --connect: keys (`identity:hexkey` lines, as `psktool` writes).
+    #[arg(long, global = true, value_name = "FILE")]
+    connect_psk_file: Option<PathBuf>,
+    /// With --connect: the identity whose key to use (default: $USER).
+    #[arg(long, global = true, value_name = "NAME")]
+    connect_username: Option<String>,
+    /// With --connect: a directory with `ca-cert.pem` (and `client-cert.pem`,
+    /// `client-key.pem`) for x509.
+    #[arg(long, global = true, value_name = "DIR")]
+    connect_certificates: Option<PathBuf>,
+}
+
+impl Place {
+    /// The daemon `--connect` names, if it does.
+    fn remote(&self) -> anyhow::Result<Option<NetClient>> {
+        let Some(to) = &self.connect else {
+            return Ok(None);
+        };
+        if self.connect_psk_file.is_none() && self.connect_certificates.is_none() {
+            bail!(
+                "--connect {to}: the other daemon speaks only TLS: give --connect-psk-file (with \
+                 --connect-username) or --connect-certificates"
+            );
+        }
+        let tls = PeerTls {
+            psk_file: self.connect_psk_file.clone(),
+            username: self.connect_username.clone(),
+            certificates: self.connect_certificates.clone(),
+        };
+        Ok(Some(
+            NetClient::new(to, &tls).map_err(|e| anyhow!("--connect {to}: {e}"))?,
+        ))
+    }
+
+    /// Where a command that reads or changes VDIs goes.
+    fn target(&self) -> anyhow::Result<Target> {
+        match self.remote()? {
+            Some(c) => Ok(Target::Net(c)),
+            None => target(store_path(&self.store)?),
+        }
+    }
+
+    /// What to call the store in messages.
+    fn store_label(&self) -> PathBuf {
+        match (&self.connect, &self.store) {
+            (Some(to), _) => PathBuf::from(format!("{to} (over --connect)")),
+            (None, Some(p)) => p.clone(),
+            (None, None) => PathBuf::new(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -589,10 +651,26 @@ fn store_path(p: &Option<PathBuf>) -> anyhow::Result<&Path> {
         .ok_or_else(|| anyhow!("no store given: pass --store PATH or set PARALLAX_STORE"))
 }
 
-/// Where commands go: the store itself, or the daemon holding it.
+/// Where commands go: the store itself, the daemon holding it, or another host's daemon.
 enum Target {
     Direct(Arc<Store>),
     Daemon(ControlAddr),
+    Net(NetClient),
+}
+
+impl Target {
+    /// Refuses `what` (a command that hands over a file) before it touches any file, when
+    /// the daemon is on another host.
+    fn needs_host(&self, what: &str) -> anyhow::Result<()> {
+        if let Target::Net(c) = self {
+            bail!(
+                "`{what}` hands over a file, which cannot cross a network: run it on {} itself \
+                 (VDIs move between hosts with `vdi migrate`)",
+                c.addr()
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Target {
@@ -695,6 +773,18 @@ impl Target {
                     Err(e) => Err(anyhow::Error::new(e)),
                 }
             }
+            Target::Net(_) if file.is_some() => Err(anyhow!(
+                "`{req}` hands over a file, which cannot cross a network: run it on the host \
+                 (VDIs move between hosts with `vdi migrate`)"
+            )),
+            Target::Net(c) => c
+                .request(&req, &mut progress, &mut |_| {
+                    Err(std::io::Error::other("an item in an answer that has none"))
+                })
+                .map_err(anyhow::Error::new)
+                .and_then(|v| {
+                    serde_json::from_value(v).context("unexpected answer from the daemon")
+                }),
         };
         if let Some(b) = bar {
             b.finish();
@@ -739,6 +829,20 @@ impl Target {
                     each(serde_json::from_value(v).map_err(std::io::Error::other)?)
                 })?;
                 r.map(drop).map_err(anyhow::Error::new)
+            }
+            Target::Net(c) => {
+                let req = Request::List {
+                    prefix: filter.prefix.clone(),
+                    origin: filter.origin.clone(),
+                    kind: filter.kind,
+                    usage: filter.usage,
+                    stream: true,
+                };
+                c.request(&req, &mut |_, _| {}, &mut |v| {
+                    each(serde_json::from_value(v).map_err(std::io::Error::other)?)
+                })
+                .map(drop)
+                .map_err(anyhow::Error::new)
             }
         }
     }
@@ -817,8 +921,17 @@ fn default_store_size(path: &Path) -> u64 {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {
-        Command::Serve(args) => serve(cli.store, args),
+    let Cli { place, command } = cli;
+    if place.connect.is_some()
+        && matches!(
+            command,
+            Command::Init { .. } | Command::Upgrade { .. } | Command::Serve(_)
+        )
+    {
+        bail!("init, upgrade and serve work on a store of this host; --connect cannot reach them");
+    }
+    match command {
+        Command::Serve(args) => serve(place.store, args),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "parallax", &mut io::stdout());
@@ -830,7 +943,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Init { size, json } => {
-            let path = store_path(&cli.store)?;
+            let path = store_path(&place.store)?;
             let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
             let size = if is_dev {
                 size
@@ -858,13 +971,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Vdi(cmd) => vdi(store_path(&cli.store)?, cmd),
-        Command::Schedule(cmd) => schedule::schedule(store_path(&cli.store)?, cmd),
+        Command::Vdi(cmd) => vdi(place.target()?, cmd),
+        Command::Schedule(cmd) => schedule::schedule(place.target()?, cmd),
         Command::Check {
             metadata_only,
             json,
         } => {
-            let t = target(store_path(&cli.store)?)?;
+            let t = place.target()?;
             let bar = Bar::new("checking", false, json);
             let r: CheckReport = t.call(
                 Request::Check {
@@ -882,7 +995,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(if r.ok { 0 } else { 3 })
         }
         Command::Gc { json } => {
-            let t = target(store_path(&cli.store)?)?;
+            let t = place.target()?;
             let bar = Bar::new("reclaiming", false, json);
             let r: GcReport = t.call(Request::Gc, None, Some(&bar), |s, p| {
                 s.gc(&mut |left| p(0, left))
@@ -900,7 +1013,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Upgrade { json } => {
-            let path = store_path(&cli.store)?;
+            let path = store_path(&place.store)?;
             let t = target(path)?;
             let Target::Direct(s) = &t else {
                 bail!(
@@ -924,21 +1037,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Df { json } => {
-            let path = store_path(&cli.store)?;
-            let t = target(path)?;
+            let t = place.target()?;
             let r: DfReport = t.call(Request::Df, None, None, |s, _| s.df())?;
             if json {
                 print_json(&r)?;
             } else {
-                output::df(path, &r);
+                output::df(&place.store_label(), &r);
             }
             Ok(0)
         }
     }
 }
 
-fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
-    let t = target(path)?;
+fn vdi(t: Target, cmd: VdiCommand) -> anyhow::Result<i32> {
     match cmd {
         VdiCommand::Create {
             name,
@@ -1000,6 +1111,12 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             delete_snapshots,
             json,
         } => {
+            if tls_psk_file.is_none() && tls_certificates.is_none() {
+                bail!(
+                    "the destination speaks only TLS: give --tls-psk-file (with --tls-username) \
+                     or --tls-certificates"
+                );
+            }
             // The daemon reads the key files: by absolute path.
             let cwd = std::env::current_dir().context("cannot find the current directory")?;
             let tls = PeerTls {
@@ -1016,7 +1133,7 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             };
             let opts = MigrateOptions { delete_snapshots };
             let r: MigrateReport = t.call(req, None, Some(&bar), |s, p| {
-                let mut dest = NetDestination::new(&to, &tls)?;
+                let mut dest = NetClient::new(&to, &tls)?;
                 migrate(s, &name, &mut dest, &opts, &mut quiet(p))
             })?;
             bar.finish();
@@ -1071,8 +1188,11 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             size,
             json,
         } => {
-            let bar = Bar::new(&format!("importing {name}"), true, false);
             let uri = file.to_str().filter(|s| NbdUri::is_uri(s));
+            if uri.is_none() {
+                t.needs_host(&format!("vdi import {name} {}", file.display()))?;
+            }
+            let bar = Bar::new(&format!("importing {name}"), true, false);
             let vsize: u64 = if let Some(uri) = uri {
                 // The daemon connects itself: the key files the URI names must not depend on
                 // this process's directory.
@@ -1130,6 +1250,7 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             force,
             json,
         } => {
+            t.needs_host(&format!("vdi export {name}"))?;
             if json && file.as_os_str() == "-" {
                 bail!("--json cannot go with `-`: the image itself is written to stdout");
             }
@@ -1189,8 +1310,14 @@ fn vdi(path: &Path, cmd: VdiCommand) -> anyhow::Result<i32> {
             from,
             output,
             json,
-        } => stream::send(&t, snapshot, from, output.as_deref(), json)?,
-        VdiCommand::Recv { name, file, json } => stream::recv(&t, name, &file, json)?,
+        } => {
+            t.needs_host(&format!("vdi send {snapshot}"))?;
+            stream::send(&t, snapshot, from, output.as_deref(), json)?
+        }
+        VdiCommand::Recv { name, file, json } => {
+            t.needs_host(&format!("vdi recv {name}"))?;
+            stream::recv(&t, name, &file, json)?
+        }
         VdiCommand::Snapshot { name, snap, json } => {
             let split = name
                 .split_once('@')

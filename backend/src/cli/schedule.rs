@@ -1,11 +1,9 @@
 //! `parallax schedule set|list|remove`: the command-line side of [`crate::schedule`].
 
-use std::path::Path;
-
 use anyhow::anyhow;
 use clap::Subcommand;
 
-use super::{print_json, report, target, Target};
+use super::{print_json, report, Target};
 use crate::{
     daemon::control::Request,
     schedule::{self, policy, ScheduleStatus},
@@ -85,8 +83,7 @@ fn find(list: Vec<ScheduleStatus>, target: &str) -> anyhow::Result<ScheduleStatu
         .ok_or_else(|| anyhow!("the schedule for {target} is gone (removed meanwhile?)"))
 }
 
-pub(super) fn schedule(path: &Path, cmd: ScheduleCommand) -> anyhow::Result<i32> {
-    let t = target(path)?;
+pub(super) fn schedule(t: Target, cmd: ScheduleCommand) -> anyhow::Result<i32> {
     let list = |t: &Target| -> anyhow::Result<Vec<ScheduleStatus>> {
         t.call(Request::ScheduleList, None, None, |s, _| {
             schedule::status(s)

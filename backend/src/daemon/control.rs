@@ -808,7 +808,7 @@ fn execute(
             tls,
             delete_snapshots,
         } => {
-            let mut dest = super::control_net::NetDestination::new(to, tls)?;
+            let mut dest = super::control_net::NetClient::new(to, tls)?;
             let opts = super::migrate::MigrateOptions {
                 delete_snapshots: *delete_snapshots,
             };

@@ -242,16 +242,17 @@ fn handle(
     control::answer(&req, None, Some(&mut input), ctx, &conn)
 }
 
-/// Another host's network control listener, as the source of a migration talks to it: one
-/// connection per request.
-pub struct NetDestination {
+/// A client of another daemon's network control listener (what `vdi migrate` and
+/// `parallax --connect` use): one connection per request.
+#[derive(Debug, Clone)]
+pub struct NetClient {
     addr: String,
     uri: NbdUri,
 }
 
-impl NetDestination {
+impl NetClient {
     /// `to` is `HOST[:PORT]`; `tls` the credentials to present.
-    pub fn new(to: &str, tls: &PeerTls) -> StoreResult<NetDestination> {
+    pub fn new(to: &str, tls: &PeerTls) -> StoreResult<NetClient> {
         let addr = with_port(to);
         let (host, port) = addr
             .rsplit_once(':')
@@ -259,12 +260,12 @@ impl NetDestination {
             .ok_or_else(|| StoreError::Invalid(format!("--to {to}: expected HOST[:PORT]")))?;
         if tls.psk_file.is_none() && tls.certificates.is_none() {
             return Err(StoreError::Invalid(
-                "migration talks TLS to the destination: give --tls-psk-file (with \
-                 --tls-username) or --tls-certificates"
+                "the other daemon speaks only TLS: give a key file (with the identity to use) \
+                 or a certificates directory"
                     .into(),
             ));
         }
-        Ok(NetDestination {
+        Ok(NetClient {
             addr: addr.clone(),
             uri: NbdUri {
                 address: Address::Tcp {
@@ -284,11 +285,39 @@ impl NetDestination {
         StoreError::Peer(format!("{}: {e}", self.addr))
     }
 
+    /// Where it connects, `HOST:PORT`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends `req` and returns its answer, passing progress lines to `progress` and each item
+    /// of a streamed answer to `item`.
+    pub fn request(
+        &self,
+        req: &Request,
+        progress: &mut dyn FnMut(u64, u64),
+        item: &mut dyn FnMut(serde_json::Value) -> io::Result<()>,
+    ) -> StoreResult<serde_json::Value> {
+        self.exchange(req, None, progress, item)
+    }
+
     /// Sends `req`, then whatever `body` writes, and returns the answer.
     fn call(
         &self,
         req: &Request,
         body: Option<&mut StreamBody<'_>>,
+    ) -> StoreResult<serde_json::Value> {
+        self.exchange(req, body, &mut |_, _| {}, &mut |_| {
+            Err(io::Error::other("an item in an answer that has none"))
+        })
+    }
+
+    fn exchange(
+        &self,
+        req: &Request,
+        body: Option<&mut StreamBody<'_>>,
+        progress: &mut dyn FnMut(u64, u64),
+        item: &mut dyn FnMut(serde_json::Value) -> io::Result<()>,
     ) -> StoreResult<serde_json::Value> {
         let sock = self
             .addr
@@ -330,11 +359,19 @@ impl NetDestination {
         tls.get_ref()
             .set_read_timeout(Some(wait))
             .map_err(|e| self.unreachable(e))?;
-        let mut answer = String::new();
-        let read = BufReader::new(&mut tls).read_line(&mut answer);
-        let reply = match read {
-            Ok(n) if n > 0 => serde_json::from_str::<Reply>(&answer).ok(),
-            _ => None,
+        let mut reader = BufReader::new(&mut tls);
+        let (reply, read) = loop {
+            let mut answer = String::new();
+            let read = reader.read_line(&mut answer);
+            let reply = match read {
+                Ok(n) if n > 0 => serde_json::from_str::<Reply>(&answer).ok(),
+                _ => None,
+            };
+            match reply {
+                Some(Reply::Progress { done, total }) => progress(done, total),
+                Some(Reply::Item(v)) => item(v).map_err(|e| self.unreachable(e))?,
+                r => break (r, read),
+            }
         };
         match (reply, sent) {
             (Some(Reply::Ok(v)), Ok(())) => Ok(v),
@@ -357,7 +394,7 @@ fn decode<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> StoreResult<T
     serde_json::from_value(v).map_err(|e| StoreError::Peer(format!("unexpected answer: {e}")))
 }
 
-impl Destination for NetDestination {
+impl Destination for NetClient {
     fn describe(&self) -> String {
         self.addr.clone()
     }
