@@ -815,9 +815,7 @@ impl Target {
                     None => r.map_err(anyhow::Error::new),
                 }
             }
-            Target::Daemon(addr) => {
-                let client = ControlClient::connect(addr)
-                    .with_context(|| format!("cannot reach the daemon on {addr}"))?;
+            Target::Daemon(_) | Target::Net(_) => {
                 let req = Request::List {
                     prefix: filter.prefix.clone(),
                     origin: filter.origin.clone(),
@@ -825,24 +823,21 @@ impl Target {
                     usage: filter.usage,
                     stream: true,
                 };
-                let r = client.call_each(&req, None, &mut |_, _| {}, &mut |v| {
+                let mut item = |v: serde_json::Value| {
                     each(serde_json::from_value(v).map_err(std::io::Error::other)?)
-                })?;
-                r.map(drop).map_err(anyhow::Error::new)
-            }
-            Target::Net(c) => {
-                let req = Request::List {
-                    prefix: filter.prefix.clone(),
-                    origin: filter.origin.clone(),
-                    kind: filter.kind,
-                    usage: filter.usage,
-                    stream: true,
                 };
-                c.request(&req, &mut |_, _| {}, &mut |v| {
-                    each(serde_json::from_value(v).map_err(std::io::Error::other)?)
-                })
-                .map(drop)
-                .map_err(anyhow::Error::new)
+                match self {
+                    Target::Daemon(addr) => ControlClient::connect(addr)
+                        .with_context(|| format!("cannot reach the daemon on {addr}"))?
+                        .call_each(&req, None, &mut |_, _| {}, &mut item)?
+                        .map(drop)
+                        .map_err(anyhow::Error::new),
+                    Target::Net(c) => c
+                        .request(&req, &mut |_, _| {}, &mut item)
+                        .map(drop)
+                        .map_err(anyhow::Error::new),
+                    Target::Direct(_) => unreachable!("handled above"),
+                }
             }
         }
     }

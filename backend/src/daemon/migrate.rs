@@ -145,12 +145,13 @@ fn parse_step(snap: &str) -> Option<(String, &str, u8)> {
 }
 
 fn now_stamp() -> String {
-    let secs = std::time::SystemTime::now()
+    let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    // Milliseconds since the epoch: unique per migration of a VDI, and sorts.
-    format!("{secs}")
+    // Milliseconds since the epoch: unique per migration of a VDI; as many digits until 2286,
+    // so the text sorts as the number does.
+    format!("{ms}")
 }
 
 /// Moves VDI `name` to `dest`. `progress` sees the bulk copy's and the delta's bytes; a
@@ -424,29 +425,28 @@ fn resume(
 ) -> StoreResult<Resumed> {
     let parked = parked_name(name);
     let to = dest.describe();
-    let steps: Vec<(String, String, u8)> = store
-        .snapshots_of(&parked)?
-        .into_iter()
-        .filter_map(|s| parse_step(&s).map(|(st, t, n)| (s.clone(), format!("{st}\0{t}"), n)))
-        .collect();
-    let Some((snap1, key, _)) = steps.iter().rev().find(|(_, _, n)| *n == 1).cloned() else {
+    let snaps = store.snapshots_of(&parked)?;
+    // The latest bulk snapshot: its time stamp and destination name the migration.
+    let Some((stamp, was_tag)) = snaps
+        .iter()
+        .filter_map(|s| parse_step(s))
+        .filter(|(_, _, step)| *step == 1)
+        .map(|(stamp, tag, _)| (stamp, tag.to_string()))
+        .max()
+    else {
         return Err(StoreError::Corrupt(format!(
-            "{parked} has no migration snapshot; rename it back by hand is not possible: report \
-             this"
+            "{parked} has no migration snapshot: report this"
         )));
     };
-    let (_, was_tag) = key.split_once('\0').unwrap_or(("", ""));
     if was_tag != tag {
         return Err(StoreError::Busy(format!(
             "{name} is parked here by a migration to {was_tag} that did not end; run the \
              migration to that host again (`--to {was_tag}`) to finish or undo it"
         )));
     }
+    let snap1 = step_snapshot(&stamp, tag, 1);
+    let snap2 = Some(step_snapshot(&stamp, tag, 2)).filter(|s| snaps.contains(s));
     let migration = store.snapshot_identity(&format!("{parked}@{snap1}"))?.guid;
-    let snap2 = steps
-        .iter()
-        .find(|(_, k, n)| *n == 2 && *k == key)
-        .map(|(s, ..)| s.clone());
     let final_snapshot = match &snap2 {
         Some(s) => Some((
             s.clone(),
