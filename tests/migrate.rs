@@ -242,11 +242,119 @@ fn another_host_manages_vdis_through_the_control_listener() {
         2
     );
 
-    // What hands over a file, or needs the store itself, stays on the host; strangers are
+    // What writes a file, or needs the store itself, stays on the host; strangers are
     // refused; nothing changed.
     output_fail(&mut remote("host", &["vdi", "export", "a", "/dev/null"]))
         .assert_one_line(1, "cannot cross a network");
     output_fail(&mut remote("host", &["upgrade"])).assert_one_line(1, "--connect");
     output_fail(&mut remote("stranger", &["vdi", "list"])).assert_one_line(1, "may not use");
+    // A key the daemon does not have: refused at the handshake, saying so.
+    let intruder = dst.file("intruder.psk");
+    std::fs::write(&intruder, format!("intruder:{}\n", "ab".repeat(32))).unwrap();
+    let mut c = parallax();
+    c.args([
+        "--connect",
+        &to,
+        "--connect-username",
+        "intruder",
+        "--connect-psk-file",
+    ])
+    .arg(&intruder)
+    .args(["vdi", "list"]);
+    output_fail(&mut c).assert_one_line(1, "does not accept the key of \"intruder\"");
+    dst.assert_clean();
+}
+
+/// `vdi import FILE` through `--connect`: the image crosses the network after the request
+/// (how an admin seeds templates into a storage domain); pipes need `--size`, what is not a
+/// raw image is refused before anything is made, and an image larger than `--size` leaves
+/// nothing behind.
+#[test]
+fn an_image_crosses_the_network_into_another_hosts_vdi() {
+    let dst = TestStore::new("64M");
+    let (_d, to) = destination(&dst);
+    let keys = dst.file("keys.psk");
+    let remote = || {
+        let mut c = parallax();
+        c.args([
+            "--connect",
+            &to,
+            "--connect-username",
+            "host",
+            "--connect-psk-file",
+        ])
+        .arg(&keys);
+        c
+    };
+    // A file, with a run of zeros in the middle that stays unallocated; its size rounds up
+    // to 512 bytes.
+    let mut img = random_bytes(9, 2 * MIB);
+    img[MIB..MIB + 256 * 1024].fill(0);
+    img.truncate(img.len() - 100);
+    let file = dst.file("template.raw");
+    std::fs::write(&file, &img).unwrap();
+    let out = output_ok(
+        remote()
+            .args(["vdi", "import", "template"])
+            .arg(&file)
+            .arg("--json"),
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["size"], 2 * MIB, "{r}");
+    assert_eq!(r["allocated"], 2 * MIB - 256 * 1024, "{r}");
+    let mut want = img.clone();
+    want.resize(2 * MIB, 0);
+    assert_eq!(dst.export("template"), want);
+
+    // A pipe: with --size, every byte it gives.
+    let piped = random_bytes(10, MIB + 4096);
+    let mut c = remote();
+    c.args(["vdi", "import", "piped", "-", "--size", "2M"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&piped).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = piped.clone();
+    want.resize(2 * MIB, 0);
+    assert_eq!(dst.export("piped"), want);
+
+    // Refusals, each in one line, none leaving a VDI behind.
+    let mut c = remote();
+    c.args(["vdi", "import", "nosize", "-"])
+        .stdin(std::process::Stdio::null());
+    output_fail(&mut c).assert_one_line(1, "needs --size");
+    let mut qcow = b"QFI\xfb".to_vec();
+    qcow.resize(65536, 0);
+    let qcow_file = dst.file("disk.qcow2");
+    std::fs::write(&qcow_file, &qcow).unwrap();
+    output_fail(remote().args(["vdi", "import", "qcow"]).arg(&qcow_file))
+        .assert_one_line(1, "qemu-img convert");
+    output_fail(
+        remote()
+            .args(["vdi", "import", "small", "--size", "1M"])
+            .arg(&file),
+    )
+    .assert_one_line(1, "smaller than the image");
+    output_fail(remote().args(["vdi", "import", "template"]).arg(&file))
+        .assert_one_line(1, "template");
+    let names: Vec<String> = dst
+        .json(&["vdi", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["piped", "template"]);
     dst.assert_clean();
 }

@@ -141,59 +141,81 @@ pub fn import(
             )
         })?,
     };
+    let Some(total) = src_size else {
+        let mut reader = src;
+        return import_stream(store, name, &mut reader, vdi_size, progress);
+    };
     let mut buf = vec![0u8; CHUNK as usize];
     // Look at the first bytes before creating anything.
-    let head_len = if seekable {
-        read_full_at(src, &mut buf[..512], 0)?
-    } else {
-        read_stream(src, &mut buf)?
-    };
-    if let Some(fmt) = foreign_format(&buf[..head_len.min(512)]) {
-        return Err(StoreError::Invalid(format!(
-            "the image is {fmt}, not raw; convert it first: qemu-img convert -O raw IMAGE IMAGE.raw"
-        )));
-    }
+    let head_len = read_full_at(src, &mut buf[..512], 0)?;
+    refuse_foreign(&buf[..head_len])?;
     // Under a staging name until complete: an interrupt or a crash leaves no VDI that looks
     // whole and is not.
     let staged = store.create_staged(name, vdi_size)?;
     {
         let disk = store.open_vdi(staged.staging_name(), true)?;
-        match src_size {
-            Some(total) => {
-                progress(0, total)?;
-                let mut pos = 0u64;
-                while let Some((start, end)) = next_data(src, pos, total) {
-                    let mut at = start;
-                    while at < end {
-                        let n = (end - at).min(CHUNK) as usize;
-                        let got = read_full_at(src, &mut buf[..n], at)?;
-                        if got == 0 {
-                            break;
-                        }
-                        disk.write(&buf[..got], at, false)?;
-                        at += got as u64;
-                        progress(at, total)?;
-                    }
-                    pos = end.max(pos + 1);
+        progress(0, total)?;
+        let mut pos = 0u64;
+        while let Some((start, end)) = next_data(src, pos, total) {
+            let mut at = start;
+            while at < end {
+                let n = (end - at).min(CHUNK) as usize;
+                let got = read_full_at(src, &mut buf[..n], at)?;
+                if got == 0 {
+                    break;
                 }
-                progress(total, total)?;
+                disk.write(&buf[..got], at, false)?;
+                at += got as u64;
+                progress(at, total)?;
             }
-            None => {
-                // The chunk read to sniff the format is the first chunk of data.
-                let mut got = head_len;
-                let mut at = 0u64;
-                while got > 0 {
-                    if at + got as u64 > vdi_size {
-                        return Err(StoreError::Invalid(format!(
-                            "the image is larger than --size {vdi_size}"
-                        )));
-                    }
-                    disk.write(&buf[..got], at, false)?;
-                    at += got as u64;
-                    progress(at, vdi_size)?;
-                    got = read_stream(src, &mut buf)?;
-                }
+            pos = end.max(pos + 1);
+        }
+        progress(total, total)?;
+        // The last word before the name appears: a daemon's client that went away stops it.
+        progress(vdi_size, vdi_size)?;
+    }
+    staged.publish()?;
+    Ok(vdi_size)
+}
+
+fn refuse_foreign(head: &[u8]) -> StoreResult<()> {
+    match foreign_format(&head[..head.len().min(512)]) {
+        Some(fmt) => Err(StoreError::Invalid(format!(
+            "the image is {fmt}, not raw; convert it first: qemu-img convert -O raw IMAGE IMAGE.raw"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Creates VDI `name` of `vdi_size` bytes from a raw image read from `src` to its end (a
+/// pipe, or another host's `vdi import` over the network control listener). All-zero blocks
+/// stay unallocated. On failure nothing is left behind.
+pub fn import_stream(
+    store: &Arc<Store>,
+    name: &str,
+    src: &mut dyn io::Read,
+    vdi_size: u64,
+    progress: Progress,
+) -> StoreResult<u64> {
+    let mut buf = vec![0u8; CHUNK as usize];
+    // Look at the first bytes before creating anything.
+    let mut got = read_stream(src, &mut buf)?;
+    refuse_foreign(&buf[..got])?;
+    let staged = store.create_staged(name, vdi_size)?;
+    {
+        let disk = store.open_vdi(staged.staging_name(), true)?;
+        // The chunk read to sniff the format is the first chunk of data.
+        let mut at = 0u64;
+        while got > 0 {
+            if at + got as u64 > vdi_size {
+                return Err(StoreError::Invalid(format!(
+                    "the image is larger than --size {vdi_size}"
+                )));
             }
+            disk.write(&buf[..got], at, false)?;
+            at += got as u64;
+            progress(at, vdi_size)?;
+            got = read_stream(src, &mut buf)?;
         }
         // The last word before the name appears: a daemon's client that went away stops it.
         progress(vdi_size, vdi_size)?;
@@ -250,8 +272,7 @@ pub fn import_nbd(
 }
 
 /// Reads from a stream until `buf` is full or the stream ends; returns the bytes read.
-fn read_stream(mut f: &File, buf: &mut [u8]) -> io::Result<usize> {
-    use std::io::Read;
+fn read_stream(f: &mut dyn io::Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match f.read(&mut buf[done..]) {

@@ -658,6 +658,33 @@ enum Target {
     Net(NetClient),
 }
 
+/// The size of the VDI an image sent over the network makes: `--size`, or the image's own
+/// (rounded up to 512 bytes) when it is a file; a pipe needs `--size`.
+fn streamed_import_size(f: &File, size: Option<u64>) -> anyhow::Result<u64> {
+    let meta = f.metadata()?;
+    if meta.is_dir() {
+        bail!("the source is a directory, not a raw disk image");
+    }
+    let image = if meta.is_file() {
+        Some(meta.len())
+    } else if meta.file_type().is_block_device() {
+        Some(transfer::file_size(f)?)
+    } else {
+        None
+    };
+    match (image, size) {
+        (Some(n), Some(s)) if s < n => {
+            bail!("--size {s} is smaller than the image ({n} bytes)")
+        }
+        (_, Some(s)) => Ok(s),
+        (Some(0), None) => bail!("the image is empty"),
+        (Some(n), None) => Ok(n.div_ceil(512) * 512),
+        (None, None) => {
+            bail!("importing from a pipe needs --size (the image's size cannot be known up front)")
+        }
+    }
+}
+
 impl Target {
     /// Refuses `what` (a command that hands over a file) before it touches any file, when
     /// the daemon is on another host.
@@ -773,10 +800,28 @@ impl Target {
                     Err(e) => Err(anyhow::Error::new(e)),
                 }
             }
-            Target::Net(_) if file.is_some() => Err(anyhow!(
-                "`{req}` hands over a file, which cannot cross a network: run it on the host \
-                 (VDIs move between hosts with `vdi migrate`)"
-            )),
+            // Only an import gets here with a file: its image follows the request.
+            Target::Net(c) if file.is_some() => {
+                let total = match &req {
+                    Request::Import { size, .. } => size.unwrap_or(0),
+                    _ => bail!("`{req}` cannot cross a network: run it on {}", c.addr()),
+                };
+                let mut body = file.expect("checked");
+                c.request_with_body(
+                    &req,
+                    &mut body,
+                    &mut |sent| {
+                        if let Some(b) = bar {
+                            b.update(sent, total);
+                        }
+                    },
+                    &mut |_, _| {},
+                )
+                .map_err(anyhow::Error::new)
+                .and_then(|v| {
+                    serde_json::from_value(v).context("unexpected answer from the daemon")
+                })
+            }
             Target::Net(c) => c
                 .request(&req, &mut progress, &mut |_| {
                     Err(std::io::Error::other("an item in an answer that has none"))
@@ -1184,9 +1229,6 @@ fn vdi(t: Target, cmd: VdiCommand) -> anyhow::Result<i32> {
             json,
         } => {
             let uri = file.to_str().filter(|s| NbdUri::is_uri(s));
-            if uri.is_none() {
-                t.needs_host(&format!("vdi import {name} {}", file.display()))?;
-            }
             let bar = Bar::new(&format!("importing {name}"), true, false);
             let vsize: u64 = if let Some(uri) = uri {
                 // The daemon connects itself: the key files the URI names must not depend on
@@ -1209,10 +1251,15 @@ fn vdi(t: Target, cmd: VdiCommand) -> anyhow::Result<i32> {
                 } else {
                     File::open(&file).with_context(|| format!("cannot open {}", file.display()))?
                 };
+                // Over the network the image follows the request: its size goes first.
+                let sent_size = match &t {
+                    Target::Net(_) => Some(streamed_import_size(&f, size)?),
+                    _ => size,
+                };
                 t.call(
                     Request::Import {
                         name: name.clone(),
-                        size,
+                        size: sent_size,
                         source: None,
                     },
                     Some(&f),

@@ -55,7 +55,8 @@ pub enum Request {
         name: String,
     },
     /// The raw image comes as a file descriptor, or from the NBD export at `source` (a URI
-    /// the daemon connects to; paths in it absolute).
+    /// the daemon connects to; paths in it absolute), or (over the network control listener)
+    /// as the bytes that follow the request line, `size` of them at most.
     Import {
         name: String,
         size: Option<u64>,
@@ -696,10 +697,31 @@ fn execute(
             name,
             size,
             source: None,
-        } => {
-            let f = need_file(fd)?;
-            to_value(transfer::import(s, name, &f, *size, &mut progress)?)
-        }
+        } => match (fd, input) {
+            (Some(fd), _) => to_value(transfer::import(
+                s,
+                name,
+                &File::from(fd),
+                *size,
+                &mut progress,
+            )?),
+            // From another host: the image follows the request line, `size` bytes at most.
+            (None, Some(input)) => {
+                let size = size.ok_or_else(|| {
+                    StoreError::Invalid("an image sent after the request needs its size".into())
+                })?;
+                to_value(transfer::import_stream(
+                    s,
+                    name,
+                    input,
+                    size,
+                    &mut progress,
+                )?)
+            }
+            (None, None) => Err(StoreError::Invalid(
+                "this request needs a file descriptor".into(),
+            )),
+        },
         Request::Export {
             name,
             stream: as_stream,

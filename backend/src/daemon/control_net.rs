@@ -11,8 +11,9 @@
 //!
 //! TLS is not optional here: the listener refuses to start without credentials, and only the
 //! identities listed in `control.clients` (`psk:NAME`, `cert:NAME`, with `*` and `?`) are
-//! served. Requests that hand over a file descriptor (import, export, send, receive) cannot
-//! cross a network and are refused; everything else is as on the socket.
+//! served. An import's image follows its request line (as a migration's stream does);
+//! requests that hand over a file descriptor to write to or read a stream from (export, send,
+//! receive) cannot cross a network and are refused; everything else is as on the socket.
 
 use std::{
     cell::RefCell,
@@ -227,10 +228,7 @@ fn handle(
     };
     if matches!(
         req,
-        Request::Import { source: None, .. }
-            | Request::Export { .. }
-            | Request::Send { .. }
-            | Request::Recv { .. }
+        Request::Export { .. } | Request::Send { .. } | Request::Recv { .. }
     ) {
         return refuse(
             "unsupported",
@@ -299,6 +297,35 @@ impl NetClient {
         item: &mut dyn FnMut(serde_json::Value) -> io::Result<()>,
     ) -> StoreResult<serde_json::Value> {
         self.exchange(req, None, progress, item)
+    }
+
+    /// Sends `req`, then everything `body` holds (an image to import), and returns the
+    /// answer; `sent` is told how many bytes have gone.
+    pub fn request_with_body(
+        &self,
+        req: &Request,
+        body: &mut dyn Read,
+        sent: &mut dyn FnMut(u64),
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> StoreResult<serde_json::Value> {
+        let mut copy = |w: &mut dyn Write| -> StoreResult<u64> {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                let n = match body.read(&mut buf) {
+                    Ok(0) => return Ok(total),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(StoreError::Io(e)),
+                };
+                w.write_all(&buf[..n]).map_err(|e| self.unreachable(e))?;
+                total += n as u64;
+                sent(total);
+            }
+        };
+        self.exchange(req, Some(&mut copy), progress, &mut |_| {
+            Err(io::Error::other("an item in an answer that has none"))
+        })
     }
 
     /// Sends `req`, then whatever `body` writes, and returns the answer.

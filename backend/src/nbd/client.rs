@@ -539,6 +539,8 @@ pub fn tls_client<S: Read + Write>(link: S, uri: &NbdUri) -> io::Result<SslStrea
         Address::Unix(_) => "localhost".into(),
     };
     let mut verify_host = true;
+    // The identity a PSK handshake presents, to name in an error.
+    let mut psk_identity = None;
     if let Some(path) = &uri.psk_file {
         let text = std::fs::read_to_string(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
@@ -552,6 +554,7 @@ pub fn tls_client<S: Read + Write>(link: S, uri: &NbdUri) -> io::Result<SslStrea
             .get(&user)
             .cloned()
             .ok_or_else(|| io::Error::other(format!("{}: no key for {user:?}", path.display())))?;
+        psk_identity = Some(user.clone());
         b.set_cipher_list("ECDHEPSK:PSK").map_err(err)?;
         b.set_verify(SslVerifyMode::NONE);
         verify_host = false;
@@ -581,8 +584,18 @@ pub fn tls_client<S: Read + Write>(link: S, uri: &NbdUri) -> io::Result<SslStrea
     }
     let ssl = cfg.into_ssl(&host).map_err(err)?;
     let mut s = SslStream::new(ssl, link).map_err(err)?;
-    s.connect()
-        .map_err(|e| io::Error::other(format!("TLS handshake: {e}")))?;
+    s.connect().map_err(|e| {
+        // A server that does not know the identity, or has another key for it, ends the
+        // handshake with an alert; OpenSSL's words for that do not say which.
+        let refused = e.ssl_error().is_some() && e.to_string().contains("alert");
+        match psk_identity {
+            Some(id) if refused => io::Error::other(format!(
+                "TLS handshake refused: the server does not accept the key of {id:?} \
+                 (it knows another key, or not this identity)"
+            )),
+            _ => io::Error::other(format!("TLS handshake: {e}")),
+        }
+    })?;
     Ok(s)
 }
 
