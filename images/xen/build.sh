@@ -11,6 +11,11 @@
 #   domU.cpio        domU initramfs: busybox, xenstore-read/-write, xen-blkfront, ext4; /init is
 #                    domU-init.sh. Not compressed: dom0 appends each guest's script as a second
 #                    archive, and libxenguest would try (and fail) to gunzip a multi-member gzip.
+#   storage.cpio     the storage (driver) domain's initramfs: busybox, xl (for `xl devd`) and the
+#                    xenstore tools with their libraries, xen-configs/block-parallax, the modules a
+#                    user-space vbd backend needs (xen-gntdev, xen-evtchn) and xen-blkfront +
+#                    xen-netfront for its own disk and network; /init is storage-init.sh. dom0
+#                    appends the parallax binary, its configuration and keys as a second archive.
 #
 # The hypervisor is pinned to the version of the host's xen-utils-4.17, so the tools copied into dom0
 # and the hypervisor always match. Nothing is installed on the host: packages are fetched with
@@ -85,9 +90,10 @@ stamp=$( {
   basename "$xen_deb"; basename "$kernel_deb"
   dpkg-query -W -f='${Package} ${Version}\n' xen-utils-4.17 xen-utils-common xenstore-utils \
     busybox-static libc6 libxenmisc4.17 libxenstore4 bash
-  cat "$here/build.sh" "$here/dom0-init.sh" "$here/domU-init.sh"
+  cat "$here/build.sh" "$here/dom0-init.sh" "$here/domU-init.sh" "$here/storage-init.sh" \
+    "$root/xen-configs/block-parallax"
 } | sha256sum | cut -d' ' -f1)
-outputs=(xen vmlinuz dom0.cpio.gz domU-vmlinux domU.cpio)
+outputs=(xen vmlinuz dom0.cpio.gz domU-vmlinux domU.cpio storage.cpio)
 all_there=1
 for f in "${outputs[@]}"; do [ -s "$out/$f" ] || all_there=0; done
 if [ $force = 0 ] && [ $all_there = 1 ] && [ "$(cat "$out/STAMP" 2>/dev/null)" = "$stamp" ]; then
@@ -197,10 +203,10 @@ run_hotplug_scripts=1
 EOF
 ln -s /run "$d0/var/run"
 ln -s /run/lock "$d0/var/lock"
-# Xen devices; the kernel block backend (the rig's stand-in until Parallax serves the ring); 9p for
-# the host shares; virtio_blk + ext4 for the scratch disk (stores and disk images live there:
+# Xen devices; the kernel block backend (the comparison backend, and the storage domain's own
+# disk) and network backend (dom0's link to the storage domain); 9p for the host shares; virtio_blk + ext4 for the scratch disk (stores and disk images live there:
 # unlike tmpfs it has O_DIRECT and costs dom0 no RAM).
-add_modules "$d0" xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback loop \
+add_modules "$d0" xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-blkback xen-netback loop \
   virtio_pci 9pnet_virtio 9p virtio_blk ext4 crc32c_generic
 install -m 0755 "$here/dom0-init.sh" "$d0/init"
 echo "$kver" >"$d0/etc/rig-kernel"
@@ -213,6 +219,21 @@ add_bin "$du0" /usr/bin/xenstore-{read,write,exists}
 add_modules "$du0" xen-blkfront ext4 crc32c_generic
 install -m 0755 "$here/domU-init.sh" "$du0/init"
 pack "$du0" "$work/domU.cpio"
+
+# --- storage domain initramfs --------------------------------------------------------------------
+sd=$work/storage
+new_root "$sd"
+add_bin "$sd" /usr/lib/xen-4.17/bin/xl /usr/bin/xenstore /usr/bin/xenstore-{read,write,ls,list,exists,rm,chmod}
+cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$sd/usr/lib/x86_64-linux-gnu/"
+ln -sf ../lib/xen-4.17/bin/xl "$sd/usr/sbin/xl"
+mkdir -p "$sd"/etc/xen/scripts "$sd"/etc/parallax "$sd"/var/{lib/xen,log/xen} "$sd"/usr/local/bin
+cp -a /etc/xen/scripts/. "$sd/etc/xen/scripts/"
+install -m 0755 "$root/xen-configs/block-parallax" "$sd/etc/xen/scripts/block-parallax"
+printf 'run_hotplug_scripts=1\n' >"$sd/etc/xen/xl.conf"
+ln -s /run "$sd/var/run"
+add_modules "$sd" xen-evtchn xen-gntdev xen-privcmd xenfs xen-blkfront xen-netfront
+install -m 0755 "$here/storage-init.sh" "$sd/init"
+pack "$sd" "$work/storage.cpio"
 
 for f in "${outputs[@]}"; do mv -f "$work/$f" "$out/$f"; done
 {

@@ -65,6 +65,8 @@ if [ $scratch = 1 ]; then
   mount -t ext4 /dev/vda /scratch || fail "mount scratch disk /dev/vda"
 fi
 
+# A syslog for what the toolstack daemons report there (xenstored: stalled connections, quota).
+syslogd -O /var/log/messages 2>/dev/null
 xenstored --pid-file=/run/xen/xenstored.pid || fail "xenstored"
 i=0
 until xenstore-read -s / >/dev/null 2>&1; do

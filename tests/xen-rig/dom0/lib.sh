@@ -5,6 +5,11 @@
 #   parallax  the product (default): `parallax serve` with Xen enabled in dom0 (gntdev/evtchn),
 #             a fresh store on the scratch disk per scenario, xen-configs/block-parallax as the
 #             hotplug script; VDIs, snapshots and forks are Parallax's own (rig_px_* below).
+#   storage   the product in a storage (driver) domain: `parallax serve` runs in its own PV
+#             domain ("storage", driver_domain = 1, images/xen/storage-init.sh) with its store
+#             on a disk dom0 gives it (blkback on a file of the scratch disk) and `xl devd`
+#             running block-parallax there; guests name it (backend=storage). dom0 manages
+#             VDIs with `parallax --connect` over a point-to-point vif and TLS-PSK (rig_sd_*).
 #   blkback   a COMPARISON: the kernel's xen-blkback serves raw image files on loop devices
 #             (hotplug script dom0/block-rig); snapshots and forks are file copies. It checks
 #             the rig (Xen, grant tables, event channels, xenstore, xl, blkfront) and the
@@ -47,10 +52,24 @@ rig_backend_start() {
   case "$RIG_BACKEND" in
     blkback) _bb_start ;;
     parallax) rig_px_start ;;
+    storage) rig_sd_start ;;
     *) fail "unknown RIG_BACKEND $RIG_BACKEND" ;;
   esac
 }
-rig_backend_stop() { [ "$RIG_BACKEND" != parallax ] || rig_px_stop; }
+rig_backend_stop() {
+  case "$RIG_BACKEND" in
+    parallax) rig_px_stop ;;
+    storage) rig_sd_stop ;;
+  esac
+}
+# rig_serve_log: the file that has the daemon's log (dom0's serve.log, or the storage domain's
+# console).
+rig_serve_log() {
+  case "$RIG_BACKEND" in
+    storage) echo "/var/log/xen/console/guest-$RIG_SD_NAME.log" ;;
+    *) echo "$RIG_RESULTS/serve.log" ;;
+  esac
+}
 # rig_vdi_new NAME FILE: a VDI whose content is FILE (a raw image).
 rig_vdi_new() { "_${RIG_BACKEND}_vdi_new" "$@"; }
 rig_vdi_snapshot() { "_${RIG_BACKEND}_vdi_snapshot" "$@"; }
@@ -145,6 +164,148 @@ _parallax_vdi_export() { must rig_px vdi export --force "$1" "$2"; }
 _parallax_snapshot_live() { _parallax_vdi_snapshot "$@"; }
 _parallax_disk() {
   echo "format=raw, vdev=$2, access=${3:-rw}, script=block-parallax, target=$1"
+}
+
+# --- storage domain ---------------------------------------------------------------------------
+# The daemon in a PV driver domain. dom0 keeps the domain's store as a file on the scratch disk
+# (its xvda, through xen-blkback and a loop device: under QEMU there is no PCI device to pass
+# through) and reaches the daemon's control listener over a vif: 10.99.0.1 (dom0) <-> 10.99.0.2.
+RIG_SD_NAME=storage
+RIG_SD_IP=10.99.0.2
+RIG_SD_STORE=$RIG_STORE/sd-store
+RIG_SD_KEYS=$RIG_TMP/sd-keys.psk
+RIG_SD_MEM=${RIG_SD_MEM:-192}
+rig_px_local() { LD_LIBRARY_PATH=/host/bin/lib "$RIG_PX_BIN" "$@"; }
+# rig_sd_px ARGS...: the CLI in dom0, run against the daemon in the storage domain.
+rig_sd_px() {
+  rig_px_local --connect "$RIG_SD_IP" --connect-psk-file "$RIG_SD_KEYS" --connect-username dom0 "$@"
+}
+rig_sd_domid() { xl domid "$RIG_SD_NAME" 2>/dev/null; }
+# rig_sd_start [keep]: a fresh store (unless "keep": the one there is) and the storage domain
+# booted on it, serving; fails the scenario otherwise.
+rig_sd_start() {
+  [ -x "$RIG_PX_BIN" ] || fail "no $RIG_PX_BIN (run.sh copies target/release/parallax there)"
+  must modprobe -a xen-blkback xen-netback loop
+  cp /host/rig/block-rig /host/rig/vif-rig /etc/xen/scripts/ &&
+    chmod 0755 /etc/xen/scripts/block-rig /etc/xen/scripts/vif-rig
+  if [ "${1:-}" != keep ]; then
+    rm -f "$RIG_SD_STORE"
+    must rig_px_local --store "$RIG_SD_STORE" init --size 2G
+  fi
+  # The key both ends share (psktool's format: identity:hexkey).
+  [ -s "$RIG_SD_KEYS" ] ||
+    echo "dom0:$(head -c 32 /dev/urandom | hexdump -ve '1/1 "%02x"')" >"$RIG_SD_KEYS"
+  _d=$RIG_TMP/sd
+  rm -rf "$_d"
+  mkdir -p "$_d/root/usr/local/bin" "$_d/root/usr/local/lib/parallax" "$_d/root/etc/parallax" ||
+    fail "mkdir $_d"
+  cp "$RIG_PX_BIN.sd" "$_d/root/usr/local/bin/parallax" || fail "copy parallax"
+  cp /host/bin/lib/* "$_d/root/usr/local/lib/parallax/" 2>/dev/null
+  cp "$RIG_SD_KEYS" "$_d/root/etc/parallax/keys.psk"
+  # What xen-configs/README.md sets up in a storage domain: NBD and the control listener for
+  # dom0 over TLS, the xen backend watching this domain's backend/vbd.
+  cat >"$_d/root/etc/parallax/parallax.ron" <<RON
+(
+    store: "/dev/xvda",
+    nbd: (enabled: true, listen: ["$RIG_SD_IP:10809"], unix: None, tls: (psk: "/etc/parallax/keys.psk")),
+    xen: (enabled: true),
+    control: (listen: "$RIG_SD_IP:10810", clients: ["psk:dom0"]),
+    // A small domain: bounded caches.
+    cache: (map_nodes: 4096, refcount_pages: 1024),
+)
+RON
+  (cd "$_d/root" && find . -mindepth 1 | cpio -o -H newc 2>/dev/null) >"$_d/extra.cpio" ||
+    fail "storage domain: cpio"
+  cat /scratch/boot/storage.cpio "$_d/extra.cpio" >"$_d/initrd" || fail "storage domain: initrd"
+  cat >"$_d/$RIG_SD_NAME.cfg" <<CFG
+name = "$RIG_SD_NAME"
+type = "pv"
+driver_domain = 1
+kernel = "$RIG_GUEST_KERNEL"
+ramdisk = "$_d/initrd"
+memory = $RIG_SD_MEM
+vcpus = 2
+on_poweroff = "destroy"
+on_crash = "destroy"
+disk = [ 'format=raw, vdev=xvda, access=rw, script=block-rig, target=$RIG_SD_STORE' ]
+vif = [ 'script=vif-rig' ]
+extra = "console=hvc0 loglevel=4 rig.ip=$RIG_SD_IP/24"
+CFG
+  _t0=$(uptime_cs)
+  rm -f "/var/log/xen/console/guest-$RIG_SD_NAME.log"
+  xl create "$_d/$RIG_SD_NAME.cfg" >"$RIG_RESULTS/xl-create-$RIG_SD_NAME.log" 2>&1 ||
+    { cat "$RIG_RESULTS/xl-create-$RIG_SD_NAME.log"; fail "xl create $RIG_SD_NAME failed"; }
+  _sd=$(rig_sd_domid) || fail "no domain id for $RIG_SD_NAME"
+  # Its console into the scenario's log as it comes, prefixed (ends with the scenario).
+  { tail -F "/var/log/xen/console/guest-$RIG_SD_NAME.log" 2>/dev/null |
+      while IFS= read -r _l; do echo "[$RIG_SD_NAME] $_l"; done; } &
+  [ -z "${RIG_DEBUG:-}" ] || { while sleep 10; do echo "--- debug $(now)"; xl list; ps | grep -v '\[' | tail -n 15; done & }
+  _end=$(( $(now) + 120 ))
+  until [ "$(xenstore-read "/local/domain/$_sd/data/rig/ready" 2>/dev/null)" = 1 ]; do
+    xenstore-exists "/local/domain/$_sd" ||
+      { _rig_sd_log; cat "$RIG_RESULTS/$RIG_SD_NAME.log"; fail "the storage domain died while starting"; }
+    [ "$(now)" -lt $_end ] ||
+      { _rig_sd_log; cat "$RIG_RESULTS/$RIG_SD_NAME.log"; fail "the storage domain did not serve within 120s"; }
+    sleep 0.2
+  done
+  say "storage domain is domain $_sd, serving (up in $(( ($(uptime_cs) - _t0) / 100 )).$(( ($(uptime_cs) - _t0) % 100 / 10 ))s)"
+}
+# _rig_sd_log: the storage domain's console so far, as $RIG_RESULTS/storage.log.
+_rig_sd_log() {
+  tr -d '\r' <"/var/log/xen/console/guest-$RIG_SD_NAME.log" >"$RIG_RESULTS/$RIG_SD_NAME.log" 2>/dev/null
+}
+# rig_sd_wait_gone [SECONDS]: until the storage domain no longer exists (1 if it still does).
+rig_sd_wait_gone() {
+  _end=$(( $(now) + ${1:-60} ))
+  while rig_sd_domid >/dev/null; do
+    [ "$(now)" -lt $_end ] || return 1
+    sleep 0.2
+  done
+}
+# rig_sd_stop: a clean shutdown, as an admin's `xl shutdown`: the daemon must stop saying it
+# closed the store cleanly, and the store (back in dom0) must check clean.
+rig_sd_stop() {
+  _sd=$(rig_sd_domid) || { _rig_sd_log; fail "the storage domain is gone before it was stopped"; }
+  rig_xs_dump "/local/domain/$_sd/control" sd-control.txt
+  if [ -n "${RIG_DEBUG:-}" ]; then
+    # Blocked tasks in the storage domain, on its console (if its xenstore watches still work).
+    xl sysrq "$RIG_SD_NAME" w
+    sleep 5
+    tail -n 40 /var/log/messages
+  fi
+  xl shutdown "$RIG_SD_NAME" || { _rig_sd_log; fail "xl shutdown $RIG_SD_NAME failed"; }
+  rig_sd_wait_gone 60 ||
+    { xl destroy "$RIG_SD_NAME"; _rig_sd_log; fail "the storage domain did not shut down within 60s"; }
+  _rig_sd_log
+  grep -q 'store closed cleanly' "$RIG_RESULTS/$RIG_SD_NAME.log" ||
+    { tail -n 20 "$RIG_RESULTS/$RIG_SD_NAME.log"; fail "parallax serve in the storage domain did not close the store cleanly"; }
+  grep -q 'RIG-SD-DONE rc=0' "$RIG_RESULTS/$RIG_SD_NAME.log" ||
+    { tail -n 20 "$RIG_RESULTS/$RIG_SD_NAME.log"; fail "the storage domain's daemon did not exit 0"; }
+  rig_sd_released
+  must rig_px_local --store "$RIG_SD_STORE" check
+  say "storage domain shut down cleanly; its store checks clean"
+}
+# rig_sd_released: waits until blkback has let go of the store file (its loop device detached).
+rig_sd_released() {
+  _n=100
+  while losetup -a 2>/dev/null | grep -q "$RIG_SD_STORE" && [ $_n -gt 0 ]; do _n=$((_n - 1)); sleep 0.1; done
+}
+_storage_vdi_new() { must rig_sd_px vdi import "$1" "$2"; }
+_storage_vdi_snapshot() { must rig_sd_px vdi snapshot "$1" "$2"; }
+_storage_vdi_fork() { must rig_sd_px vdi fork "$1" "$2"; }
+# An export cannot cross a network: dom0 reads the VDI over NBD (TLS) into a scratch store of
+# its own and exports it from there.
+_storage_vdi_export() {
+  _pull=$RIG_TMP/pull-store
+  rm -f "$_pull"
+  must rig_px_local --store "$_pull" init --size 2G
+  must rig_px_local --store "$_pull" vdi import pulled "nbds://dom0@$RIG_SD_IP/$1?tls-psk-file=$RIG_SD_KEYS"
+  must rig_px_local --store "$_pull" vdi export --force pulled "$2"
+  rm -f "$_pull"
+}
+_storage_snapshot_live() { _storage_vdi_snapshot "$@"; }
+_storage_disk() {
+  echo "backend=$RIG_SD_NAME, format=raw, vdev=$2, access=${3:-rw}, script=block-parallax, target=$1"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -289,13 +450,15 @@ rig_note() {
 # rig_cleanup: destroys every guest and keeps the console logs of those that did not finish
 # normally (main.sh runs it after each scenario).
 rig_cleanup() {
-  for _d in $(xl list 2>/dev/null | awk 'NR > 1 && $2 != 0 {print $2}'); do
+  # Guests, not the storage domain (rig_backend_stop shuts that down after them).
+  for _d in $(xl list 2>/dev/null | awk -v sd="$RIG_SD_NAME" 'NR > 1 && $2 != 0 && $1 != sd {print $2}'); do
     say "cleanup: destroying leftover domain $_d"
     xl destroy "$_d" 2>&1 || true
   done
   for _f in /var/log/xen/console/guest-*.log; do
     [ -f "$_f" ] || continue
     _g=${_f##*/guest-}; _g=${_g%.log}
+    [ "$_g" != "$RIG_SD_NAME" ] || continue
     _rig_guest_log "$_g"
   done
 }

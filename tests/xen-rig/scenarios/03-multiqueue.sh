@@ -45,8 +45,8 @@ done
 # Persistent grants: offered by Parallax, asked for by blkfront, and kept mapped by the engine.
 [ "$(xs "$be/feature-persistent")" = 1 ] || fail "backend did not offer feature-persistent"
 [ "$(xs "$fe/feature-persistent")" = 1 ] || fail "frontend did not ask for persistent grants"
-if [ "$RIG_BACKEND" = parallax ]; then
-  grep -q 'blkif device connected.*persistent=true' "$RIG_RESULTS/serve.log" ||
+if [ "$RIG_BACKEND" != blkback ]; then
+  grep -q 'blkif device connected.*persistent=true' "$(rig_serve_log)" ||
     fail "the engine does not keep the grants mapped"
 fi
 rig_guest_set mq go 1

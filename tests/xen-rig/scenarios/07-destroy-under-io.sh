@@ -21,7 +21,8 @@ rig_guest_start dx
 rig_guest_wait_key dx phase writing 120
 sleep 2
 id=$(rig_domid dx)
-be=/local/domain/0/backend/vbd/$id/51712
+be=$(rig_be_path dx 51712)
+[ -n "$be" ] || fail "no backend path for dx's xvda"
 must xl destroy dx
 rm -f "$RIG_TMP/guest-dx/domid"
 _rig_guest_log dx >/dev/null
