@@ -2,8 +2,9 @@
 //! on a tokio current-thread runtime owned by the xenbus thread.
 //!
 //! ```text
-//!   xenbus thread ── block_on(read/write/...) ──► XsTokio task ──► xenstored socket
-//!        ▲                                          │ (or /dev/xen/xenbus)
+//!   xenbus thread ── block_on(read/write/...) ──► XsTokio task (requests) ──► xenstored socket
+//!        │                                                                 (or /dev/xen/xenbus)
+//!        ├── watch/unwatch ─────────────────────► XsTokio task (watches only) ──►   〃
 //!        └── next_event: block_on(rx.recv()) ◄── one forwarding task per watch
 //! ```
 //!
@@ -14,6 +15,14 @@
 //! Connection: `$XENSTORED_PATH`, else `/run/xenstored/socket`, else `/dev/xen/xenbus`
 //! (`XsTokio::new`). `xenstore-rs` 0.8 has no transactions, so guarded writes
 //! ([`XenStore::write_if_exists`]) go over a second, blocking connection ([`XsConn`]).
+//!
+//! Watches have a connection of their own, on which no other request is ever in flight.
+//! Through `/dev/xen/xenbus` (a storage domain) Linux handles `XS_WATCH` and `XS_UNWATCH`
+//! synchronously inside `write()`, holding the open file's message lock until xenstored
+//! answers; the kernel's one xenstore reader thread, meanwhile, needs that same lock to hand
+//! the file the reply to any request sent on it before. With both on one file, an unwatch
+//! sent while a read's reply was on its way stopped the whole domain's xenstore traffic for
+//! good: no more watch events, and no `xl shutdown` (tests/xen-rig/README.md).
 
 use std::{collections::HashMap, io, pin::Pin, sync::Arc, time::Duration};
 
@@ -36,6 +45,8 @@ enum Msg {
 pub struct XsRsStore {
     rt: Runtime,
     xs: XsTokio,
+    /// Only watches and unwatches go over this one (see the module docs).
+    watcher: XsTokio,
     tx: mpsc::UnboundedSender<Msg>,
     rx: Mutex<mpsc::UnboundedReceiver<Msg>>,
     watches: Mutex<HashMap<(String, String), JoinHandle<()>>>,
@@ -62,11 +73,13 @@ impl XsRsStore {
             .enable_all()
             .build()?;
         let xs = rt.block_on(XsTokio::new())?;
+        let watcher = rt.block_on(XsTokio::new())?;
         let side = XsConn::connect_default()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let store = XsRsStore {
             rt,
             xs,
+            watcher,
             tx,
             rx: Mutex::new(rx),
             watches: Mutex::new(HashMap::new()),
@@ -124,7 +137,10 @@ impl XenStore for XsRsStore {
     }
 
     fn watch(&self, path: &str, token: &str) -> Result<(), XsError> {
-        let stream = self.rt.block_on(self.xs.watch(path)).map_err(map_err)?;
+        let stream = self
+            .rt
+            .block_on(self.watcher.watch(path))
+            .map_err(map_err)?;
         let mut stream = Box::pin(stream);
         let tx = self.tx.clone();
         let token_owned = token.to_string();
