@@ -97,7 +97,7 @@ vm-test: ## Real guests (QEMU, TCG) booting from Parallax forks over NBD
 	scripts/deps.sh vm
 	tests/vm/run.sh
 
-xen-test: ## Xen 4.17 under QEMU (TCG): PV guests' disks served by parallax serve in dom0 (~4 min)
+xen-test: ## Xen 4.17 under QEMU (TCG): PV guests' disks served by parallax serve in dom0 and in a storage domain (~25 min)
 	$(CARGO) build --release -p parallax
 	scripts/deps.sh xen
 	tests/xen-rig/run.sh

@@ -25,8 +25,12 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 echo "RIG-SD-UP uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 ip=10.99.0.2/24
+debug=0
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in rig.ip=*) ip=${arg#rig.ip=} ;; esac
+  case "$arg" in
+    rig.ip=*) ip=${arg#rig.ip=} ;;
+    rig.debug=1) debug=1 ;;
+  esac
 done
 
 done_rc() {
@@ -52,15 +56,38 @@ xl devd -p /run/xldevd.pid || fail "xl devd"
 [ -x /usr/local/bin/parallax ] || fail "no parallax binary (dom0 appends it)"
 stopping=0
 trap 'stopping=1' USR1 USR2 TERM INT
-parallax serve --config /etc/parallax/parallax.ron >/tmp/serve.log 2>&1 &
+# Its log to the console and to /tmp/serve.log (to see when it serves), every line of it: tee
+# ends when the daemon does, and is waited for before power-off.
+mkfifo /tmp/serve.fifo
+tee /tmp/serve.log </tmp/serve.fifo &
+teepid=$!
+parallax serve --config /etc/parallax/parallax.ron >/tmp/serve.fifo 2>&1 &
 pid=$!
-tail -f /tmp/serve.log &
 i=0
 until grep -q 'xen: serving vbds' /tmp/serve.log; do
   kill -0 $pid 2>/dev/null || fail "parallax serve died"
   i=$((i + 1)); [ $i -gt 600 ] && fail "parallax serve did not come up in 60s"
   sleep 0.1
 done
+# rig.debug=1: every 20 s, the kernel stacks of the xenstore threads, the daemon's and xl
+# devd's threads, on the console (no xenstore needed to see them).
+if [ $debug = 1 ]; then
+  (
+    while sleep 20; do
+      echo "rig-sd-debug: uptime $(cut -d' ' -f1 /proc/uptime)"
+      for t in /proc/[0-9]*; do
+        read -r comm <"$t/comm" 2>/dev/null || continue
+        case "$comm" in
+          xenwatch|xenbus|parallax*|xl|tokio*|xenbus_*)
+            for k in "$t"/task/*; do
+              echo "rig-sd-debug: ${t#/proc/}/${k##*/} $(cat "$k/comm" 2>/dev/null) [$(cut -d' ' -f3 "$k/stat" 2>/dev/null)]"
+              sed 's/^/rig-sd-debug:    /' "$k/stack" 2>/dev/null | head -n 12
+            done ;;
+        esac
+      done
+    done
+  ) &
+fi
 xenstore-write data/rig/ready 1
 echo "RIG-SD-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
 
@@ -77,5 +104,5 @@ else
   rc=$?
   echo "rig-sd: parallax serve exited by itself"
 fi
-sleep 0.3
+wait $teepid
 done_rc $rc

@@ -229,7 +229,7 @@ on_poweroff = "destroy"
 on_crash = "destroy"
 disk = [ 'format=raw, vdev=xvda, access=rw, script=block-rig, target=$RIG_SD_STORE' ]
 vif = [ 'script=vif-rig' ]
-extra = "console=hvc0 loglevel=4 rig.ip=$RIG_SD_IP/24"
+extra = "console=hvc0 loglevel=4 rig.ip=$RIG_SD_IP/24${RIG_DEBUG:+ rig.debug=1}"
 CFG
   _t0=$(uptime_cs)
   rm -f "/var/log/xen/console/guest-$RIG_SD_NAME.log"
