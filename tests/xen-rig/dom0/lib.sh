@@ -195,7 +195,8 @@ rig_sd_start() {
   # The key both ends share (psktool's format: identity:hexkey).
   [ -s "$RIG_SD_KEYS" ] ||
     echo "dom0:$(head -c 32 /dev/urandom | hexdump -ve '1/1 "%02x"')" >"$RIG_SD_KEYS"
-  _d=$RIG_TMP/sd
+  # Its boot files on the scratch disk: dom0's /tmp is RAM.
+  _d=$RIG_STORE/sd-boot
   rm -rf "$_d"
   mkdir -p "$_d/root/usr/local/bin" "$_d/root/usr/local/lib/parallax" "$_d/root/etc/parallax" ||
     fail "mkdir $_d"
@@ -296,7 +297,7 @@ _storage_vdi_fork() { must rig_sd_px vdi fork "$1" "$2"; }
 # An export cannot cross a network: dom0 reads the VDI over NBD (TLS) into a scratch store of
 # its own and exports it from there.
 _storage_vdi_export() {
-  _pull=$RIG_TMP/pull-store
+  _pull=$RIG_STORE/pull-store
   rm -f "$_pull"
   must rig_px_local --store "$_pull" init --size 2G
   must rig_px_local --store "$_pull" vdi import pulled "nbds://dom0@$RIG_SD_IP/$1?tls-psk-file=$RIG_SD_KEYS"

@@ -22,6 +22,8 @@ for name in $(cat /host/scenarios.list); do
   esac
   dir=/host/results/$name
   mkdir -p "$dir"
+  # Each scenario's scratch files start afresh: /tmp is dom0's RAM.
+  rm -rf /tmp/rig
   : >"$dir/log"
   echo "RIG-SCENARIO-BEGIN $name"
   t0=$(uptime_cs)
