@@ -1092,13 +1092,7 @@ fn scheduled_snapshots_are_taken_pruned_and_survive_a_restart() {
     assert_eq!(s.read(0, 4096).unwrap(), vec![0x11; 4096]);
     drop(s);
     drop(c);
-    let names: Vec<String> = store
-        .json(&["vdi", "list", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect();
+    let names = store.names();
     assert!(
         names.contains(&"vm@gold".to_string()),
         "hand-made snapshots stay"

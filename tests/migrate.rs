@@ -348,13 +348,7 @@ fn an_image_crosses_the_network_into_another_hosts_vdi() {
     .assert_one_line(1, "smaller than the image");
     output_fail(remote().args(["vdi", "import", "template"]).arg(&file))
         .assert_one_line(1, "template");
-    let names: Vec<String> = dst
-        .json(&["vdi", "list", "--json"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect();
+    let names = dst.names();
     assert_eq!(names, ["piped", "template"]);
     dst.assert_clean();
 }

@@ -187,6 +187,16 @@ impl TestStore {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: bad JSON ({e}): {out}"))
     }
 
+    /// The names `vdi list` shows (VDIs and snapshots), in its order.
+    pub fn names(&self) -> Vec<String> {
+        self.json(&["vdi", "list", "--json"])
+            .as_array()
+            .expect("vdi list --json gives an array")
+            .iter()
+            .map(|v| v["name"].as_str().expect("a name").to_string())
+            .collect()
+    }
+
     /// Runs a command that must fail.
     pub fn fail(&self, args: &[&str]) -> Failure {
         output_fail(&mut self.cmd(args))
