@@ -63,8 +63,10 @@ impl Store {
     }
 
     /// Points blocks from `lba` at `new` (reserved blocks, holes or zeros), claims the blocks
-    /// and drops the references of what the entries pointed at; logs each run applied. In a
-    /// remote-backed VDI, where a hole means "the remote's bytes", holes are recorded as zeros.
+    /// (entering them in the dedup index) and drops the references of what the entries
+    /// pointed at; logs each run applied. With `shared`, the blocks are ones already in use
+    /// (found by dedup), and each gets one more reference instead. In a remote-backed VDI,
+    /// where a hole means "the remote's bytes", holes are recorded as zeros.
     pub(super) fn set_map(
         &self,
         vdi: &Arc<Vdi>,
@@ -72,6 +74,7 @@ impl Store {
         tx: &mut Tx,
         lba: u64,
         new: &[Ptr],
+        shared: bool,
     ) -> StoreResult<()> {
         let as_zeros: Vec<Ptr>;
         let new = if st.rec.backing.is_some() && new.iter().any(Ptr::is_hole) {
@@ -107,13 +110,22 @@ impl Store {
                 }
             };
             for p in new[done..done + n].iter().filter(|p| p.is_block()) {
-                tx.space.rc.claim(tx.dev, p.addr())?;
+                if shared {
+                    if tx.space.rc.get(tx.dev, p.addr())? == 0 {
+                        return Err(bad(format!("sharing free block {}", p.addr())));
+                    }
+                    tx.space.rc.incr(tx.dev, p.addr())?;
+                } else {
+                    tx.space.rc.claim(tx.dev, p.addr())?;
+                    tx.space.dedup.claimed(p.hash, p.addr());
+                }
             }
             for (k, chunk) in new[done..done + n].chunks(MAX_WRITE_PTRS).enumerate() {
                 self.log.append(&Entry::Write {
                     vdi: vdi.id,
                     lba: lba + (done + k * MAX_WRITE_PTRS) as u64,
                     ptrs: chunk.to_vec(),
+                    shared,
                 });
             }
             done += n;

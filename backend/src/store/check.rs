@@ -16,10 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     btree::BTree,
+    dedup::read_index,
     error::{StoreError, StoreResult},
     format::{
-        decode_rc_page, hash24, rc_page_index, Geometry, GroupHeader, Ptr, PtrKind, BLOCK_SIZE,
-        BLOCK_SIZE_U64, RC_PER_PAGE,
+        decode_rc_page, hash24, rc_page_index, DedupRoot, Geometry, GroupHeader, Ptr, PtrKind,
+        BLOCK_SIZE, BLOCK_SIZE_U64, RC_PER_PAGE,
     },
     nodes::read_node,
     registry::{decode_id, Kind, Record},
@@ -49,6 +50,12 @@ pub struct CheckReport {
     /// Blocks referenced more often than their refcount says (or referenced but free).
     pub undercounted_blocks: u64,
     pub orphan_nodes: u64,
+    /// Entries in the dedup index (format 7), each checked to name a block in use (and,
+    /// with data verification, holding the data of its hash).
+    #[serde(default)]
+    pub dedup_index_entries: u64,
+    #[serde(default)]
+    pub dedup_index_nodes: u64,
     pub errors_total: u64,
     pub errors: Vec<String>,
 }
@@ -94,10 +101,14 @@ impl Checker<'_> {
             return false;
         };
         let slot = &mut self.found[o as usize];
-        if *slot < 255 {
-            *slot += 1;
-        } else {
-            *self.overflow.entry(o).or_insert(255) += 1;
+        match *slot {
+            0..=253 => *slot += 1,
+            // From 255 on, the count is in `overflow`.
+            254 => {
+                *slot = 255;
+                self.overflow.insert(o, 255);
+            }
+            _ => *self.overflow.entry(o).or_insert(255) += 1,
         }
         true
     }
@@ -174,6 +185,52 @@ impl Checker<'_> {
     }
 }
 
+impl Checker<'_> {
+    /// The dedup index: its nodes are counted as references; each entry must name a data
+    /// block that a map references (so never a free one), holding the data of its hash.
+    /// Call after every tree was walked.
+    fn check_dedup_index(&mut self, root: DedupRoot) {
+        let (blocks, entries) = match read_index(self.dev, root) {
+            Ok(x) => x,
+            Err(e) => {
+                self.error(format!("dedup index: {e}"));
+                return;
+            }
+        };
+        self.report.dedup_index_nodes = blocks.len() as u64;
+        self.report.dedup_index_entries = entries.len() as u64;
+        for b in blocks {
+            self.reference(b, "dedup index");
+        }
+        if entries.len() as u64 != root.entries {
+            self.error(format!(
+                "dedup index: {} entries, the commit record says {}",
+                entries.len(),
+                root.entries
+            ));
+        }
+        let mut b = [0u8; BLOCK_SIZE];
+        for (h, addr) in entries {
+            let referenced = self.ordinal(addr).is_some_and(|o| self.count(o) > 0);
+            if !referenced {
+                self.error(format!(
+                    "dedup index: names block {addr}, which no map references"
+                ));
+                continue;
+            }
+            if self.verify_data {
+                match self.dev.read_at(&mut b, addr * BLOCK_SIZE_U64) {
+                    Ok(()) if hash24(&b) == h => {}
+                    Ok(()) => self.error(format!(
+                        "dedup index: block {addr} does not hold the data of its entry's hash"
+                    )),
+                    Err(e) => self.error(format!("dedup index: reading block {addr}: {e}")),
+                }
+            }
+        }
+    }
+}
+
 impl Store {
     /// Checks the last durable commit. `verify_data` also reads every data block.
     pub fn check(
@@ -210,6 +267,8 @@ impl Store {
                 leaked_blocks: 0,
                 undercounted_blocks: 0,
                 orphan_nodes: last.orphan_count,
+                dedup_index_entries: 0,
+                dedup_index_nodes: 0,
                 errors_total: 0,
                 errors: Vec::new(),
             },
@@ -358,6 +417,8 @@ impl Store {
                 ck.walk(root, height, &label);
             }
         }
+
+        ck.check_dedup_index(last.dedup);
 
         // Stored refcounts against what was found.
         let mut allocated = 0u64;

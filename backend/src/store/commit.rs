@@ -135,6 +135,7 @@ impl Store {
             return Ok(false);
         }
         self.prefetch_registry()?;
+        self.prefetch_dedup()?;
         let cut = match self.cut() {
             Ok(c) => c,
             Err(e) => {
@@ -189,6 +190,16 @@ impl Store {
         Ok(())
     }
 
+    /// Reads the dedup index nodes the next cut will change, so that the cut does no I/O (a
+    /// hash entered after this is read at the cut).
+    fn prefetch_dedup(&self) -> StoreResult<()> {
+        let keys = self.space.lock().dedup.keys();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.dedup.lock().prefetch(&*self.dev, &keys)
+    }
+
     /// Closes the open generation: what changed in it becomes the checkpoint's to write.
     fn cut(&self) -> StoreResult<Cut> {
         let _gate = self.gate.write();
@@ -209,6 +220,13 @@ impl Store {
                 records.iter().map(|(_, r, d)| (r.clone(), *d)).collect();
             let mut ctx = Catalog::ctx(&*self.dev, &mut space);
             cat.apply(&mut ctx, names, &plain)?;
+        }
+        {
+            let ops = space.dedup.take();
+            if !ops.is_empty() {
+                let mut ctx = Catalog::ctx(&*self.dev, &mut space);
+                self.dedup.lock().apply(&mut ctx, ops)?;
+            }
         }
         let orphans = if space.orphans.changed {
             space.orphans.changed = false;
@@ -301,6 +319,12 @@ impl Store {
             }
             None => (last.orphan_head, last.orphan_count),
         };
+        let dedup = {
+            let mut index = self.dedup.lock();
+            let blocks = index.finalize();
+            writes.extend(blocks.into_iter().map(|(a, b)| (a, Buf::Owned(b))));
+            index.root()
+        };
         let rc_images = self.space.lock().rc.take_images();
         writes.extend(
             rc_images
@@ -321,6 +345,7 @@ impl Store {
             group_selectors: rc_images.group_selectors.clone(),
             log: cut.log,
             version: commit_layout(self.format_version()),
+            dedup,
         };
         let blocks = writes.len();
         write_sorted(&*self.dev, writes)?;

@@ -13,9 +13,11 @@ pub const BLOCK_SIZE: usize = 4096;
 pub const BLOCK_SIZE_U64: u64 = BLOCK_SIZE as u64;
 /// The format this code writes. Older stores (version 1: no intent log; version 2: no
 /// rollback entries or staging names; version 3: no snapshot schedules; version 4: no
-/// remote-backed VDIs; version 5: no migration names) are read and written in their own
-/// format until `parallax upgrade` moves them to this one.
-pub const FORMAT_VERSION: u64 = 6;
+/// remote-backed VDIs; version 5: no migration names; version 6: no dedup index) are read and
+/// written in their own format until `parallax upgrade` moves them to this one.
+pub const FORMAT_VERSION: u64 = 7;
+/// The first format with a dedup index (FORMAT.md §11).
+pub const DEDUP_VERSION: u64 = 7;
 /// The oldest format this code opens.
 pub const OLDEST_VERSION: u64 = 1;
 
@@ -123,12 +125,18 @@ pub mod commit_at {
     pub const LOG_SEQ: usize = 120;
     pub const LOG_LSN: usize = 128;
     pub const LOG_CHAIN: usize = 136;
+    /// Version 7: the dedup index (FORMAT.md §11): its B+tree root and height, its settings
+    /// and its entry count. Zero in older versions, which reads as an empty index.
+    pub const DEDUP_ROOT: usize = 144;
+    pub const DEDUP_HEIGHT: usize = 176;
+    pub const DEDUP_FLAGS: usize = 177;
+    pub const DEDUP_ENTRIES: usize = 184;
     /// Group selectors: at 128 in version 1, at 192 in version 2 (room for the log fields
     /// and what later versions add).
     pub const SELECTORS_V1: usize = 128;
     pub const SELECTORS: usize = 192;
 }
-const _: () = assert!(commit_at::LOG_CHAIN + 8 <= commit_at::SELECTORS);
+const _: () = assert!(commit_at::DEDUP_ENTRIES + 8 <= commit_at::SELECTORS);
 
 /// Log block payload offsets (FORMAT.md §9); entries follow.
 pub mod log_at {
@@ -657,6 +665,35 @@ pub struct CommitRecord {
     pub log: LogPosition,
     /// The layout this record was (or is to be) written in: 1 or 2 ([`commit_layout`]).
     pub version: u64,
+    /// The dedup index (format 7; empty, with default settings, before).
+    pub dedup: DedupRoot,
+}
+
+/// Where the dedup index is and how the store dedups (FORMAT.md §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupRoot {
+    pub root: Ptr,
+    /// 0 = empty.
+    pub height: u8,
+    /// Bit 0: inline dedup off. Bit 1: trust the hash (no byte compare).
+    pub flags: u8,
+    pub entries: u64,
+}
+
+impl Default for DedupRoot {
+    fn default() -> Self {
+        DedupRoot {
+            root: Ptr::HOLE,
+            height: 0,
+            flags: 0,
+            entries: 0,
+        }
+    }
+}
+
+impl DedupRoot {
+    pub const INLINE_OFF: u8 = 1;
+    pub const TRUST_HASH: u8 = 2;
 }
 
 /// The commit record layout a store of format `version` writes: 1 for format 1, else 2
@@ -703,6 +740,12 @@ impl CommitRecord {
             put_u64(p, at::LOG_SEQ, self.log.seq);
             put_u64(p, at::LOG_LSN, self.log.lsn);
             put_u64(p, at::LOG_CHAIN, self.log.chain);
+            self.dedup
+                .root
+                .encode(&mut p[at::DEDUP_ROOT..at::DEDUP_ROOT + PTR_LEN]);
+            p[at::DEDUP_HEIGHT] = self.dedup.height;
+            p[at::DEDUP_FLAGS] = self.dedup.flags;
+            put_u64(p, at::DEDUP_ENTRIES, self.dedup.entries);
             at::SELECTORS
         };
         for (i, s) in self.group_selectors.iter().enumerate() {
@@ -759,6 +802,22 @@ impl CommitRecord {
                 "registry height {registry_height}"
             )));
         }
+        let dedup = if version == 1 {
+            DedupRoot::default()
+        } else {
+            DedupRoot {
+                root: Ptr::decode(&p[at::DEDUP_ROOT..at::DEDUP_ROOT + PTR_LEN]),
+                height: p[at::DEDUP_HEIGHT],
+                flags: p[at::DEDUP_FLAGS],
+                entries: u64_at(p, at::DEDUP_ENTRIES),
+            }
+        };
+        if dedup.height > 16 || (dedup.height == 0) != dedup.root.is_hole() {
+            return Err(StoreError::Corrupt(format!(
+                "commit record {slot_addr}: dedup index root and height {} disagree",
+                dedup.height
+            )));
+        }
         Ok(CommitRecord {
             gen: f.gen,
             registry_root: Ptr::decode(&p[at::REGISTRY_ROOT..at::REGISTRY_ROOT + PTR_LEN]),
@@ -774,6 +833,7 @@ impl CommitRecord {
                 .collect(),
             log,
             version,
+            dedup,
         })
     }
 }
@@ -1018,11 +1078,18 @@ mod tests {
                 chain: 0xfeed,
             },
             version: 2,
+            dedup: DedupRoot {
+                root: Ptr::block(4242, [9; HASH_LEN]),
+                height: 3,
+                flags: DedupRoot::TRUST_HASH,
+                entries: 31337,
+            },
         };
         assert_eq!(CommitRecord::decode(&cr.encode(2)[..], 2, 2).unwrap(), cr);
-        // Version 1 has no log fields and its selectors at 128.
+        // Version 1 has no log or dedup fields and its selectors at 128.
         cr.version = 1;
         cr.log = LogPosition::default();
+        cr.dedup = DedupRoot::default();
         let v1 = cr.encode(1);
         assert_eq!(CommitRecord::decode(&v1[..], 1, 2).unwrap(), cr);
         assert_eq!(v1[FRAME_HEADER + commit_at::SELECTORS_V1], 0b11);

@@ -36,6 +36,19 @@ use crate::{
 /// Runs of blocks (first, count).
 type Runs = Vec<(u64, u64)>;
 
+/// Whole blocks placed for a write: new ones written to reserved blocks, or found already
+/// in the store (dedup).
+struct Placed {
+    /// The map entries to set.
+    new: Vec<Ptr>,
+    /// Which entries point at blocks already in use.
+    shared: Vec<bool>,
+    /// The blocks reserved (to give back if the change fails).
+    runs: Runs,
+    /// [`RcTable::releases`](super::refcount::RcTable::releases) when the index was asked.
+    seen: u64,
+}
+
 /// Whole blocks hashed and placed per round of the locks.
 const WRITE_BATCH: usize = 256;
 /// Leaf entries a block-status call looks at before answering with what it has.
@@ -411,15 +424,27 @@ impl StoreDisk {
         self.store.after_change()
     }
 
-    /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]).
+    /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]): blocks the dedup index
+    /// finds are shared, the rest written.
     fn write_blocks(&self, lba: u64, data: &[u8]) -> StoreResult<()> {
-        // (A backed VDI's map records zeros instead: `Store::set_map`.)
-        let (new, runs) = self.place(data, Ptr::HOLE)?;
-        if let Err(e) = self.set(lba, &new) {
-            self.give_back(&runs);
-            return Err(e);
+        let mut dedup = self.store.inline_dedup();
+        loop {
+            // (A backed VDI's map records zeros instead: `Store::set_map`.)
+            let placed = self.place_dedup(data, Ptr::HOLE, dedup)?;
+            match self.set_placed(lba, &placed) {
+                Ok(true) => return Ok(()),
+                // A block found could not be confirmed as still the one compared: write
+                // them all.
+                Ok(false) => {
+                    self.give_back(&placed.runs);
+                    dedup = false;
+                }
+                Err(e) => {
+                    self.give_back(&placed.runs);
+                    return Err(e);
+                }
+            }
         }
-        Ok(())
     }
 
     /// Writes whole blocks from `lba` (at most [`WRITE_BATCH`]) only where the map still has
@@ -455,7 +480,7 @@ impl StoreDisk {
                     j += 1;
                 }
                 self.store
-                    .set_map(&self.vdi, &mut st, &mut tx, lba + i as u64, &new[i..j])?;
+                    .set_map(&self.vdi, &mut st, &mut tx, lba + i as u64, &new[i..j], false)?;
                 claimed[i..j].fill(true);
                 filled += (j - i) as u64;
                 i = j;
@@ -477,22 +502,55 @@ impl StoreDisk {
     /// there: the map entries to set (`zero` for zero blocks) and the blocks reserved (to give
     /// back if the change fails).
     fn place(&self, data: &[u8], zero: Ptr) -> StoreResult<(Vec<Ptr>, Runs)> {
+        let p = self.place_dedup(data, zero, false)?;
+        Ok((p.new, p.runs))
+    }
+
+    /// [`StoreDisk::place`], and with `dedup`, blocks whose data the store already holds
+    /// (found by the index, then compared byte for byte unless the store trusts the hash)
+    /// point at that block instead of being written.
+    fn place_dedup(&self, data: &[u8], zero: Ptr, dedup: bool) -> StoreResult<Placed> {
         let blocks: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
         let mut new: Vec<Ptr> = vec![zero; blocks.len()];
         let nonzero: Vec<usize> = (0..blocks.len()).filter(|&i| !is_zero(blocks[i])).collect();
         let to_hash: Vec<&[u8]> = nonzero.iter().map(|&i| blocks[i]).collect();
         hash24_each(&to_hash, |n, h| new[nonzero[n]] = Ptr::block(1, h));
-        let runs = self.take_blocks(nonzero.len() as u64)?;
+        let mut shared = vec![false; blocks.len()];
+        let mut seen = 0;
+        if dedup && !nonzero.is_empty() {
+            let hashes: Vec<_> = nonzero.iter().map(|&i| new[i].hash).collect();
+            let (found, releases) = self.store.dedup_candidates(&hashes)?;
+            seen = releases;
+            for (&i, cand) in nonzero.iter().zip(found) {
+                let Some(addr) = cand else { continue };
+                if self.store.same_data(addr, blocks[i])? {
+                    new[i] = new[i].with_addr(addr);
+                    shared[i] = true;
+                }
+            }
+        }
+        let to_write = nonzero.iter().filter(|&&i| !shared[i]).count() as u64;
+        let runs = self.take_blocks(to_write)?;
         let mut addrs = runs.iter().flat_map(|&(a, n)| a..a + n);
-        for p in new.iter_mut().filter(|p| p.is_block()) {
+        for (p, _) in new.iter_mut().zip(&shared).filter(|(p, s)| p.is_block() && !**s) {
             *p = p.with_addr(addrs.next().expect("took enough"));
         }
-        if let Err(e) = self.write_data(&new, &blocks) {
+        let written: Vec<Ptr> = new
+            .iter()
+            .zip(&shared)
+            .map(|(p, s)| if *s { Ptr::HOLE } else { *p })
+            .collect();
+        if let Err(e) = self.write_data(&written, &blocks) {
             self.give_back(&runs);
             self.store.poison(&e);
             return Err(e);
         }
-        Ok((new, runs))
+        Ok(Placed {
+            new,
+            shared,
+            runs,
+            seen,
+        })
     }
 
     /// Writes data blocks to their (reserved) addresses, adjacent ones in one vectored write.
@@ -624,7 +682,64 @@ impl StoreDisk {
         self.attached(&st)?;
         let mut space = self.store.space.lock();
         let mut tx = self.store.tx(&mut space, change.gen);
-        self.store.set_map(&self.vdi, &mut st, &mut tx, lba, new)
+        self.store
+            .set_map(&self.vdi, &mut st, &mut tx, lba, new, false)
+    }
+
+    /// Points blocks from `lba` at what [`StoreDisk::place_dedup`] placed. Returns false,
+    /// changing nothing, if a block it found cannot be shared after all: no longer in use,
+    /// possibly reused since it was compared, or one this very write drops.
+    fn set_placed(&self, lba: u64, p: &Placed) -> StoreResult<bool> {
+        if !p.shared.contains(&true) {
+            self.set(lba, &p.new)?;
+            return Ok(true);
+        }
+        let n = p.new.len() as u64;
+        self.prepare(lba, n)?;
+        let found = || p.new.iter().zip(&p.shared).filter(|(_, s)| **s).map(|(q, _)| q.addr());
+        Space::load_pages(&self.store.space, &*self.store.dev, found())?;
+        let change = self.store.change();
+        let mut st = self.vdi.state.write();
+        self.attached(&st)?;
+        let mut old = Vec::with_capacity(p.new.len());
+        self.resolve_locked(&st, lba, n, &mut old)?;
+        // Runs of entries alike (shared or not), each one `set_map`; a run drops the blocks it
+        // replaced when it is done, so a block shared in a run must not be one that an
+        // earlier run replaced (it could be freed before the run adds its reference).
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < p.new.len() {
+            let mut j = i + 1;
+            while j < p.new.len() && p.shared[j] == p.shared[i] {
+                j += 1;
+            }
+            runs.push((i, j));
+            i = j;
+        }
+        let mut space = self.store.space.lock();
+        if space.rc.releases() != p.seen {
+            return Ok(false);
+        }
+        for &(i, j) in runs.iter().filter(|(i, _)| p.shared[*i]) {
+            for q in &p.new[i..j] {
+                let dropped_before = old[..i].iter().any(|o| o.is_block() && o.addr() == q.addr());
+                if dropped_before || space.rc.get(&*self.store.dev, q.addr())? == 0 {
+                    return Ok(false);
+                }
+            }
+        }
+        let mut tx = self.store.tx(&mut space, change.gen);
+        for (i, j) in runs {
+            self.store.set_map(
+                &self.vdi,
+                &mut st,
+                &mut tx,
+                lba + i as u64,
+                &p.new[i..j],
+                p.shared[i],
+            )?;
+        }
+        Ok(true)
     }
 
     /// Read-modify-write of one block: `data` (or zeros, if `None`) at byte `within`.
@@ -712,7 +827,7 @@ impl StoreDisk {
             }
             let mut space = self.store.space.lock();
             let mut tx = self.store.tx(&mut space, change.gen);
-            let r = self.store.set_map(&self.vdi, &mut st, &mut tx, lba, &[new]);
+            let r = self.store.set_map(&self.vdi, &mut st, &mut tx, lba, &[new], false);
             drop(space);
             if r.is_err() {
                 drop(st);

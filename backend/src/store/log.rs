@@ -58,16 +58,21 @@ mod kind {
     pub const SCHEDULE: u8 = 10;
     /// Format 5.
     pub const BACKING: u8 = 11;
+    /// Format 7: a write whose blocks were already in use (found by dedup).
+    pub const SHARE: u8 = 12;
 }
 
 /// One change, as the log records it (FORMAT.md §9.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Entry {
-    /// Blocks `lba..` of VDI `vdi` now map to `ptrs` (data blocks, holes or zeros).
+    /// Blocks `lba..` of VDI `vdi` now map to `ptrs` (data blocks, holes or zeros). With
+    /// `shared` (format 7), the data blocks were already in use and gain a reference;
+    /// otherwise they are new (reserved) blocks.
     Write {
         vdi: u64,
         lba: u64,
         ptrs: Vec<Ptr>,
+        shared: bool,
     },
     /// Blocks `start..end` of VDI `vdi` are now holes (or recorded zeros).
     Fill {
@@ -175,7 +180,12 @@ impl Entry {
         let start = out.len();
         out.extend_from_slice(&[0; ENTRY_HEADER]);
         let k = match self {
-            Entry::Write { vdi, lba, ptrs } => {
+            Entry::Write {
+                vdi,
+                lba,
+                ptrs,
+                shared,
+            } => {
                 debug_assert!(ptrs.len() <= MAX_WRITE_PTRS);
                 out.extend_from_slice(&vdi.to_le_bytes());
                 out.extend_from_slice(&lba.to_le_bytes());
@@ -184,7 +194,11 @@ impl Entry {
                     p.encode(&mut b);
                     out.extend_from_slice(&b);
                 }
-                kind::WRITE
+                if *shared {
+                    kind::SHARE
+                } else {
+                    kind::WRITE
+                }
             }
             Entry::Fill {
                 vdi,
@@ -292,7 +306,7 @@ impl Entry {
             .ok_or_else(Body::bad)?;
         let mut r = Body { b: body, at: 0 };
         let e = match b[0] {
-            kind::WRITE => {
+            k @ (kind::WRITE | kind::SHARE) => {
                 let vdi = r.u64()?;
                 let lba = r.u64()?;
                 let rest = &body[16..];
@@ -304,7 +318,12 @@ impl Entry {
                     p.kind()?;
                 }
                 r.at = body.len();
-                Entry::Write { vdi, lba, ptrs }
+                Entry::Write {
+                    vdi,
+                    lba,
+                    ptrs,
+                    shared: k == kind::SHARE,
+                }
             }
             kind::FILL => {
                 let vdi = r.u64()?;
@@ -798,6 +817,13 @@ mod tests {
                 vdi: 3,
                 lba: 99,
                 ptrs: vec![Ptr::block(77, [5; 24]), Ptr::HOLE, Ptr::ZERO],
+                shared: false,
+            },
+            Entry::Write {
+                vdi: 3,
+                lba: 7,
+                ptrs: vec![Ptr::block(78, [6; 24])],
+                shared: true,
             },
             Entry::Fill {
                 vdi: 3,
@@ -885,6 +911,7 @@ mod tests {
             vdi: 1,
             lba: 0,
             ptrs: vec![Ptr::block(5, [1; 24]); MAX_WRITE_PTRS],
+            shared: false,
         };
         let mut b = Vec::new();
         big.encode(&mut b);
@@ -899,6 +926,7 @@ mod tests {
             orphans: Default::default(),
             meta_cursor: Cursor::default(),
             reserve: 64,
+            dedup: Default::default(),
         })
     }
 

@@ -13,6 +13,7 @@
 //!  check     verification of the last durable checkpoint on disk
 //!  diff      changed extents between two points of history, shared subtrees skipped
 //!  rollback  a VDI back to one of its snapshots
+//!  dedup     the dedup index (hash → block)      sharing   inline dedup, the dedup pass
 //!  schedules snapshot schedules as the registry keeps them (the daemon runs them)
 //!  staging   VDIs under construction (import, recv) under a reserved name
 //!  backing   remote-backed VDIs: holes read through an NBD export, via a cached copy
@@ -37,6 +38,7 @@ mod btree;
 mod catalog;
 mod check;
 mod commit;
+mod dedup;
 pub mod device;
 mod diff;
 mod epoch;
@@ -57,6 +59,7 @@ mod registry;
 mod replay;
 mod rollback;
 mod schedules;
+mod sharing;
 mod space;
 mod staging;
 #[allow(clippy::module_inception)]
@@ -77,6 +80,7 @@ pub use migration::{incoming_name, parked_name, INCOMING_PREFIX, PARKED_PREFIX};
 pub use registry::{is_hidden, split_name, validate_name, Kind};
 pub use rollback::RollbackReport;
 pub use schedules::{validate_target, KeepRule, Schedule};
+pub use sharing::{DedupProgress, DedupReport, DedupStatus};
 pub use staging::{is_staging, Staged, STAGING_PREFIX};
 pub use store::{Store, StoreOptions};
 

@@ -282,7 +282,9 @@ impl Tx<'_> {
         }
         let addr = p.addr();
         if level == 0 {
-            self.space.rc.decr(self.dev, addr)?;
+            if self.space.rc.decr(self.dev, addr)? == 0 {
+                self.space.dedup.freed(p.hash, addr);
+            }
             return Ok(());
         }
         if self.space.rc.get(self.dev, addr)? > 1 {

@@ -165,6 +165,8 @@ pub struct RcTable {
     /// blocks pull it back, so that blocks already written once (backed by the file system)
     /// are reused before never-written ones.
     rotor: u64,
+    /// How many times freed blocks were made allocatable again ([`RcTable::releases`]).
+    releases: u64,
 }
 
 impl RcTable {
@@ -217,6 +219,7 @@ impl RcTable {
             freed_held: 0,
             freed: Vec::new(),
             rotor: 0,
+            releases: 0,
         })
     }
 
@@ -662,6 +665,9 @@ impl RcTable {
     /// Makes blocks freed by a durable checkpoint allocatable. Call only after the reader
     /// epoch has drained.
     pub fn release(&mut self, freed: Vec<u64>) {
+        if !freed.is_empty() {
+            self.releases += 1;
+        }
         let mut lowest = u64::MAX;
         for addr in freed {
             let (g, p, i) = self
@@ -682,6 +688,13 @@ impl RcTable {
         if lowest != u64::MAX {
             self.rotor = self.rotor.min(lowest);
         }
+    }
+
+    /// How many times blocks were made allocatable again. While it stays the same, no block
+    /// was reused: one with a count above zero holds what it held when the count was read
+    /// (how inline dedup knows the block it compared is still the block it shares).
+    pub fn releases(&self) -> u64 {
+        self.releases
     }
 
     /// Drops pages that hold nothing the store still needs in memory (they are re-read on

@@ -16,7 +16,10 @@ use tracing::info;
 
 use super::{
     error::{StoreError, StoreResult},
-    format::{Geometry, LogPosition, Superblock, BLOCK_SIZE_U64, FORMAT_VERSION, SUPERBLOCK_ADDR},
+    format::{
+        Geometry, LogPosition, Superblock, BLOCK_SIZE_U64, DEDUP_VERSION, FORMAT_VERSION,
+        SUPERBLOCK_ADDR,
+    },
     log::{read_chain, Entry},
     store::Store,
 };
@@ -43,7 +46,13 @@ impl Store {
         {
             let mut space = self.space.lock();
             let named = found.entries.iter().flat_map(|(_, e)| match e {
-                Entry::Write { ptrs, .. } => ptrs
+                // A shared write's blocks are in use already: in the checkpoint, or claimed
+                // by a write before it.
+                Entry::Write {
+                    ptrs,
+                    shared: false,
+                    ..
+                } => ptrs
                     .iter()
                     .filter(|p| p.is_block())
                     .map(|p| (p.addr(), true))
@@ -102,7 +111,18 @@ impl Store {
     fn replay(&self, e: Entry) -> StoreResult<()> {
         let change = self.change();
         match e {
-            Entry::Write { vdi, lba, ptrs } => {
+            Entry::Write { shared: true, .. } if self.format_version() < DEDUP_VERSION => {
+                Err(StoreError::Corrupt(format!(
+                    "a shared write entry in a store of format {} (dedup came with format 7)",
+                    self.format_version()
+                )))
+            }
+            Entry::Write {
+                vdi,
+                lba,
+                ptrs,
+                shared,
+            } => {
                 let v = self.vdi(vdi)?;
                 let mut st = v.state.write();
                 if st.deleted {
@@ -110,7 +130,7 @@ impl Store {
                 }
                 let mut space = self.space.lock();
                 let mut tx = self.tx(&mut space, change.gen);
-                self.set_map(&v, &mut st, &mut tx, lba, &ptrs)
+                self.set_map(&v, &mut st, &mut tx, lba, &ptrs, shared)
             }
             Entry::Fill {
                 vdi,
@@ -235,6 +255,11 @@ impl Store {
             // Format 2 brought the intent log; a format-1 session kept none.
             self.log.reset(0);
             self.log.enable();
+        }
+        if to == DEDUP_VERSION {
+            // From now on every data block's first and last reference change the index; the
+            // blocks already there are entered by a dedup pass (`parallax dedup`).
+            self.space.lock().dedup.enabled = true;
         }
         info!("store upgraded from format {from} to format {to}");
         Ok(())

@@ -6,6 +6,7 @@
 use parking_lot::Mutex;
 
 use super::{
+    dedup::IndexChanges,
     device::Device,
     error::{StoreError, StoreResult},
     orphans::OrphanList,
@@ -19,6 +20,9 @@ pub(super) struct Space {
     pub meta_cursor: Cursor,
     /// Data allocations stop this many blocks short of full, so checkpoints always find room.
     pub reserve: u64,
+    /// What the open generation changed in the dedup index (dedup.rs): it changes with the
+    /// refcounts of data blocks.
+    pub dedup: IndexChanges,
 }
 
 impl Space {

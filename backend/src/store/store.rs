@@ -7,7 +7,9 @@
 //!         ─ catalog: Mutex          registry tree + name overlay + id counter
 //!         ─ vdis                    loaded VDIs, each with its own lock (maps change per VDI)
 //!         ─ nodes: NodeTable        map nodes, sharded; dirty ones by generation
-//!         ─ space: Mutex<Space>     refcounts, orphans, metadata cursor (microseconds)
+//!         ─ space: Mutex<Space>     refcounts, orphans, metadata cursor, dedup index changes
+//!         │                         (microseconds)
+//!         ─ dedup: Mutex            the dedup index as of the last cut (dedup.rs)
 //!         ─ commit: Mutex           the last durable commit record; one checkpoint at a
 //!         │                         time (commit.rs)
 //!         ─ log                     the intent log (log.rs)
@@ -16,7 +18,7 @@
 //!         ─ dev: Arc<dyn Device>
 //! ```
 //!
-//! Lock order: gate → catalog → a VDI's state → space → (node shards, leaves). Data never
+//! Lock order: gate → catalog → a VDI's state → space → dedup → (node shards, leaves). Data never
 //! moves under any of them: lookups return pointers, and reads and writes of data blocks
 //! happen after the locks are dropped (io.rs).
 
@@ -36,12 +38,13 @@ use tracing::{debug, info, warn};
 use super::{
     background::{Background, WorkerId},
     catalog::Catalog,
+    dedup::{DedupIndex, IndexChanges},
     device::{Device, FileDevice},
     epoch::Epoch,
     error::{StoreError, StoreResult},
     format::{
         commit_layout, magic, CommitRecord, Geometry, LogPosition, Ptr, Selector, Superblock,
-        BLOCK_SIZE, BLOCK_SIZE_U64, COMMIT_SLOTS, FORMAT_VERSION, GROUP_DATA_BLOCKS,
+        BLOCK_SIZE, BLOCK_SIZE_U64, COMMIT_SLOTS, DEDUP_VERSION, FORMAT_VERSION, GROUP_DATA_BLOCKS,
         LOG_BLOCK_ENTRIES, SUPERBLOCK_ADDR,
     },
     log::Log,
@@ -94,6 +97,9 @@ pub struct Store {
     pub(super) vdis: Vdis,
     pub(super) nodes: NodeTable,
     pub(super) space: Mutex<Space>,
+    /// The dedup index as of the last cut (dedup.rs); the open generation's changes to it
+    /// are in `space`.
+    pub(super) dedup: Mutex<DedupIndex>,
     /// The last durable commit record; held by whoever checkpoints (one at a time).
     pub(super) commit: Mutex<CommitRecord>,
     pub(super) background: Background,
@@ -236,6 +242,7 @@ impl Store {
             group_selectors: vec![Selector::default(); geo.groups as usize],
             log: LogPosition::default(),
             version: commit_layout(FORMAT_VERSION),
+            dedup: Default::default(),
         };
         // Commit slots first (the other one zeroed, in case the device held an old store),
         // then the superblock that makes this a store.
@@ -336,7 +343,9 @@ impl Store {
             },
             meta_cursor: Cursor::default(),
             reserve: (geo.data_blocks() / 200).clamp(64, 16384),
+            dedup: IndexChanges::new(sb.version >= DEDUP_VERSION),
         };
+        let dedup = DedupIndex::open(&*dev, last.dedup)?;
         if let Some(p) = &path {
             info!(store = %p.display(), generation = last.gen, groups = geo.groups, "opened store");
         }
@@ -356,6 +365,7 @@ impl Store {
             remote: RwLock::new(None),
             nodes: NodeTable::new(options.node_cache_nodes, last.gen),
             space: Mutex::new(space),
+            dedup: Mutex::new(dedup),
             commit: Mutex::new(last),
             background: Background::default(),
             checkpoint_worker: OnceLock::new(),

@@ -1,0 +1,412 @@
+//! The dedup index: which block holds the data of a given hash (FORMAT.md §11).
+//!
+//! ```text
+//!  on disk   a copy-on-write B+tree (btree.rs) of hash24 → block address, rooted in the
+//!            commit record: committed with everything else, no log of its own
+//!  in RAM    IndexChanges (in Space): what the open generation changed, applied to the tree
+//!            at the cut; a Bloom filter (≈ 1.25–2.5 bytes per entry) that says "surely new"
+//!            so that most unique writes never read the tree; a bounded node cache
+//! ```
+//!
+//! The one invariant everything rests on: **the index never names a block that is free**.
+//! Every data block that gets its first reference (claimed by a write) is entered; every data
+//! block whose last reference goes leaves, in the same generation (a conditional removal: only
+//! if the index still names that block for that hash). Both happen where the refcount changes,
+//! under the space lock, in code that replay runs too (apply.rs, radix.rs), so a checkpoint
+//! holds exactly the index that matches its refcounts, and recovery rebuilds the rest. A freed
+//! block is reused only after the checkpoint that removed it from the index is durable.
+//!
+//! A lookup is only a hint: the writer compares bytes (unless the store trusts the hash), and
+//! shares the block only if, under the space lock, it is still referenced and no freed block
+//! was made reusable since the lookup ([`RcTable::releases`](super::refcount::RcTable)).
+
+use std::collections::HashMap;
+
+use super::{
+    btree::{BTree, Ctx},
+    device::Device,
+    error::{StoreError, StoreResult},
+    format::{u64_at, DedupRoot, Hash24, BLOCK_SIZE},
+};
+
+/// What the open generation did to one hash's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IndexOp {
+    /// The hash now names this block (whatever it named before).
+    Set(u64),
+    /// Remove the entry if it names this block (the block was freed).
+    RemoveIf(u64),
+    /// Remove the entry (two different freed blocks had this hash: simplest to forget it;
+    /// losing an entry only loses a chance to share).
+    Remove,
+}
+
+/// The index changes of one generation, kept with the refcounts (they change together).
+#[derive(Default)]
+pub(super) struct IndexChanges {
+    /// Whether the store keeps an index at all (format 7 on).
+    pub enabled: bool,
+    ops: HashMap<Hash24, IndexOp>,
+}
+
+impl IndexChanges {
+    pub fn new(enabled: bool) -> IndexChanges {
+        IndexChanges {
+            enabled,
+            ops: HashMap::new(),
+        }
+    }
+
+    /// A data block got its first reference.
+    pub fn claimed(&mut self, hash: Hash24, addr: u64) {
+        if self.enabled {
+            self.ops.insert(hash, IndexOp::Set(addr));
+        }
+    }
+
+    /// A data block lost its last reference.
+    pub fn freed(&mut self, hash: Hash24, addr: u64) {
+        if !self.enabled {
+            return;
+        }
+        let op = match self.ops.get(&hash) {
+            None => IndexOp::RemoveIf(addr),
+            Some(IndexOp::Set(a)) if *a == addr => IndexOp::Remove,
+            // The index will name another, live block: nothing to remove.
+            Some(IndexOp::Set(_)) => return,
+            Some(IndexOp::RemoveIf(a)) if *a == addr => return,
+            Some(IndexOp::RemoveIf(_)) | Some(IndexOp::Remove) => IndexOp::Remove,
+        };
+        self.ops.insert(hash, op);
+    }
+
+    pub fn get(&self, hash: &Hash24) -> Option<IndexOp> {
+        self.ops.get(hash).copied()
+    }
+
+    pub fn keys(&self) -> Vec<Hash24> {
+        self.ops.keys().copied().collect()
+    }
+
+    pub fn take(&mut self) -> HashMap<Hash24, IndexOp> {
+        std::mem::take(&mut self.ops)
+    }
+}
+
+/// Bits per entry of each Bloom filter (7 probes: about 1 % false positives).
+const BLOOM_BITS_PER_ENTRY: u64 = 10;
+const BLOOM_PROBES: u64 = 7;
+/// Entries the first filter is sized for.
+const BLOOM_MIN_ENTRIES: u64 = 1 << 16;
+
+/// One Bloom filter, sized for `capacity` entries.
+struct Filter {
+    bits: Vec<u64>,
+    capacity: u64,
+    count: u64,
+}
+
+impl Filter {
+    fn new(capacity: u64) -> Filter {
+        let words = (capacity * BLOOM_BITS_PER_ENTRY).div_ceil(64).max(1);
+        Filter {
+            bits: vec![0; words as usize],
+            capacity,
+            count: 0,
+        }
+    }
+
+    /// The probe positions of `h` (double hashing over bits of a cryptographic hash).
+    fn probes(&self, h: &Hash24) -> impl Iterator<Item = u64> {
+        let m = self.bits.len() as u64 * 64;
+        let a = u64_at(h, 0);
+        let b = u64_at(h, 8) | 1;
+        (0..BLOOM_PROBES).map(move |i| a.wrapping_add(i.wrapping_mul(b)) % m)
+    }
+
+    fn insert(&mut self, h: &Hash24) {
+        let probes: Vec<u64> = self.probes(h).collect();
+        for p in probes {
+            self.bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        self.count += 1;
+    }
+
+    fn may_contain(&self, h: &Hash24) -> bool {
+        self.probes(h)
+            .all(|p| self.bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+    }
+}
+
+/// A Bloom filter that grows: a new filter twice the size of the last when it is full, so
+/// RAM stays about 10–20 bits per entry. Removed entries stay in it (a false positive costs
+/// one tree lookup); it is rebuilt from the tree when the store opens.
+pub(super) struct Bloom {
+    filters: Vec<Filter>,
+}
+
+impl Bloom {
+    fn new(expected: u64) -> Bloom {
+        Bloom {
+            filters: vec![Filter::new(expected.max(BLOOM_MIN_ENTRIES))],
+        }
+    }
+
+    fn insert(&mut self, h: &Hash24) {
+        let last = self.filters.last().expect("at least one filter");
+        if last.count >= last.capacity {
+            let next = Filter::new(last.capacity * 2);
+            self.filters.push(next);
+        }
+        self.filters.last_mut().expect("just ensured").insert(h);
+    }
+
+    fn may_contain(&self, h: &Hash24) -> bool {
+        self.filters.iter().any(|f| f.may_contain(h))
+    }
+
+    /// Bytes of RAM the filters hold.
+    fn bytes(&self) -> u64 {
+        self.filters.iter().map(|f| f.bits.len() as u64 * 8).sum()
+    }
+}
+
+/// The index: the tree as of the last cut, its entry count, the store's dedup settings and
+/// the filter. Lives under its own lock (`Store::dedup`): lookups read the tree, only the
+/// checkpoint's cut changes it.
+pub(super) struct DedupIndex {
+    tree: BTree,
+    pub entries: u64,
+    pub flags: u8,
+    bloom: Bloom,
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Found {
+    /// The filter says no block has this hash.
+    SurelyNew,
+    /// No entry.
+    Absent,
+    /// This block had the hash (check it still does before sharing it).
+    Block(u64),
+}
+
+fn encode_addr(addr: u64) -> [u8; 8] {
+    addr.to_le_bytes()
+}
+
+fn decode_entry(k: &[u8], v: &[u8]) -> StoreResult<(Hash24, u64)> {
+    if k.len() != 24 || v.len() != 8 {
+        return Err(StoreError::Corrupt(format!(
+            "dedup index entry with a {}-byte key and a {}-byte value",
+            k.len(),
+            v.len()
+        )));
+    }
+    Ok((k.try_into().expect("24 bytes"), u64_at(v, 0)))
+}
+
+impl DedupIndex {
+    /// The index of a store whose commit record says `root`; reads every leaf once to fill
+    /// the filter.
+    pub fn open(dev: &dyn Device, root: DedupRoot) -> StoreResult<DedupIndex> {
+        let mut tree = BTree::new(root.root, root.height);
+        tree.cache_cap = 1024;
+        let mut bloom = Bloom::new(root.entries * 2);
+        let mut found = 0u64;
+        let mut bad = None;
+        tree.walk(dev, b"", None, &mut |k, v| match decode_entry(k, v) {
+            Ok((h, _)) => {
+                bloom.insert(&h);
+                found += 1;
+                true
+            }
+            Err(e) => {
+                bad = Some(e);
+                false
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        if found != root.entries {
+            return Err(StoreError::Corrupt(format!(
+                "the dedup index holds {found} entries, the commit record says {}",
+                root.entries
+            )));
+        }
+        Ok(DedupIndex {
+            tree,
+            entries: root.entries,
+            flags: root.flags,
+            bloom,
+        })
+    }
+
+    /// Where the index is, for the commit record (after [`DedupIndex::finalize`]).
+    pub fn root(&self) -> DedupRoot {
+        DedupRoot {
+            root: self.tree.root,
+            height: self.tree.height,
+            flags: self.flags,
+            entries: self.entries,
+        }
+    }
+
+    pub fn inline(&self) -> bool {
+        self.flags & DedupRoot::INLINE_OFF == 0
+    }
+
+    pub fn trust_hash(&self) -> bool {
+        self.flags & DedupRoot::TRUST_HASH != 0
+    }
+
+    /// RAM the filter holds, in bytes.
+    pub fn filter_bytes(&self) -> u64 {
+        self.bloom.bytes()
+    }
+
+    /// The block the index names for `h`, given what the open generation did to it.
+    pub fn lookup(
+        &mut self,
+        dev: &dyn Device,
+        h: &Hash24,
+        pending: Option<IndexOp>,
+    ) -> StoreResult<Found> {
+        let except = match pending {
+            Some(IndexOp::Set(a)) => return Ok(Found::Block(a)),
+            Some(IndexOp::Remove) => return Ok(Found::Absent),
+            Some(IndexOp::RemoveIf(a)) => Some(a),
+            None => None,
+        };
+        if !self.bloom.may_contain(h) {
+            return Ok(Found::SurelyNew);
+        }
+        match self.tree.get(dev, h)? {
+            Some(v) => {
+                let (_, a) = decode_entry(h, &v)?;
+                Ok(if Some(a) == except {
+                    Found::Absent
+                } else {
+                    Found::Block(a)
+                })
+            }
+            None => Ok(Found::Absent),
+        }
+    }
+
+    /// Reads the tree nodes that `keys` will change, so that the cut does no I/O.
+    pub fn prefetch(&mut self, dev: &dyn Device, keys: &[Hash24]) -> StoreResult<()> {
+        if self.tree.height == 0 {
+            return Ok(());
+        }
+        for k in keys {
+            self.tree.get(dev, k)?;
+        }
+        Ok(())
+    }
+
+    /// Applies a generation's changes to the tree (at the cut; new nodes allocated in it).
+    pub fn apply(&mut self, ctx: &mut Ctx, ops: HashMap<Hash24, IndexOp>) -> StoreResult<()> {
+        let mut ops: Vec<(Hash24, IndexOp)> = ops.into_iter().collect();
+        ops.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (h, op) in ops {
+            match op {
+                IndexOp::Set(a) => {
+                    if self.tree.insert(ctx, &h, &encode_addr(a))?.is_none() {
+                        self.entries += 1;
+                    }
+                    self.bloom.insert(&h);
+                }
+                IndexOp::RemoveIf(a) => {
+                    if let Some(v) = self.tree.get(ctx.dev, &h)? {
+                        if decode_entry(&h, &v)?.1 == a {
+                            self.tree.remove(ctx, &h)?;
+                            self.entries -= 1;
+                        }
+                    }
+                }
+                IndexOp::Remove => {
+                    if self.tree.remove(ctx, &h)?.is_some() {
+                        self.entries -= 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes and hashes the nodes the last apply changed: the blocks to write.
+    pub fn finalize(&mut self) -> Vec<(u64, Box<[u8; BLOCK_SIZE]>)> {
+        self.tree.finalize()
+    }
+}
+
+/// Reads a committed index afresh (for `check`): its node blocks and its entries.
+#[allow(clippy::type_complexity)]
+pub(super) fn read_index(
+    dev: &dyn Device,
+    root: DedupRoot,
+) -> StoreResult<(Vec<u64>, Vec<(Hash24, u64)>)> {
+    let mut tree = BTree::new(root.root, root.height);
+    tree.cache_cap = 64;
+    let blocks = tree.blocks(dev)?;
+    let mut entries = Vec::new();
+    let mut bad = None;
+    tree.walk(dev, b"", None, &mut |k, v| match decode_entry(k, v) {
+        Ok(e) => {
+            entries.push(e);
+            true
+        }
+        Err(e) => {
+            bad = Some(e);
+            false
+        }
+    })?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok((blocks, entries)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(n: u64) -> Hash24 {
+        super::super::format::hash24(&n.to_le_bytes())
+    }
+
+    #[test]
+    fn changes_never_keep_a_freed_block() {
+        let mut c = IndexChanges::new(true);
+        c.claimed(h(1), 10);
+        c.freed(h(1), 10);
+        assert_eq!(c.get(&h(1)), Some(IndexOp::Remove));
+        c.freed(h(2), 20);
+        assert_eq!(c.get(&h(2)), Some(IndexOp::RemoveIf(20)));
+        c.freed(h(2), 21);
+        assert_eq!(c.get(&h(2)), Some(IndexOp::Remove));
+        c.claimed(h(3), 30);
+        c.freed(h(3), 31);
+        assert_eq!(c.get(&h(3)), Some(IndexOp::Set(30)));
+        let mut off = IndexChanges::default();
+        off.claimed(h(1), 1);
+        assert_eq!(off.get(&h(1)), None);
+    }
+
+    #[test]
+    fn the_filter_has_no_false_negatives_and_few_false_positives() {
+        let mut b = Bloom::new(1000);
+        for i in 0..200_000 {
+            b.insert(&h(i));
+        }
+        assert!((0..200_000).all(|i| b.may_contain(&h(i))));
+        let fp = (1_000_000..1_100_000).filter(|&i| b.may_contain(&h(i))).count();
+        assert!(fp < 3000, "{fp} false positives in 100000");
+        // 10 bits an entry, and up to three times that just after the filter grew (the new
+        // filter's pages are not touched until entries go in).
+        assert!(b.bytes() * 8 <= 200_000 * 30, "{} bytes", b.bytes());
+    }
+}
