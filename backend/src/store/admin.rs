@@ -166,6 +166,9 @@ pub struct DfReport {
     pub remote_caches: u64,
     #[serde(default)]
     pub remote_cache_bytes: u64,
+    /// Dedup: the settings, the index, and what sharing below the map nodes saves.
+    #[serde(default)]
+    pub dedup: super::DedupUsage,
 }
 
 /// One node of `vdi tree`.
@@ -663,11 +666,13 @@ impl Store {
         // What a cache holds is what its backed VDIs read: count it once.
         logical += remote_cache_bytes / BLOCK_SIZE_U64;
         let vdis = recs.iter().filter(|r| r.kind == Kind::Vdi).count() as u64;
+        let dedup = self.dedup_usage()?;
         let space = self.space.lock();
         // Every allocated block is a map node, a registry node, an orphan-list block, or data
         // (including data still held by queued orphans).
         let meta_blocks = (memo.len() + cache_memo.len()) as u64
             + registry_blocks
+            + dedup.index_bytes / BLOCK_SIZE_U64
             + space.orphans.chain.len() as u64;
         let allocated = space.rc.allocated();
         let stored_bytes = allocated.saturating_sub(meta_blocks) * BLOCK_SIZE_U64;
@@ -701,6 +706,7 @@ impl Store {
             backed,
             remote_caches: caches.len() as u64,
             remote_cache_bytes,
+            dedup,
         })
     }
 

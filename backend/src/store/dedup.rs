@@ -84,6 +84,11 @@ impl IndexChanges {
         self.ops.get(hash).copied()
     }
 
+    /// Every hash's change so far.
+    pub fn ops(&self) -> Vec<(Hash24, IndexOp)> {
+        self.ops.iter().map(|(h, o)| (*h, *o)).collect()
+    }
+
     pub fn keys(&self) -> Vec<Hash24> {
         self.ops.keys().copied().collect()
     }
@@ -310,7 +315,7 @@ impl DedupIndex {
     /// Applies a generation's changes to the tree (at the cut; new nodes allocated in it).
     pub fn apply(&mut self, ctx: &mut Ctx, ops: HashMap<Hash24, IndexOp>) -> StoreResult<()> {
         let mut ops: Vec<(Hash24, IndexOp)> = ops.into_iter().collect();
-        ops.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        ops.sort_unstable_by_key(|a| a.0);
         for (h, op) in ops {
             match op {
                 IndexOp::Set(a) => {
@@ -337,6 +342,12 @@ impl DedupIndex {
         Ok(())
     }
 
+    /// The tree's node blocks and its entries, as of the last cut.
+    #[allow(clippy::type_complexity)]
+    pub fn contents(&mut self, dev: &dyn Device) -> StoreResult<(Vec<u64>, Vec<(Hash24, u64)>)> {
+        read_tree(&mut self.tree, dev)
+    }
+
     /// Encodes and hashes the nodes the last apply changed: the blocks to write.
     pub fn finalize(&mut self) -> Vec<(u64, Box<[u8; BLOCK_SIZE]>)> {
         self.tree.finalize()
@@ -351,6 +362,11 @@ pub(super) fn read_index(
 ) -> StoreResult<(Vec<u64>, Vec<(Hash24, u64)>)> {
     let mut tree = BTree::new(root.root, root.height);
     tree.cache_cap = 64;
+    read_tree(&mut tree, dev)
+}
+
+#[allow(clippy::type_complexity)]
+fn read_tree(tree: &mut BTree, dev: &dyn Device) -> StoreResult<(Vec<u64>, Vec<(Hash24, u64)>)> {
     let blocks = tree.blocks(dev)?;
     let mut entries = Vec::new();
     let mut bad = None;
@@ -403,7 +419,9 @@ mod tests {
             b.insert(&h(i));
         }
         assert!((0..200_000).all(|i| b.may_contain(&h(i))));
-        let fp = (1_000_000..1_100_000).filter(|&i| b.may_contain(&h(i))).count();
+        let fp = (1_000_000..1_100_000)
+            .filter(|&i| b.may_contain(&h(i)))
+            .count();
         assert!(fp < 3000, "{fp} false positives in 100000");
         // 10 bits an entry, and up to three times that just after the filter grew (the new
         // filter's pages are not touched until entries go in).

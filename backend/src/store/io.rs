@@ -193,7 +193,7 @@ impl StoreDisk {
     }
 
     /// The pointers mapping `count` blocks from `lba`.
-    fn lookup(&self, lba: u64, count: u64, out: &mut Vec<Ptr>) -> StoreResult<()> {
+    pub(super) fn lookup(&self, lba: u64, count: u64, out: &mut Vec<Ptr>) -> StoreResult<()> {
         self.resolve_locked(&self.vdi.state.read(), lba, count, out)
     }
 
@@ -479,8 +479,14 @@ impl StoreDisk {
                 while j < new.len() && cur[j].is_hole() {
                     j += 1;
                 }
-                self.store
-                    .set_map(&self.vdi, &mut st, &mut tx, lba + i as u64, &new[i..j], false)?;
+                self.store.set_map(
+                    &self.vdi,
+                    &mut st,
+                    &mut tx,
+                    lba + i as u64,
+                    &new[i..j],
+                    false,
+                )?;
                 claimed[i..j].fill(true);
                 filled += (j - i) as u64;
                 i = j;
@@ -528,11 +534,17 @@ impl StoreDisk {
                     shared[i] = true;
                 }
             }
+            #[cfg(test)]
+            test_hooks::pause_after_dedup_lookup();
         }
         let to_write = nonzero.iter().filter(|&&i| !shared[i]).count() as u64;
         let runs = self.take_blocks(to_write)?;
         let mut addrs = runs.iter().flat_map(|&(a, n)| a..a + n);
-        for (p, _) in new.iter_mut().zip(&shared).filter(|(p, s)| p.is_block() && !**s) {
+        for (p, _) in new
+            .iter_mut()
+            .zip(&shared)
+            .filter(|(p, s)| p.is_block() && !**s)
+        {
             *p = p.with_addr(addrs.next().expect("took enough"));
         }
         let written: Vec<Ptr> = new
@@ -696,7 +708,13 @@ impl StoreDisk {
         }
         let n = p.new.len() as u64;
         self.prepare(lba, n)?;
-        let found = || p.new.iter().zip(&p.shared).filter(|(_, s)| **s).map(|(q, _)| q.addr());
+        let found = || {
+            p.new
+                .iter()
+                .zip(&p.shared)
+                .filter(|(_, s)| **s)
+                .map(|(q, _)| q.addr())
+        };
         Space::load_pages(&self.store.space, &*self.store.dev, found())?;
         let change = self.store.change();
         let mut st = self.vdi.state.write();
@@ -722,7 +740,9 @@ impl StoreDisk {
         }
         for &(i, j) in runs.iter().filter(|(i, _)| p.shared[*i]) {
             for q in &p.new[i..j] {
-                let dropped_before = old[..i].iter().any(|o| o.is_block() && o.addr() == q.addr());
+                let dropped_before = old[..i]
+                    .iter()
+                    .any(|o| o.is_block() && o.addr() == q.addr());
                 if dropped_before || space.rc.get(&*self.store.dev, q.addr())? == 0 {
                     return Ok(false);
                 }
@@ -827,7 +847,9 @@ impl StoreDisk {
             }
             let mut space = self.store.space.lock();
             let mut tx = self.store.tx(&mut space, change.gen);
-            let r = self.store.set_map(&self.vdi, &mut st, &mut tx, lba, &[new], false);
+            let r = self
+                .store
+                .set_map(&self.vdi, &mut st, &mut tx, lba, &[new], false);
             drop(space);
             if r.is_err() {
                 drop(st);
@@ -1083,5 +1105,31 @@ fn to_disk(name: &str, e: StoreError) -> DiskError {
             e.disk_error()
         }
         _ => e.disk_error(),
+    }
+}
+
+/// Test-only hooks into race windows.
+#[cfg(test)]
+pub(super) mod test_hooks {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use parking_lot::Mutex;
+
+    /// Microseconds a write sleeps between looking blocks up in the dedup index and sharing
+    /// them (0: none).
+    pub static DEDUP_PAUSE_US: AtomicU64 = AtomicU64::new(0);
+    /// Run once, by the next write, between its dedup lookup and its change.
+    #[allow(clippy::type_complexity)]
+    pub static AFTER_DEDUP_LOOKUP: Mutex<Option<Box<dyn FnOnce() + Send>>> = Mutex::new(None);
+
+    pub fn pause_after_dedup_lookup() {
+        let us = DEDUP_PAUSE_US.load(Ordering::Relaxed);
+        if us > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(us));
+        }
+        let hook = AFTER_DEDUP_LOOKUP.lock().take();
+        if let Some(f) = hook {
+            f();
+        }
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! [`RcTable::releases`]: super::refcount::RcTable::releases
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +32,7 @@ use super::{
 };
 
 /// The store's dedup settings and index, for `parallax dedup status` and `df`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DedupStatus {
     /// Whether the store keeps a dedup index (format 7 on).
     pub supported: bool,
@@ -44,6 +44,20 @@ pub struct DedupStatus {
     pub index_entries: u64,
     /// RAM the index's filter holds.
     pub filter_bytes: u64,
+}
+
+/// Dedup in `df`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DedupUsage {
+    #[serde(flatten)]
+    pub status: DedupStatus,
+    /// Bytes of the index's nodes on disk.
+    pub index_bytes: u64,
+    /// Data blocks in the index that more than one map node points at.
+    pub shared_blocks: u64,
+    /// What those extra references would take as copies: bytes saved by dedup, and by map
+    /// nodes a fork copied from its snapshot (both point at the same blocks).
+    pub saved_bytes: u64,
 }
 
 /// What a dedup pass did.
@@ -145,6 +159,45 @@ impl Store {
         }
     }
 
+    /// The index and what the blocks in it share (walks the index; entries as the open
+    /// generation changed them).
+    pub fn dedup_usage(&self) -> StoreResult<DedupUsage> {
+        let mut status = self.dedup_status();
+        let (nodes, entries) = self.dedup.lock().contents(&*self.dev)?;
+        let mut entries: HashMap<Hash24, u64> = entries.into_iter().collect();
+        for (h, op) in self.space.lock().dedup.ops() {
+            match op {
+                IndexOp::Set(a) => {
+                    entries.insert(h, a);
+                }
+                IndexOp::RemoveIf(a) if entries.get(&h) == Some(&a) => {
+                    entries.remove(&h);
+                }
+                IndexOp::RemoveIf(_) => {}
+                IndexOp::Remove => {
+                    entries.remove(&h);
+                }
+            }
+        }
+        status.index_entries = entries.len() as u64;
+        Space::load_pages(&self.space, &*self.dev, entries.values().copied())?;
+        let mut space = self.space.lock();
+        let (mut shared, mut saved) = (0, 0);
+        for a in entries.into_values() {
+            let refs = space.rc.get(&*self.dev, a)? as u64;
+            if refs > 1 {
+                shared += 1;
+                saved += refs - 1;
+            }
+        }
+        Ok(DedupUsage {
+            status,
+            index_bytes: nodes.len() as u64 * BLOCK_SIZE_U64,
+            shared_blocks: shared,
+            saved_bytes: saved * BLOCK_SIZE_U64,
+        })
+    }
+
     /// Changes the dedup settings (durable on return).
     pub fn set_dedup(&self, inline: Option<bool>, trust_hash: Option<bool>) -> StoreResult<()> {
         self.check_writable()?;
@@ -179,10 +232,7 @@ impl Store {
     /// entries at an existing copy of their data where only this tree reaches them (so no
     /// map node that several trees share is copied). Checkpoints as it goes and at the end,
     /// so what it freed is free when it returns.
-    pub fn dedup_pass(
-        &self,
-        progress: &mut dyn FnMut(DedupProgress),
-    ) -> StoreResult<DedupReport> {
+    pub fn dedup_pass(&self, progress: &mut dyn FnMut(DedupProgress)) -> StoreResult<DedupReport> {
         self.check_writable()?;
         if self.format_version() < DEDUP_VERSION {
             return Err(StoreError::Invalid(format!(
