@@ -4,6 +4,7 @@
 //! the running daemon's control socket — the same operations, the same output. Errors are one
 //! line on stderr and a non-zero exit: 1 for errors, 2 for usage, 3 when `check` finds damage.
 
+mod dedup;
 mod output;
 mod schedule;
 mod stream;
@@ -162,7 +163,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show space usage and what snapshots and forks save.
+    /// Store identical blocks once: a dedup pass, or the dedup settings.
+    Dedup(dedup::DedupArgs),
+    /// Show space usage and what snapshots, forks and dedup save.
     Df {
         /// Print the result as JSON, for scripts.
         #[arg(long)]
@@ -613,6 +616,7 @@ impl Command {
                 | VdiCommand::Migrate { json, .. } => *json,
             },
             Command::Schedule(s) => s.wants_json(),
+            Command::Dedup(d) => d.wants_json(),
             Command::Serve(_) | Command::Completions { .. } | Command::Man => false,
         }
     }
@@ -1013,6 +1017,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Vdi(cmd) => vdi(place.target()?, cmd),
         Command::Schedule(cmd) => schedule::schedule(place.target()?, cmd),
+        Command::Dedup(args) => dedup::dedup(place.target()?, args),
         Command::Check {
             metadata_only,
             json,

@@ -372,6 +372,14 @@ pub fn df(path: &Path, r: &DfReport) {
         format_size(r.stored_bytes),
         r.sharing_ratio
     );
+    if r.dedup.status.supported {
+        println!(
+            "dedup:      {}; {} shared, {} saved",
+            super::dedup::status_line(&r.dedup.status),
+            plural(r.dedup.shared_blocks, "block", "blocks"),
+            format_size(r.dedup.saved_bytes)
+        );
+    }
     if r.remote_caches > 0 {
         println!(
             "remote:     {} cached from {}",

@@ -31,6 +31,30 @@ pub struct Config {
     pub backing: BackingSection,
     /// The control protocol over TCP and TLS, for other hosts (`vdi migrate`).
     pub control: super::control_net::NetControlSettings,
+    /// Background dedup (README "Dedup").
+    pub dedup: DedupSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DedupSection {
+    /// Walk what the store holds while clients are not writing, sharing the blocks inline
+    /// dedup did not (as `parallax dedup` does).
+    pub background: bool,
+    /// Seconds without a client write before the worker runs.
+    pub idle_secs: u64,
+    /// Seconds between looks for new work once a pass is done.
+    pub every_secs: u64,
+}
+
+impl Default for DedupSection {
+    fn default() -> Self {
+        DedupSection {
+            background: true,
+            idle_secs: 10,
+            every_secs: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,6 +157,7 @@ impl Default for Config {
             metrics: MetricsSection::default(),
             backing: BackingSection::default(),
             control: Default::default(),
+            dedup: DedupSection::default(),
         }
     }
 }

@@ -141,6 +141,13 @@ pub enum Request {
     Gc,
     Df,
     Flush,
+    /// A dedup pass over everything stored.
+    Dedup,
+    DedupStatus,
+    DedupSet {
+        inline: Option<bool>,
+        trust_hash: Option<bool>,
+    },
     ScheduleSet {
         target: String,
         schedule: Schedule,
@@ -268,6 +275,19 @@ impl std::fmt::Display for Request {
                 if *verify_data { "" } else { " --metadata-only" }
             ),
             Request::Gc => write!(f, "gc"),
+            Request::Dedup => write!(f, "dedup"),
+            Request::DedupStatus => write!(f, "dedup status"),
+            Request::DedupSet { inline, trust_hash } => {
+                let onoff = |b: bool| if b { "on" } else { "off" };
+                write!(f, "dedup set")?;
+                if let Some(i) = inline {
+                    write!(f, " --inline {}", onoff(*i))?;
+                }
+                if let Some(t) = trust_hash {
+                    write!(f, " --trust-hash {}", onoff(*t))?;
+                }
+                Ok(())
+            }
             Request::Df => write!(f, "df"),
             Request::Flush => write!(f, "flush"),
             Request::ScheduleSet { target, schedule } => write!(
@@ -812,6 +832,14 @@ fn execute(
             let _ = progress(0, left);
         })?),
         Request::Df => to_value(s.df()?),
+        Request::Dedup => to_value(s.dedup_pass(&mut |p| {
+            let _ = progress(p.trees_done, p.trees_total);
+        })?),
+        Request::DedupStatus => to_value(s.dedup_status()),
+        Request::DedupSet { inline, trust_hash } => {
+            s.set_dedup(*inline, *trust_hash)?;
+            to_value(s.dedup_status())
+        }
         Request::Flush => to_value(s.flush()?),
         Request::ScheduleSet { target, schedule } => {
             s.set_schedule(target, schedule)?;

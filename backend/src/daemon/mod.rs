@@ -5,6 +5,7 @@ pub mod addr;
 pub mod config;
 pub mod control;
 pub mod control_net;
+pub mod deduper;
 pub mod hydrator;
 pub mod migrate;
 pub mod provider;

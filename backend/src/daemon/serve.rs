@@ -28,6 +28,7 @@ use super::{
     config::Config,
     control::{self, ControlContext},
     control_net,
+    deduper::{spawn_deduper, DedupSchedule},
     hydrator::spawn_hydrator,
     provider::{FrontEnd, StoreProvider},
 };
@@ -147,6 +148,7 @@ pub struct Daemon {
     metrics: Option<Endpoint>,
     scheduler: Option<Worker>,
     hydrator: Option<Worker>,
+    deduper: Option<Worker>,
 }
 
 /// Binds the metrics endpoint's address, with an error that names the setting.
@@ -278,6 +280,15 @@ impl Daemon {
                 spawn_hydrator(store.clone(), rate).context("cannot start background hydration")?,
             ),
         };
+        let deduper = if cfg.dedup.background {
+            let schedule = DedupSchedule {
+                idle: Duration::from_secs(cfg.dedup.idle_secs),
+                every: Duration::from_secs(cfg.dedup.every_secs.max(1)),
+            };
+            Some(spawn_deduper(store.clone(), schedule).context("cannot start background dedup")?)
+        } else {
+            None
+        };
         let ctx = Arc::new(ControlContext {
             store: store.clone(),
             store_path: store_path.display().to_string(),
@@ -329,6 +340,7 @@ impl Daemon {
             metrics: endpoint,
             scheduler: Some(scheduler),
             hydrator,
+            deduper,
         })
     }
 
@@ -378,6 +390,9 @@ impl Daemon {
         }
         if let Some(h) = self.hydrator.take() {
             h.stop();
+        }
+        if let Some(d) = self.deduper.take() {
+            d.stop();
         }
         if let Some(p) = &self.listening.nbd_unix {
             let _ = std::fs::remove_file(p);

@@ -390,6 +390,7 @@ impl StoreDisk {
     /// Writes `buf` at `offset`; with `fua`, durable on return.
     pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> StoreResult<()> {
         self.writable()?;
+        self.store.note_client_write();
         self.range(offset, buf.len() as u64)?;
         let end = offset + buf.len() as u64;
         let mut pos = offset;

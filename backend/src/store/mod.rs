@@ -80,7 +80,7 @@ pub use migration::{incoming_name, parked_name, INCOMING_PREFIX, PARKED_PREFIX};
 pub use registry::{is_hidden, split_name, validate_name, Kind};
 pub use rollback::RollbackReport;
 pub use schedules::{validate_target, KeepRule, Schedule};
-pub use sharing::{DedupProgress, DedupReport, DedupStatus, DedupUsage};
+pub use sharing::{DedupPosition, DedupProgress, DedupReport, DedupStatus, DedupUsage};
 pub use staging::{is_staging, Staged, STAGING_PREFIX};
 pub use store::{Store, StoreOptions};
 

@@ -78,6 +78,13 @@ pub struct DedupReport {
     pub seconds: f64,
 }
 
+/// Where a pass goes on: the VDI or snapshot id, and the block within it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupPosition {
+    pub id: u64,
+    pub lba: u64,
+}
+
 /// Progress of a pass, for a progress bar.
 #[derive(Debug, Clone, Copy)]
 pub struct DedupProgress {
@@ -233,46 +240,11 @@ impl Store {
     /// map node that several trees share is copied). Checkpoints as it goes and at the end,
     /// so what it freed is free when it returns.
     pub fn dedup_pass(&self, progress: &mut dyn FnMut(DedupProgress)) -> StoreResult<DedupReport> {
-        self.check_writable()?;
-        if self.format_version() < DEDUP_VERSION {
-            return Err(StoreError::Invalid(format!(
-                "this store is format {}, which has no dedup index; run `parallax upgrade` first",
-                self.format_version()
-            )));
-        }
         let started = Instant::now();
         let free_before = self.space.lock().rc.free();
-        let ids: Vec<u64> = {
-            let mut cat = self.catalog.lock();
-            self.all_records(&mut cat)?
-                .into_iter()
-                .filter(|r| !is_staging(&r.name))
-                .map(|r| r.id)
-                .collect()
-        };
+        let mut pos = DedupPosition::default();
         let mut report = DedupReport::default();
-        let total = ids.len() as u64;
-        for (n, id) in ids.into_iter().enumerate() {
-            let v = match self.vdi(id) {
-                Ok(v) => v,
-                Err(StoreError::NotFound(_)) => continue,
-                Err(e) => return Err(e),
-            };
-            self.dedup_tree(&v, &mut report, &mut |r| {
-                progress(DedupProgress {
-                    trees_done: n as u64,
-                    trees_total: total,
-                    blocks_scanned: r.blocks_scanned,
-                })
-            })?;
-            report.trees += 1;
-            self.after_change()?;
-        }
-        progress(DedupProgress {
-            trees_done: total,
-            trees_total: total,
-            blocks_scanned: report.blocks_scanned,
-        });
+        while !self.dedup_step(&mut pos, u64::MAX, &mut report, progress)? {}
         // Two checkpoints: the first frees what the pass freed, the second takes apart the
         // map nodes it orphaned.
         self.checkpoint_through(self.open_generation(), false)?;
@@ -283,28 +255,95 @@ impl Store {
         Ok(report)
     }
 
+    /// Goes on with a pass from `pos` for about `budget` data blocks (at least one leaf),
+    /// adding to `report`; returns true when the pass has walked everything. Positions are
+    /// VDI ids (ascending: a tree made meanwhile is reached, one deleted is skipped) and
+    /// blocks within them, so a pass can pause and resume, as the daemon's worker does.
+    pub fn dedup_step(
+        &self,
+        pos: &mut DedupPosition,
+        budget: u64,
+        report: &mut DedupReport,
+        progress: &mut dyn FnMut(DedupProgress),
+    ) -> StoreResult<bool> {
+        self.check_writable()?;
+        if self.format_version() < DEDUP_VERSION {
+            return Err(StoreError::Invalid(format!(
+                "this store is format {}, which has no dedup index; run `parallax upgrade` first",
+                self.format_version()
+            )));
+        }
+        let mut ids: Vec<u64> = {
+            let mut cat = self.catalog.lock();
+            self.all_records(&mut cat)?
+                .into_iter()
+                .filter(|r| !is_staging(&r.name))
+                .map(|r| r.id)
+                .collect()
+        };
+        ids.sort_unstable();
+        let total = ids.len() as u64;
+        let first = ids.partition_point(|&id| id < pos.id);
+        let budget_end = report.blocks_scanned.saturating_add(budget.max(1));
+        for (n, &id) in ids.iter().enumerate().skip(first) {
+            if id != pos.id {
+                *pos = DedupPosition { id, lba: 0 };
+            }
+            let v = match self.vdi(id) {
+                Ok(v) => v,
+                Err(StoreError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let done = self.dedup_tree(&v, &mut pos.lba, budget_end, report, &mut |r| {
+                progress(DedupProgress {
+                    trees_done: n as u64,
+                    trees_total: total,
+                    blocks_scanned: r.blocks_scanned,
+                })
+            })?;
+            self.after_change()?;
+            if !done {
+                return Ok(false);
+            }
+            report.trees += 1;
+            *pos = DedupPosition { id: id + 1, lba: 0 };
+        }
+        progress(DedupProgress {
+            trees_done: total,
+            trees_total: total,
+            blocks_scanned: report.blocks_scanned,
+        });
+        Ok(true)
+    }
+
+    /// Walks `v` from block `*lba` until the report has scanned `budget_end` blocks; true
+    /// when it reached the end.
     fn dedup_tree(
         &self,
         v: &Arc<Vdi>,
+        lba: &mut u64,
+        budget_end: u64,
         report: &mut DedupReport,
         progress: &mut dyn FnMut(&DedupReport),
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let blocks = v.state.read().rec.size.div_ceil(BLOCK_SIZE_U64);
-        let mut lba = 0;
-        while lba < blocks {
-            let leaf = match retry_evicted(|| self.leaf_at(v, lba))? {
-                Step::Gone => return Ok(()),
+        while *lba < blocks {
+            if report.blocks_scanned >= budget_end {
+                return Ok(false);
+            }
+            let leaf = match retry_evicted(|| self.leaf_at(v, *lba))? {
+                Step::Gone => return Ok(true),
                 Step::Skip(next) => {
-                    lba = next;
+                    *lba = next;
                     continue;
                 }
                 Step::Leaf(l) => l,
             };
-            lba = leaf.base + FANOUT as u64;
+            *lba = leaf.base + FANOUT as u64;
             self.dedup_leaf(v, &leaf, report)?;
             progress(report);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The leaf holding block `lba` of `v`, as it is now.

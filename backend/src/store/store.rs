@@ -110,6 +110,8 @@ pub struct Store {
     /// The format version the store is in (1 until `upgrade`).
     version: AtomicU64,
     pub(super) epoch: Epoch,
+    /// Writes through handles so far (background dedup runs while it stands still).
+    client_writes: AtomicU64,
     poisoned: AtomicBool,
     pub(super) options: StoreOptions,
     superblock: Superblock,
@@ -371,6 +373,7 @@ impl Store {
             checkpoint_worker: OnceLock::new(),
             checkpoint_hook: OnceLock::new(),
             epoch: Epoch::default(),
+            client_writes: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             dev,
             options,
@@ -561,6 +564,15 @@ impl Store {
     pub(super) fn vdi_named(&self, name: &str) -> StoreResult<Arc<Vdi>> {
         let id = self.catalog.lock().resolve(&*self.dev, name)?;
         self.vdi(id)
+    }
+
+    /// Writes made through handles since the store opened.
+    pub fn client_writes(&self) -> u64 {
+        self.client_writes.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn note_client_write(&self) {
+        self.client_writes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Blocks that can be allocated for data right now (after the checkpoint reserve).
