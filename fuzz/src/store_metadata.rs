@@ -2,11 +2,13 @@
 //!
 //! A small valid store is built once (VDIs with data, snapshots, a fork, a sparse 1 TiB VDI,
 //! enough VDIs for a two-level registry, a deleted VDI whose nodes wait on the orphan list,
-//! and changes after the last checkpoint that only the intent log holds).
+//! blocks shared by dedup and so a dedup index, and changes after the last checkpoint that
+//! only the intent log holds, a write that dedup shared among them).
 //! Each input then overwrites bytes of its metadata blocks — superblock, commit slots, group
-//! headers, refcount pages, map nodes, registry nodes, orphan blocks, log blocks — and the store is opened
-//! and used: list, stat, info, tree, df, reads and block status of every VDI, check, and
-//! (if the input asks) writes, a snapshot, a delete, gc and a reopen. Errors are fine; a panic,
+//! headers, refcount pages, map nodes, registry nodes, dedup index nodes, orphan blocks, log
+//! blocks — and the store is opened and used: list, stat, info, tree, df, reads and block
+//! status of every VDI, check, and (if the input asks) writes, a snapshot, a delete, gc, a
+//! dedup pass and a reopen. Errors are fine; a panic,
 //! a hang or an absurd allocation is a bug.
 //!
 //! Checksums would stop almost every mutation at the first read, so by default the harness
@@ -77,6 +79,11 @@ fn build() -> Image {
         a.write(&tagged(i), i * 37 % 1024 * BLOCK_SIZE_U64, false)
             .unwrap();
     }
+    // Copies of blocks already there: dedup shares them.
+    for i in 0..4u64 {
+        a.write(&tagged(i), (900 + i) * BLOCK_SIZE_U64, false)
+            .unwrap();
+    }
     s.snapshot("a", "s1").unwrap();
     a.write(&tagged(100), 0, false).unwrap();
     s.fork("a@s1", "b").unwrap();
@@ -113,6 +120,8 @@ fn build() -> Image {
     s.flush().unwrap();
     s.snapshot("b", "s2").unwrap();
     b.write(&tagged(501), 7 * BLOCK_SIZE_U64, false).unwrap();
+    // The same data as block 0 of `a`: shared by inline dedup, a Share entry in the log.
+    b.write(&tagged(0), 8 * BLOCK_SIZE_U64, false).unwrap();
     b.discard(0, BLOCK_SIZE_U64).unwrap();
     drop(b);
     s.rename("big", "huge").unwrap();
@@ -239,6 +248,7 @@ fn exercise(dev: &Arc<MemDevice>, writes: bool) {
         let _ = s.delete(&v.name, true);
     }
     let _ = s.gc(&mut |_| {});
+    let _ = s.dedup_pass(&mut |_| {});
     let _ = s.flush();
     let _ = s.close();
     drop(s);
