@@ -147,6 +147,9 @@ pub struct BTree {
     pub height: u8,
     clean: HashMap<u64, (super::format::Hash24, Arc<BNode>)>,
     dirty: HashMap<u64, BNode>,
+    /// Nodes finalized but maybe not on the device yet: read from here, never from the
+    /// device, until [`BTree::written`].
+    unwritten: HashMap<u64, (super::format::Hash24, Arc<BNode>)>,
     pub cache_cap: usize,
 }
 
@@ -157,6 +160,7 @@ impl BTree {
             height,
             clean: HashMap::new(),
             dirty: HashMap::new(),
+            unwritten: HashMap::new(),
             cache_cap: 4096,
         }
     }
@@ -165,6 +169,9 @@ impl BTree {
         let addr = p.addr();
         if self.dirty.contains_key(&addr) {
             return Ok(&self.dirty[&addr]);
+        }
+        if matches!(self.unwritten.get(&addr), Some((h, _)) if *h == p.hash) {
+            return Ok(&self.unwritten[&addr].1);
         }
         if !matches!(self.clean.get(&addr), Some((h, _)) if *h == p.hash) {
             let mut b = [0u8; BLOCK_SIZE];
@@ -193,6 +200,7 @@ impl BTree {
         let new = ctx.alloc()?;
         ctx.rc.decr(ctx.dev, addr)?;
         self.clean.remove(&addr);
+        self.unwritten.remove(&addr);
         self.dirty.insert(new, node);
         *slot = slot.with_addr(new);
         Ok(new)
@@ -502,8 +510,19 @@ impl BTree {
         let enc = node.encode();
         let h = hash24(&enc[..]);
         slot.hash = h;
-        self.clean.insert(addr, (h, Arc::new(node)));
+        self.unwritten.insert(addr, (h, Arc::new(node)));
         out.push((addr, enc));
+    }
+
+    /// The blocks the last [`BTree::finalize`] returned are on the device: their nodes move
+    /// to the cache, as far as its bound allows.
+    pub fn written(&mut self) {
+        for (addr, node) in self.unwritten.drain() {
+            if self.clean.len() >= self.cache_cap {
+                break;
+            }
+            self.clean.insert(addr, node);
+        }
     }
 
     /// Every block of the tree (for `check`), with the node it holds.
@@ -570,6 +589,7 @@ mod tests {
         for (addr, b) in t.finalize() {
             dev.write_at(&b[..], addr * BLOCK_SIZE_U64).unwrap();
         }
+        t.written();
         t.clean.clear();
     }
 

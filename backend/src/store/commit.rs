@@ -350,6 +350,9 @@ impl Store {
         let blocks = writes.len();
         write_sorted(&*self.dev, writes)?;
         self.dev.sync()?;
+        // The trees' new nodes are on the device: they may be read from it again.
+        self.catalog.lock().tree.written();
+        self.dedup.lock().written();
         let slot = COMMIT_SLOTS[(record.gen % 2) as usize];
         self.dev
             .write_at(&record.encode(slot)[..], slot * BLOCK_SIZE_U64)?;

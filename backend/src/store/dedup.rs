@@ -217,7 +217,8 @@ impl DedupIndex {
     /// the filter.
     pub fn open(dev: &dyn Device, root: DedupRoot) -> StoreResult<DedupIndex> {
         let mut tree = BTree::new(root.root, root.height);
-        tree.cache_cap = 1024;
+        // Decoded, a full index leaf takes about 12 KiB.
+        tree.cache_cap = 256;
         let mut bloom = Bloom::new(root.entries * 2);
         let mut found = 0u64;
         let mut bad = None;
@@ -351,6 +352,11 @@ impl DedupIndex {
     /// Encodes and hashes the nodes the last apply changed: the blocks to write.
     pub fn finalize(&mut self) -> Vec<(u64, Box<[u8; BLOCK_SIZE]>)> {
         self.tree.finalize()
+    }
+
+    /// What [`DedupIndex::finalize`] returned is on the device.
+    pub fn written(&mut self) {
+        self.tree.written();
     }
 }
 
