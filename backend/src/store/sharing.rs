@@ -399,9 +399,14 @@ impl Store {
         let mut enter = Vec::new();
         let mut remap = Vec::new();
         let trust = self.dedup.lock().trust_hash();
+        // Copies within this leaf share the first one, which is entered.
+        let mut first: HashMap<Hash24, u64> = HashMap::new();
         for (&(i, p), cand) in entries.iter().zip(found) {
-            match cand {
-                None => enter.push(p),
+            match cand.or_else(|| first.get(&p.hash).copied()) {
+                None => {
+                    first.insert(p.hash, p.addr());
+                    enter.push(p);
+                }
                 Some(b) if b == p.addr() => {}
                 Some(_) if !leaf.private => {}
                 Some(b) => {
