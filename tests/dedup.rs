@@ -155,8 +155,9 @@ fn a_pass_and_the_background_worker_collapse_copies_written_without_inline_dedup
     }
     assert!(
         stored(&store) <= target,
-        "the worker did not collapse the copies within 60 s: {:#}",
-        df(&store)
+        "the worker did not collapse the copies within 60 s: {:#}\n{}",
+        df(&store),
+        d.stderr()
     );
     assert!(d.wait_stderr("dedup: pass done"), "{}", d.stderr());
     d.stop();

@@ -49,9 +49,9 @@ fn a_format_1_store_reads_writes_serves_and_upgrades() {
     let up = store.json(&["upgrade", "--json"]);
     assert_eq!(
         up,
-        serde_json::json!({"from": 1, "to": 6, "upgraded": true})
+        serde_json::json!({"from": 1, "to": 7, "upgraded": true})
     );
-    assert_eq!(format(&store), 6);
+    assert_eq!(format(&store), 7);
     let again: Value = store.json(&["upgrade", "--json"]);
     assert_eq!(again["upgraded"], false);
     store.assert_clean();

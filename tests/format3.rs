@@ -59,9 +59,9 @@ fn a_format_3_store_reads_writes_and_upgrades_for_schedules() {
     let up = store.json(&["upgrade", "--json"]);
     assert_eq!(
         up,
-        serde_json::json!({"from": 3, "to": 6, "upgraded": true})
+        serde_json::json!({"from": 3, "to": 7, "upgraded": true})
     );
-    assert_eq!(format(&store), 6);
+    assert_eq!(format(&store), 7);
     store.assert_clean();
     assert_eq!(store.export("a"), a1);
     assert_eq!(store.export("b"), b);
@@ -73,6 +73,6 @@ fn a_format_3_store_reads_writes_and_upgrades_for_schedules() {
     d.kill9();
     let list = store.json(&["schedule", "list", "--json"]);
     assert_eq!(list[0]["target"], "a");
-    assert_eq!(format(&store), 6);
+    assert_eq!(format(&store), 7);
     store.assert_clean();
 }

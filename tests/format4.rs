@@ -58,9 +58,9 @@ fn a_format_4_store_reads_writes_and_upgrades_for_backed_vdis() {
     let up = store.json(&["upgrade", "--json"]);
     assert_eq!(
         up,
-        serde_json::json!({"from": 4, "to": 6, "upgraded": true})
+        serde_json::json!({"from": 4, "to": 7, "upgraded": true})
     );
-    assert_eq!(format(&store), 6);
+    assert_eq!(format(&store), 7);
     store.assert_clean();
     assert_eq!(store.export("a"), a1);
     assert_eq!(store.export("b"), b);

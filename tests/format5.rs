@@ -60,9 +60,9 @@ fn a_format_5_store_reads_writes_and_upgrades_for_migration() {
     let up = store.json(&["upgrade", "--json"]);
     assert_eq!(
         up,
-        serde_json::json!({"from": 5, "to": 6, "upgraded": true})
+        serde_json::json!({"from": 5, "to": 7, "upgraded": true})
     );
-    assert_eq!(format(&store), 6);
+    assert_eq!(format(&store), 7);
     store.assert_clean();
     assert_eq!(store.export("a"), a1);
     assert_eq!(store.export("b"), b);

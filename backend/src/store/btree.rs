@@ -418,16 +418,14 @@ impl BTree {
             self.height = 0;
             return Ok(old);
         }
-        // A branch root with one child gives way to the child.
+        // A branch root with one child gives way to the child (which this remove may not have
+        // touched: then it is not in the transaction).
         while self.height > 1 {
-            let BNode::Branch(es) = &self.dirty[&root.addr()] else {
-                break;
+            let child = match self.node(ctx.dev, root)? {
+                BNode::Branch(es) if es.len() == 1 => es[0].1,
+                _ => break,
             };
-            if es.len() != 1 {
-                break;
-            }
-            let child = es[0].1;
-            self.free_dirty(ctx, root.addr())?;
+            self.free_node(ctx, root.addr())?;
             root = child;
             self.height -= 1;
         }
@@ -479,6 +477,13 @@ impl BTree {
         self.dirty.remove(&addr);
         ctx.rc.decr(ctx.dev, addr)?;
         Ok(())
+    }
+
+    /// Frees a node of the tree, in the transaction or not.
+    fn free_node(&mut self, ctx: &mut Ctx, addr: u64) -> StoreResult<()> {
+        self.clean.remove(&addr);
+        self.unwritten.remove(&addr);
+        self.free_dirty(ctx, addr)
     }
 
     /// Encodes and hashes every dirty node bottom-up; returns the blocks to write. `root` is
@@ -633,6 +638,44 @@ mod tests {
                 prop_assert_eq!(got, want);
             }
         }
+    }
+
+    /// Removing every key, largest first, from a committed tree of three levels: the root
+    /// keeps giving way to a child that the removes did not touch.
+    #[test]
+    fn removing_everything_from_a_committed_tree() {
+        let (dev, mut rc) = setup();
+        let mut cursor = Cursor::default();
+        let mut t = BTree::new(Ptr::HOLE, 0);
+        let keys: Vec<Vec<u8>> = (0..20_000u32)
+            .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[..24].to_vec())
+            .collect();
+        let mut ctx = Ctx {
+            dev: &dev,
+            rc: &mut rc,
+            cursor: &mut cursor,
+        };
+        for k in &keys {
+            t.insert(&mut ctx, k, &[7; 8]).unwrap();
+        }
+        drop(ctx);
+        assert!(t.height >= 3, "height {}", t.height);
+        commit(&mut t, &dev);
+        let mut sorted = keys.clone();
+        sorted.sort();
+        for (n, k) in sorted.iter().rev().enumerate() {
+            let mut ctx = Ctx {
+                dev: &dev,
+                rc: &mut rc,
+                cursor: &mut cursor,
+            };
+            assert!(t.remove(&mut ctx, k).unwrap().is_some());
+            if n % 997 == 0 {
+                commit(&mut t, &dev);
+            }
+        }
+        assert_eq!(t.height, 0);
+        assert_eq!(rc.allocated(), 0, "every node freed");
     }
 
     #[test]

@@ -30,14 +30,14 @@ use super::{
 };
 
 /// What the open generation did to one hash's entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum IndexOp {
     /// The hash now names this block (whatever it named before).
     Set(u64),
-    /// Remove the entry if it names this block (the block was freed).
-    RemoveIf(u64),
-    /// Remove the entry (two different freed blocks had this hash: simplest to forget it;
-    /// losing an entry only loses a chance to share).
+    /// Remove the entry if it names one of these blocks (they were freed). Several blocks
+    /// with one hash are freed together when a pass collapses their copies onto another.
+    RemoveIf(Vec<u64>),
+    /// Remove the entry (the block the generation had entered was freed).
     Remove,
 }
 
@@ -69,24 +69,32 @@ impl IndexChanges {
         if !self.enabled {
             return;
         }
-        let op = match self.ops.get(&hash) {
-            None => IndexOp::RemoveIf(addr),
-            Some(IndexOp::Set(a)) if *a == addr => IndexOp::Remove,
-            // The index will name another, live block: nothing to remove.
-            Some(IndexOp::Set(_)) => return,
-            Some(IndexOp::RemoveIf(a)) if *a == addr => return,
-            Some(IndexOp::RemoveIf(_)) | Some(IndexOp::Remove) => IndexOp::Remove,
-        };
-        self.ops.insert(hash, op);
+        match self.ops.get_mut(&hash) {
+            None => {
+                self.ops.insert(hash, IndexOp::RemoveIf(vec![addr]));
+            }
+            Some(op @ IndexOp::Set(_)) => {
+                if *op == IndexOp::Set(addr) {
+                    *op = IndexOp::Remove;
+                }
+                // Otherwise the index will name another, live block: nothing to remove.
+            }
+            Some(IndexOp::RemoveIf(freed)) => {
+                if !freed.contains(&addr) {
+                    freed.push(addr);
+                }
+            }
+            Some(IndexOp::Remove) => {}
+        }
     }
 
     pub fn get(&self, hash: &Hash24) -> Option<IndexOp> {
-        self.ops.get(hash).copied()
+        self.ops.get(hash).cloned()
     }
 
     /// Every hash's change so far.
     pub fn ops(&self) -> Vec<(Hash24, IndexOp)> {
-        self.ops.iter().map(|(h, o)| (*h, *o)).collect()
+        self.ops.iter().map(|(h, o)| (*h, o.clone())).collect()
     }
 
     pub fn keys(&self) -> Vec<Hash24> {
@@ -283,8 +291,8 @@ impl DedupIndex {
         let except = match pending {
             Some(IndexOp::Set(a)) => return Ok(Found::Block(a)),
             Some(IndexOp::Remove) => return Ok(Found::Absent),
-            Some(IndexOp::RemoveIf(a)) => Some(a),
-            None => None,
+            Some(IndexOp::RemoveIf(freed)) => freed,
+            None => Vec::new(),
         };
         if !self.bloom.may_contain(h) {
             return Ok(Found::SurelyNew);
@@ -292,7 +300,7 @@ impl DedupIndex {
         match self.tree.get(dev, h)? {
             Some(v) => {
                 let (_, a) = decode_entry(h, &v)?;
-                Ok(if Some(a) == except {
+                Ok(if except.contains(&a) {
                     Found::Absent
                 } else {
                     Found::Block(a)
@@ -325,9 +333,9 @@ impl DedupIndex {
                     }
                     self.bloom.insert(&h);
                 }
-                IndexOp::RemoveIf(a) => {
+                IndexOp::RemoveIf(freed) => {
                     if let Some(v) = self.tree.get(ctx.dev, &h)? {
-                        if decode_entry(&h, &v)?.1 == a {
+                        if freed.contains(&decode_entry(&h, &v)?.1) {
                             self.tree.remove(ctx, &h)?;
                             self.entries -= 1;
                         }
@@ -407,9 +415,10 @@ mod tests {
         c.freed(h(1), 10);
         assert_eq!(c.get(&h(1)), Some(IndexOp::Remove));
         c.freed(h(2), 20);
-        assert_eq!(c.get(&h(2)), Some(IndexOp::RemoveIf(20)));
+        assert_eq!(c.get(&h(2)), Some(IndexOp::RemoveIf(vec![20])));
+        // Copies collapsed onto a third block: the index may still name that one.
         c.freed(h(2), 21);
-        assert_eq!(c.get(&h(2)), Some(IndexOp::Remove));
+        assert_eq!(c.get(&h(2)), Some(IndexOp::RemoveIf(vec![20, 21])));
         c.claimed(h(3), 30);
         c.freed(h(3), 31);
         assert_eq!(c.get(&h(3)), Some(IndexOp::Set(30)));

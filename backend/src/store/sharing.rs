@@ -177,10 +177,11 @@ impl Store {
                 IndexOp::Set(a) => {
                     entries.insert(h, a);
                 }
-                IndexOp::RemoveIf(a) if entries.get(&h) == Some(&a) => {
-                    entries.remove(&h);
+                IndexOp::RemoveIf(freed) => {
+                    if entries.get(&h).is_some_and(|a| freed.contains(a)) {
+                        entries.remove(&h);
+                    }
                 }
-                IndexOp::RemoveIf(_) => {}
                 IndexOp::Remove => {
                     entries.remove(&h);
                 }
@@ -331,16 +332,24 @@ impl Store {
             if report.blocks_scanned >= budget_end {
                 return Ok(false);
             }
-            let leaf = match retry_evicted(|| self.leaf_at(v, *lba))? {
-                Step::Gone => return Ok(true),
-                Step::Skip(next) => {
-                    *lba = next;
-                    continue;
+            // A leaf whose changes a checkpoint overtook (it made freed blocks reusable) is
+            // read and done again, a few times at most; a later pass gets what is left.
+            let mut next = None;
+            for _ in 0..3 {
+                let leaf = match retry_evicted(|| self.leaf_at(v, *lba))? {
+                    Step::Gone => return Ok(true),
+                    Step::Skip(n) => {
+                        next = Some(n);
+                        break;
+                    }
+                    Step::Leaf(l) => l,
+                };
+                next = Some(leaf.base + FANOUT as u64);
+                if self.dedup_leaf(v, &leaf, report)? {
+                    break;
                 }
-                Step::Leaf(l) => l,
-            };
-            *lba = leaf.base + FANOUT as u64;
-            self.dedup_leaf(v, &leaf, report)?;
+            }
+            *lba = next.expect("set by the first try");
             progress(report);
         }
         Ok(true)
@@ -385,13 +394,15 @@ impl Store {
         Ok(Step::Skip(u64::MAX))
     }
 
-    fn dedup_leaf(&self, v: &Arc<Vdi>, leaf: &Leaf, report: &mut DedupReport) -> StoreResult<()> {
+    /// Enters and remaps what one leaf holds; false if a checkpoint overtook it (nothing
+    /// remapped then).
+    fn dedup_leaf(&self, v: &Arc<Vdi>, leaf: &Leaf, report: &mut DedupReport) -> StoreResult<bool> {
         let entries: Vec<(usize, Ptr)> = (0..FANOUT)
             .map(|i| (i, leaf.node.get(i)))
             .filter(|(_, p)| p.is_block())
             .collect();
         if entries.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         report.blocks_scanned += entries.len() as u64;
         let hashes: Vec<Hash24> = entries.iter().map(|(_, p)| p.hash).collect();
@@ -421,20 +432,23 @@ impl Store {
         if !enter.is_empty() {
             Space::load_pages(&self.space, &*self.dev, enter.iter().map(|p| p.addr()))?;
             let mut space = self.space.lock();
-            if space.rc.releases() == leaf.seen {
-                for p in enter {
-                    if space.rc.get(&*self.dev, p.addr())? > 0 && space.dedup.get(&p.hash).is_none()
-                    {
-                        space.dedup.claimed(p.hash, p.addr());
-                        report.blocks_indexed += 1;
-                    }
+            if space.rc.releases() != leaf.seen {
+                return Ok(false);
+            }
+            for p in enter {
+                if space.rc.get(&*self.dev, p.addr())? > 0 && space.dedup.get(&p.hash).is_none() {
+                    space.dedup.claimed(p.hash, p.addr());
+                    report.blocks_indexed += 1;
                 }
             }
         }
         if !remap.is_empty() {
-            report.blocks_shared += self.remap(v, leaf, &remap)?;
+            match self.remap(v, leaf, &remap)? {
+                Some(n) => report.blocks_shared += n,
+                None => return Ok(false),
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the data block `p` points at and block `b` hold the same bytes (`p`'s own
@@ -454,14 +468,19 @@ impl Store {
     }
 
     /// Points each `(lba, old, copy)` at `copy` where the map still holds `old`; returns how
-    /// many it changed.
-    fn remap(&self, v: &Arc<Vdi>, leaf: &Leaf, remap: &[(u64, Ptr, u64)]) -> StoreResult<u64> {
+    /// many it changed, or `None` if a checkpoint overtook the leaf (nothing changed).
+    fn remap(
+        &self,
+        v: &Arc<Vdi>,
+        leaf: &Leaf,
+        remap: &[(u64, Ptr, u64)],
+    ) -> StoreResult<Option<u64>> {
         let addrs = remap.iter().flat_map(|&(_, p, b)| [p.addr(), b]);
         Space::load_pages(&self.space, &*self.dev, addrs)?;
         let change = self.change();
         let mut st = v.state.write();
         if st.deleted {
-            return Ok(0);
+            return Ok(Some(0));
         }
         let mut cur = Vec::with_capacity(FANOUT);
         let root = (st.rec.root, st.rec.height);
@@ -479,7 +498,7 @@ impl Store {
         })?;
         let mut space = self.space.lock();
         if space.rc.releases() != leaf.seen {
-            return Ok(0);
+            return Ok(None);
         }
         let mut tx = self.tx(&mut space, change.gen);
         let mut done = 0;
@@ -490,6 +509,6 @@ impl Store {
             self.set_map(v, &mut st, &mut tx, lba, &[old.with_addr(copy)], true)?;
             done += 1;
         }
-        Ok(done)
+        Ok(Some(done))
     }
 }
