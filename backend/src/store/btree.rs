@@ -650,15 +650,16 @@ mod tests {
         let keys: Vec<Vec<u8>> = (0..20_000u32)
             .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes()[..24].to_vec())
             .collect();
-        let mut ctx = Ctx {
-            dev: &dev,
-            rc: &mut rc,
-            cursor: &mut cursor,
-        };
-        for k in &keys {
-            t.insert(&mut ctx, k, &[7; 8]).unwrap();
+        {
+            let mut ctx = Ctx {
+                dev: &dev,
+                rc: &mut rc,
+                cursor: &mut cursor,
+            };
+            for k in &keys {
+                t.insert(&mut ctx, k, &[7; 8]).unwrap();
+            }
         }
-        drop(ctx);
         assert!(t.height >= 3, "height {}", t.height);
         commit(&mut t, &dev);
         let mut sorted = keys.clone();
