@@ -682,9 +682,9 @@ impl Store {
             used_bytes: allocated * BLOCK_SIZE_U64,
             // Blocks reserved for imminent writes count as free: the store takes them back
             // when it runs short.
-            free_bytes: (space.rc.free() + space.rc.reserved()).saturating_sub(space.reserve)
+            free_bytes: (space.rc.free() + space.rc.reserved()).saturating_sub(space.reserve())
                 * BLOCK_SIZE_U64,
-            reserved_bytes: space.reserve.min(space.rc.free()) * BLOCK_SIZE_U64,
+            reserved_bytes: space.reserve().min(space.rc.free()) * BLOCK_SIZE_U64,
             pending_bytes: space.rc.pending() * BLOCK_SIZE_U64,
             orphan_nodes: space.orphans.list.len() as u64,
             vdis,

@@ -224,8 +224,12 @@ impl Store {
         {
             let ops = space.dedup.take();
             if !ops.is_empty() {
+                let mut index = self.dedup.lock();
                 let mut ctx = Catalog::ctx(&*self.dev, &mut space);
-                self.dedup.lock().apply(&mut ctx, ops)?;
+                index.apply(&mut ctx, ops)?;
+                let entries = index.entries;
+                drop(index);
+                space.index_entries = entries;
             }
         }
         let orphans = if space.orphans.changed {

@@ -92,6 +92,11 @@ impl IndexChanges {
         self.ops.get(hash).cloned()
     }
 
+    /// Hashes changed so far.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
     /// Every hash's change so far.
     pub fn ops(&self) -> Vec<(Hash24, IndexOp)> {
         self.ops.iter().map(|(h, o)| (*h, o.clone())).collect()

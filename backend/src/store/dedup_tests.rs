@@ -515,3 +515,48 @@ fn concurrent_writers_share_blocks_while_blocks_are_freed_and_reused() {
     s.flush().unwrap();
     assert_clean(&s, "after the writers");
 }
+
+/// A store kept full of unique data and overwritten again and again: each checkpoint copies
+/// much of the dedup index, and must always find the room to (the reserve grows with the
+/// index; before it did, such a checkpoint failed with "no space" and the store refused
+/// writes).
+#[test]
+fn overwriting_a_full_store_leaves_room_for_the_index() {
+    let dev: Arc<dyn Device> = Arc::new(MemDevice::new(24 << 20));
+    let s = new_store(dev);
+    // A VDI that fills all but a few hundred blocks: overwriting it goes on only as
+    // checkpoints free what it replaced, each with the index to copy.
+    let n = s.free_blocks() - 1000;
+    s.create_vdi("a", n * 4096).unwrap();
+    let mut seed = 0u64;
+    let mut unique = |len: u64| -> Vec<u8> {
+        (0..len / 8)
+            .flat_map(|_| {
+                seed += 1;
+                blake3::hash(&seed.to_le_bytes()).as_bytes()[..8].to_vec()
+            })
+            .collect()
+    };
+    let d = s.open_vdi("a", true).unwrap();
+    for round in 0..4 {
+        for chunk in 0..n.div_ceil(64) {
+            let at = chunk * 64;
+            let len = (n - at).min(64) * 4096;
+            d.write(&unique(len), at * 4096, false)
+                .unwrap_or_else(|e| {
+                    let sp = s.space.lock();
+                    panic!(
+                        "round {round} block {at}: {e}; free {} reserve {} reserved {} pending {} entries {}",
+                        sp.rc.free(),
+                        sp.reserve(),
+                        sp.rc.reserved(),
+                        sp.rc.pending(),
+                        s.dedup.lock().entries
+                    )
+                });
+        }
+    }
+    drop(d);
+    s.flush().unwrap();
+    assert_clean(&s, "after overwriting a full store");
+}

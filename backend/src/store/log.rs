@@ -925,7 +925,8 @@ mod tests {
             rc: RcTable::open(dev, geo, &sels, 0).unwrap(),
             orphans: Default::default(),
             meta_cursor: Cursor::default(),
-            reserve: 64,
+            base_reserve: 64,
+            index_entries: 0,
             dedup: Default::default(),
         })
     }

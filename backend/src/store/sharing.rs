@@ -501,13 +501,29 @@ impl Store {
             return Ok(None);
         }
         let mut tx = self.tx(&mut space, change.gen);
+        // Runs of adjacent entries, one change each. No copy is a block another entry here
+        // drops: copies are what the index names or the first of their data in this leaf,
+        // neither of which is remapped.
+        let mut run: Vec<Ptr> = Vec::new();
+        let mut start = 0;
         let mut done = 0;
         for &(lba, old, copy) in remap {
-            if cur[(lba - leaf.base) as usize] != old || tx.space.rc.get(tx.dev, copy)? == 0 {
-                continue;
+            let ok = cur[(lba - leaf.base) as usize] == old && tx.space.rc.get(tx.dev, copy)? > 0;
+            if !run.is_empty() && (!ok || lba != start + run.len() as u64) {
+                self.set_map(v, &mut st, &mut tx, start, &run, true)?;
+                done += run.len() as u64;
+                run.clear();
             }
-            self.set_map(v, &mut st, &mut tx, lba, &[old.with_addr(copy)], true)?;
-            done += 1;
+            if ok {
+                if run.is_empty() {
+                    start = lba;
+                }
+                run.push(old.with_addr(copy));
+            }
+        }
+        if !run.is_empty() {
+            self.set_map(v, &mut st, &mut tx, start, &run, true)?;
+            done += run.len() as u64;
         }
         Ok(Some(done))
     }

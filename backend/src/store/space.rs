@@ -18,14 +18,28 @@ pub(super) struct Space {
     pub orphans: OrphanList,
     /// Where metadata allocations (map nodes, registry nodes, orphan chains) continue.
     pub meta_cursor: Cursor,
-    /// Data allocations stop this many blocks short of full, so checkpoints always find room.
-    pub reserve: u64,
+    /// Data allocations stop [`Space::reserve`] blocks short of full, so checkpoints always
+    /// find room: this many, plus room for the next checkpoint to copy every node of the dedup
+    /// index and add what the open generation enters.
+    pub base_reserve: u64,
+    /// Entries in the dedup index as of the last cut.
+    pub index_entries: u64,
     /// What the open generation changed in the dedup index (dedup.rs): it changes with the
     /// refcounts of data blocks.
     pub dedup: IndexChanges,
 }
 
+/// Dedup index entries per node, about (nodes split half full; removals do not rebalance, so
+/// this is an estimate): what a checkpoint that copies every node of the index needs room for.
+const MIN_INDEX_ENTRIES_PER_NODE: u64 = 50;
+
 impl Space {
+    /// Blocks data allocations leave free for checkpoints.
+    pub fn reserve(&self) -> u64 {
+        let index = self.index_entries + self.dedup.len() as u64;
+        self.base_reserve + index.div_ceil(MIN_INDEX_ENTRIES_PER_NODE) + 1
+    }
+
     /// Allocates one block for metadata (may dig into the reserve kept for checkpoints).
     pub fn alloc_meta(&mut self, dev: &dyn Device) -> StoreResult<u64> {
         match self.rc.alloc(dev, &mut self.meta_cursor, 1, 0)? {
@@ -43,7 +57,7 @@ impl Space {
         need: u64,
         extra: u64,
     ) -> StoreResult<Option<Vec<(u64, u64)>>> {
-        let keep = self.reserve;
+        let keep = self.reserve();
         let mut runs = Vec::new();
         let mut got = 0;
         while got < need + extra {

@@ -344,10 +344,13 @@ impl Store {
                 chain,
             },
             meta_cursor: Cursor::default(),
-            reserve: (geo.data_blocks() / 200).clamp(64, 16384),
+            base_reserve: (geo.data_blocks() / 200).clamp(64, 16384),
+            index_entries: 0,
             dedup: IndexChanges::new(sb.version >= DEDUP_VERSION),
         };
         let dedup = DedupIndex::open(&*dev, last.dedup)?;
+        let mut space = space;
+        space.index_entries = dedup.entries;
         if let Some(p) = &path {
             info!(store = %p.display(), generation = last.gen, groups = geo.groups, "opened store");
         }
@@ -578,7 +581,7 @@ impl Store {
     /// Blocks that can be allocated for data right now (after the checkpoint reserve).
     pub fn free_blocks(&self) -> u64 {
         let s = self.space.lock();
-        s.rc.free().saturating_sub(s.reserve)
+        s.rc.free().saturating_sub(s.reserve())
     }
 
     /// Blocks per group that hold data, for reports.
