@@ -62,7 +62,9 @@ def _write(run, site, cfg, rep):
         modes.reverse()
     for job, rw, bs, depth in jobs:
         for mode, inline in modes:
-            store = _store(site, "dedup-w.px", 2 * size + (1 << 30), inline)
+            # Room for fio to overwrite the VDI several times between checkpoints, as in the
+            # other sections (a store of 6× the data).
+            store = _store(site, "dedup-w.px", 6 * size, inline)
             sh([site.bin, "--store", store, "vdi", "create", "w", "--size", str(size)])
             px = _px(site, store, f"parallax-dedup-{mode}")
             with px:
