@@ -239,10 +239,12 @@ impl Store {
             guid,
             ..st.rec.clone()
         };
-        drop(st);
         cat.next_id = cat.next_id.max(sid + 1);
         cat.set_name(&*self.dev, snapshot_key(vdi, name), id_bytes(sid))?;
         self.add_vdi(rec);
+        // Appended before the VDI's lock goes: a write that changes the VDI after the
+        // snapshot copied its record must come after the snapshot in the log too (replay
+        // would put it into the snapshot otherwise).
         self.log.append(&Entry::Snapshot {
             vdi,
             id: sid,
@@ -250,6 +252,7 @@ impl Store {
             name: name.to_string(),
             guid,
         });
+        drop(st);
         Ok(())
     }
 
@@ -438,10 +441,13 @@ impl Store {
         st.rec.size = snap.size;
         st.detached += 1;
         self.touch(&v, &mut st);
-        drop(st);
         let mut space = self.space.lock();
         self.tx(&mut space, gen).drop_ref(old, old_height)?;
+        // Before the VDI's lock goes, so that no write to it comes between (as for a
+        // snapshot).
         self.log.append(&Entry::Rollback { vdi, snapshot: sid });
+        drop(space);
+        drop(st);
         Ok(())
     }
 
