@@ -16,12 +16,12 @@ use super::{
     refcount::{Cursor, RcTable},
 };
 
-const LEAF: u8 = 1;
+pub const LEAF: u8 = 1;
 const BRANCH: u8 = 2;
 /// Node header: kind at 0, entry count (u16) at 2; entries from 4 (FORMAT.md §6).
-const KIND_AT: usize = 0;
-const COUNT_AT: usize = 2;
-const NODE_HEADER: usize = 4;
+pub const KIND_AT: usize = 0;
+pub const COUNT_AT: usize = 2;
+pub const NODE_HEADER: usize = 4;
 /// Longest key and value the tree takes (a leaf must hold at least two entries).
 pub const MAX_KEY: usize = 512;
 pub const MAX_VALUE: usize = 1400;
@@ -150,6 +150,8 @@ pub struct BTree {
     /// Nodes finalized but maybe not on the device yet: read from here, never from the
     /// device, until [`BTree::written`].
     unwritten: HashMap<u64, (super::format::Hash24, Arc<BNode>)>,
+    /// What the last [`BTree::merge`] made, until [`BTree::written`].
+    new_blocks: Arc<NewBlocks>,
     pub cache_cap: usize,
 }
 
@@ -161,6 +163,7 @@ impl BTree {
             clean: HashMap::new(),
             dirty: HashMap::new(),
             unwritten: HashMap::new(),
+            new_blocks: Arc::default(),
             cache_cap: 4096,
         }
     }
@@ -174,14 +177,10 @@ impl BTree {
             return Ok(&self.unwritten[&addr].1);
         }
         if !matches!(self.clean.get(&addr), Some((h, _)) if *h == p.hash) {
-            let mut b = [0u8; BLOCK_SIZE];
-            dev.read_at(&mut b, addr * BLOCK_SIZE_U64)?;
-            if hash24(&b) != p.hash {
-                return Err(StoreError::Corrupt(format!(
-                    "registry node at block {addr} fails its checksum"
-                )));
-            }
-            let node = BNode::decode(&b)?;
+            let node = match self.new_blocks.get(p) {
+                Some(b) => BNode::decode(b)?,
+                None => read_node(dev, p)?,
+            };
             if self.clean.len() >= self.cache_cap {
                 self.clean.clear();
             }
@@ -204,6 +203,27 @@ impl BTree {
         self.dirty.insert(new, node);
         *slot = slot.with_addr(new);
         Ok(new)
+    }
+
+    /// The leaf where `key` is if the tree holds it, without reading the leaf (for callers
+    /// that search leaves in place; the tree must have no transaction open).
+    pub fn leaf_for(&mut self, dev: &dyn Device, key: &[u8]) -> StoreResult<Option<Ptr>> {
+        if self.height == 0 {
+            return Ok(None);
+        }
+        let mut p = self.root;
+        for _ in 1..self.height {
+            match self.node(dev, p)? {
+                BNode::Branch(es) => p = es[branch_index(es, key)].1,
+                BNode::Leaf(_) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "registry node at block {} is a leaf above the tree's last level",
+                        p.addr()
+                    )))
+                }
+            }
+        }
+        Ok(Some(p))
     }
 
     pub fn get(&mut self, dev: &dyn Device, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
@@ -522,12 +542,173 @@ impl BTree {
     /// The blocks the last [`BTree::finalize`] returned are on the device: their nodes move
     /// to the cache, as far as its bound allows.
     pub fn written(&mut self) {
+        self.new_blocks = Arc::default();
         for (addr, node) in self.unwritten.drain() {
             if self.clean.len() >= self.cache_cap {
                 break;
             }
             self.clean.insert(addr, node);
         }
+    }
+
+    /// Changes many keys at once, for a tree changed only this way (the dedup index).
+    /// `keys` are sorted and distinct; `change(i, current)` gives key `i`'s new value (`None`:
+    /// absent). Every node on the way to a changed key is copied once, in key order, straight
+    /// into its encoded block (leaves are merged as bytes, not decoded); subtrees with no
+    /// changed key are not read, and a node whose contents come out the same is kept. Nodes
+    /// are split as `insert` would (each at least half full), never merged. The new blocks
+    /// wait in [`BTree::new_blocks`] (4 KiB each, in a few large buffers) until
+    /// [`BTree::written`]; the tree reads them from there meanwhile.
+    pub fn merge<K: AsRef<[u8]>>(
+        &mut self,
+        ctx: &mut Ctx,
+        keys: &[K],
+        change: &mut Change,
+    ) -> StoreResult<()> {
+        assert!(
+            self.dirty.is_empty(),
+            "merge into a tree with a transaction open"
+        );
+        assert!(
+            self.new_blocks.is_empty(),
+            "merge before the last merge's blocks were written"
+        );
+        let mut m = Merge {
+            change,
+            new: NewBlocks::default(),
+        };
+        let merged = if self.height == 0 {
+            match merge_leaf(&mut m, None, keys, 0)? {
+                Some(es) => Some(write_nodes(ctx, &mut m, Entries::Leaf(es), Vec::new())?),
+                None => None,
+            }
+        } else {
+            let root = self.root;
+            self.merge_rec(ctx, &mut m, root, Vec::new(), keys, 0)?
+        };
+        let Some(mut level) = merged else {
+            return Ok(());
+        };
+        let mut height = self.height.max(1);
+        while level.len() > 1 {
+            level = write_nodes(ctx, &mut m, Entries::Branch(level), Vec::new())?;
+            height += 1;
+        }
+        self.new_blocks = Arc::new(m.new);
+        let Some((_, mut root)) = level.pop() else {
+            self.root = Ptr::HOLE;
+            self.height = 0;
+            return Ok(());
+        };
+        // A branch root with one child gives way to the child.
+        while height > 1 {
+            let child = match self.node(ctx.dev, root)? {
+                BNode::Branch(es) if es.len() == 1 => es[0].1,
+                _ => break,
+            };
+            self.clean.remove(&root.addr());
+            ctx.rc.decr(ctx.dev, root.addr())?;
+            Arc::get_mut(&mut self.new_blocks)
+                .expect("only the tree holds them during a merge")
+                .forget(root.addr());
+            root = child;
+            height -= 1;
+        }
+        self.root = root;
+        self.height = height;
+        Ok(())
+    }
+
+    /// Merges `keys` into the subtree at `p`, whose lower bound is `lower`: the entries that
+    /// replace `p` in its parent (none if it came out empty), or `None` if it is unchanged.
+    #[allow(clippy::type_complexity)]
+    fn merge_rec<K: AsRef<[u8]>>(
+        &mut self,
+        ctx: &mut Ctx,
+        m: &mut Merge,
+        p: Ptr,
+        lower: Vec<u8>,
+        keys: &[K],
+        base: usize,
+    ) -> StoreResult<Option<Vec<(Vec<u8>, Ptr)>>> {
+        let block = self.take_block(ctx.dev, p)?;
+        let entries = match block[KIND_AT] {
+            LEAF => match merge_leaf(m, Some(&block[..]), keys, base)? {
+                Some(es) => Entries::Leaf(es),
+                None => return Ok(None),
+            },
+            _ => {
+                let BNode::Branch(mut es) = BNode::decode(&block[..])? else {
+                    unreachable!("not a leaf")
+                };
+                es[0].0 = lower.clone();
+                let mut out = Vec::with_capacity(es.len() + 1);
+                let mut changed = false;
+                let mut from = 0;
+                for c in 0..es.len() {
+                    let to = match es.get(c + 1) {
+                        Some((hi, _)) => {
+                            from + keys[from..].partition_point(|k| k.as_ref() < hi.as_slice())
+                        }
+                        None => keys.len(),
+                    };
+                    let (child_lower, child) =
+                        std::mem::replace(&mut es[c], (Vec::new(), Ptr::HOLE));
+                    let sub = if to > from {
+                        let sub = &keys[from..to];
+                        self.merge_rec(ctx, m, child, child_lower.clone(), sub, base + from)?
+                    } else {
+                        None
+                    };
+                    match sub {
+                        Some(replacement) => {
+                            changed = true;
+                            out.extend(replacement);
+                        }
+                        None => out.push((child_lower, child)),
+                    }
+                    from = to;
+                }
+                if !changed {
+                    return Ok(None);
+                }
+                Entries::Branch(out)
+            }
+        };
+        drop(block);
+        let replacement = write_nodes(ctx, m, entries, lower)?;
+        ctx.rc.decr(ctx.dev, p.addr())?;
+        Ok(Some(replacement))
+    }
+
+    /// The block of the node at `p`, checked, and the node out of the cache (it is about to
+    /// be replaced).
+    fn take_block(&mut self, dev: &dyn Device, p: Ptr) -> StoreResult<Box<[u8; BLOCK_SIZE]>> {
+        let addr = p.addr();
+        for (h, node) in [self.clean.remove(&addr), self.unwritten.remove(&addr)]
+            .into_iter()
+            .flatten()
+        {
+            if h == p.hash {
+                // Encoding is deterministic: these are the bytes the hash covers.
+                return Ok(node.encode());
+            }
+        }
+        self.read_block(dev, p)
+    }
+
+    /// The block of the node at `p`, checked against the pointer's hash: from the blocks
+    /// the last merge made if it is one, else from the device.
+    pub fn read_block(&self, dev: &dyn Device, p: Ptr) -> StoreResult<Box<[u8; BLOCK_SIZE]>> {
+        match self.new_blocks.get(p) {
+            Some(b) => Ok(Box::new(b.try_into().expect("a block"))),
+            None => read_block(dev, p),
+        }
+    }
+
+    /// The blocks the last merge made, to write before the commit record that names them.
+    pub fn new_blocks(&self) -> Arc<NewBlocks> {
+        self.new_blocks.clone()
     }
 
     /// Every block of the tree (for `check`), with the node it holds.
@@ -544,6 +725,280 @@ impl BTree {
         }
         Ok(out)
     }
+}
+
+/// Writes `entries` as as few nodes as hold them, evenly filled; returns each node's
+/// (lower bound, pointer). The first node's lower bound is `lower`.
+#[allow(clippy::type_complexity)]
+fn write_nodes(
+    ctx: &mut Ctx,
+    m: &mut Merge,
+    entries: Entries,
+    lower: Vec<u8>,
+) -> StoreResult<Vec<(Vec<u8>, Ptr)>> {
+    let sizes: Vec<usize> = match &entries {
+        Entries::Leaf(es) => (0..es.ends.len())
+            .map(|i| es.ends[i] - es.start(i))
+            .collect(),
+        Entries::Branch(es) => es.iter().map(|(k, _)| 2 + k.len() + PTR_LEN).collect(),
+    };
+    let cap = BLOCK_SIZE - NODE_HEADER;
+    let total: usize = sizes.iter().sum();
+    let target = total.div_ceil(total.div_ceil(cap).max(1));
+    // Where each node starts.
+    let mut starts = vec![0];
+    let mut acc = 0;
+    for (i, &s) in sizes.iter().enumerate() {
+        if acc > 0 && (acc + s > cap || acc >= target) {
+            starts.push(i);
+            acc = 0;
+        }
+        acc += s;
+    }
+    let mut out = Vec::with_capacity(starts.len());
+    let mut lower = Some(lower);
+    let mut build = |enc: Box<[u8; BLOCK_SIZE]>, first: &[u8], out: &mut Vec<(Vec<u8>, Ptr)>| {
+        let hash = hash24(&enc[..]);
+        let addr = ctx.alloc()?;
+        m.new.push(addr, hash, &enc);
+        let low = lower.take().unwrap_or_else(|| first.to_vec());
+        out.push((low, Ptr::block(addr, hash)));
+        StoreResult::Ok(())
+    };
+    if sizes.is_empty() {
+        return Ok(out);
+    }
+    match entries {
+        Entries::Leaf(es) => {
+            let mut ends = starts[1..].to_vec();
+            ends.push(sizes.len());
+            for (&s, &e) in starts.iter().zip(&ends) {
+                let (from, to) = (es.start(s), es.start(e));
+                let mut b = Box::new([0u8; BLOCK_SIZE]);
+                b[KIND_AT] = LEAF;
+                put_u16(&mut b[..], COUNT_AT, (e - s) as u16);
+                b[NODE_HEADER..NODE_HEADER + to - from].copy_from_slice(&es.bytes[from..to]);
+                build(b, es.key(s), &mut out)?;
+            }
+        }
+        Entries::Branch(es) => {
+            for mut chunk in split_at(es, &starts) {
+                let first = std::mem::take(&mut chunk[0].0);
+                build(BNode::Branch(chunk).encode(), &first, &mut out)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How [`BTree::merge`] changes key `i` given its current value: its new value, or `None`
+/// for none.
+pub type Change<'a> = dyn FnMut(usize, Option<&[u8]>) -> Option<Vec<u8>> + 'a;
+
+/// What a merge carries down the tree: how keys change and where new nodes go.
+struct Merge<'a> {
+    change: &'a mut Change<'a>,
+    new: NewBlocks,
+}
+
+/// Node blocks a merge made that are not on the device yet, kept in buffers of 4 MiB (which
+/// the allocator maps and unmaps whole, so they do not linger in the heap once written).
+#[derive(Default)]
+pub struct NewBlocks {
+    addrs: Vec<u64>,
+    at: HashMap<u64, (usize, super::format::Hash24)>,
+    chunks: Vec<Vec<u8>>,
+}
+
+/// Blocks in one buffer of [`NewBlocks`].
+const CHUNK_BLOCKS: usize = 1024;
+/// The address of a block [`NewBlocks::forget`] dropped.
+const FORGOTTEN: u64 = u64::MAX;
+
+impl NewBlocks {
+    fn push(&mut self, addr: u64, hash: super::format::Hash24, block: &[u8; BLOCK_SIZE]) {
+        let i = self.addrs.len();
+        if i % CHUNK_BLOCKS == 0 {
+            self.chunks
+                .push(Vec::with_capacity(CHUNK_BLOCKS * BLOCK_SIZE));
+        }
+        self.chunks
+            .last_mut()
+            .expect("just ensured")
+            .extend_from_slice(block);
+        self.addrs.push(addr);
+        self.at.insert(addr, (i, hash));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+
+    /// Drops the block at `addr` (freed before it was written: it must not be).
+    fn forget(&mut self, addr: u64) {
+        if let Some((i, _)) = self.at.remove(&addr) {
+            self.addrs[i] = FORGOTTEN;
+        }
+    }
+
+    /// Each block to write: its index (for [`NewBlocks::block`]) and address.
+    pub fn to_write(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.addrs
+            .iter()
+            .enumerate()
+            .filter(|(_, &a)| a != FORGOTTEN)
+            .map(|(i, &a)| (i, a))
+    }
+
+    /// Block `i`'s bytes.
+    pub fn block(&self, i: usize) -> &[u8] {
+        &self.chunks[i / CHUNK_BLOCKS][(i % CHUNK_BLOCKS) * BLOCK_SIZE..][..BLOCK_SIZE]
+    }
+
+    /// The block for pointer `p`, if it is one of these.
+    fn get(&self, p: Ptr) -> Option<&[u8]> {
+        match self.at.get(&p.addr()) {
+            Some(&(i, h)) if h == p.hash => Some(self.block(i)),
+            _ => None,
+        }
+    }
+}
+
+/// The entries of a node a merge is about to write.
+enum Entries {
+    Leaf(LeafEntries),
+    Branch(Vec<(Vec<u8>, Ptr)>),
+}
+
+/// Leaf entries encoded back to back as a leaf holds them (key and value lengths, key,
+/// value), so that a merge copies bytes rather than allocating for each entry.
+#[derive(Default)]
+struct LeafEntries {
+    bytes: Vec<u8>,
+    /// Where each entry ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl LeafEntries {
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.bytes
+            .extend_from_slice(&(key.len() as u16).to_le_bytes());
+        self.bytes
+            .extend_from_slice(&(value.len() as u16).to_le_bytes());
+        self.bytes.extend_from_slice(key);
+        self.bytes.extend_from_slice(value);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn start(&self, i: usize) -> usize {
+        if i == 0 {
+            0
+        } else {
+            self.ends[i - 1]
+        }
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        let at = self.start(i);
+        &self.bytes[at + 4..at + 4 + u16_at(&self.bytes, at) as usize]
+    }
+}
+
+/// The (key, value) byte ranges of a leaf block's entries, checked as [`BNode::decode`]
+/// checks them.
+#[allow(clippy::type_complexity)]
+fn leaf_ranges(b: &[u8]) -> StoreResult<Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>> {
+    let bad = |why: &str| StoreError::Corrupt(format!("registry node: {why}"));
+    let count = u16_at(b, COUNT_AT) as usize;
+    let mut out = Vec::with_capacity(count);
+    let mut at = NODE_HEADER;
+    for _ in 0..count {
+        if at + 4 > BLOCK_SIZE {
+            return Err(bad("entry runs past the block"));
+        }
+        let (kl, vl) = (u16_at(b, at) as usize, u16_at(b, at + 2) as usize);
+        let (k, v) = (at + 4..at + 4 + kl, at + 4 + kl..at + 4 + kl + vl);
+        if v.end > BLOCK_SIZE {
+            return Err(bad("entry runs past the block"));
+        }
+        at = v.end;
+        out.push((k, v));
+    }
+    if out
+        .windows(2)
+        .any(|w| b[w[0].0.clone()] >= b[w[1].0.clone()])
+    {
+        return Err(bad("leaf keys out of order"));
+    }
+    Ok(out)
+}
+
+/// The entries of leaf block `old` (none if `None`) with `keys` changed, or `None` if
+/// nothing changed.
+fn merge_leaf<K: AsRef<[u8]>>(
+    m: &mut Merge,
+    old: Option<&[u8]>,
+    keys: &[K],
+    base: usize,
+) -> StoreResult<Option<LeafEntries>> {
+    let (b, ranges) = match old {
+        Some(b) => (b, leaf_ranges(b)?),
+        None => (&[][..], Vec::new()),
+    };
+    let mut out = LeafEntries::default();
+    out.bytes.reserve(BLOCK_SIZE + keys.len() * 40);
+    let mut old = ranges.into_iter().peekable();
+    let mut changed = false;
+    for (j, k) in keys.iter().enumerate() {
+        let k = k.as_ref();
+        while let Some((ok, ov)) = old.next_if(|(ok, _)| &b[ok.clone()] < k) {
+            out.push(&b[ok], &b[ov]);
+        }
+        let cur = old
+            .next_if(|(ok, _)| &b[ok.clone()] == k)
+            .map(|(_, v)| &b[v]);
+        let new = (m.change)(base + j, cur);
+        changed |= new.as_deref() != cur;
+        if let Some(v) = new {
+            if k.len() > MAX_KEY || v.len() > MAX_VALUE {
+                return Err(StoreError::Invalid("registry entry too large".into()));
+            }
+            out.push(k, &v);
+        }
+    }
+    for (ok, ov) in old {
+        out.push(&b[ok], &b[ov]);
+    }
+    Ok(changed.then_some(out))
+}
+
+/// `v` cut before each of `starts` (the first of which is 0).
+fn split_at<T>(mut v: Vec<T>, starts: &[usize]) -> Vec<Vec<T>> {
+    let mut parts = Vec::with_capacity(starts.len());
+    for &s in starts.iter().skip(1).rev() {
+        parts.push(v.split_off(s));
+    }
+    parts.push(v);
+    parts.reverse();
+    parts
+}
+
+/// Reads and decodes the node at `p`, checking it against the pointer's hash.
+fn read_node(dev: &dyn Device, p: Ptr) -> StoreResult<BNode> {
+    BNode::decode(&read_block(dev, p)?[..])
+}
+
+/// Reads the block of the node at `p`, checking it against the pointer's hash.
+fn read_block(dev: &dyn Device, p: Ptr) -> StoreResult<Box<[u8; BLOCK_SIZE]>> {
+    let addr = p.addr();
+    let mut b = Box::new([0u8; BLOCK_SIZE]);
+    dev.read_at(&mut b[..], addr * BLOCK_SIZE_U64)?;
+    if hash24(&b[..]) != p.hash {
+        return Err(StoreError::Corrupt(format!(
+            "registry node at block {addr} fails its checksum"
+        )));
+    }
+    Ok(b)
 }
 
 /// Index of the branch entry whose child holds `key`.
@@ -638,6 +1093,116 @@ mod tests {
                 prop_assert_eq!(got, want);
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Batches of changes merged in: the same keys and values as a BTreeMap, every
+        /// node reachable and allocated, nothing else allocated; emptied, nothing at all.
+        #[test]
+        fn merges_match_a_btreemap(batches in prop::collection::vec(
+            prop::collection::btree_map(0u32..5000, prop::option::of(0usize..120), 1..1500), 1..8)) {
+            let (dev, mut rc) = setup();
+            let mut cursor = Cursor::default();
+            let mut t = BTree::new(Ptr::HOLE, 0);
+            let mut model = BTreeMap::new();
+            let key = |k: u32| blake3::hash(&k.to_le_bytes()).as_bytes()[..24].to_vec();
+            let mut all = batches.clone();
+            all.push(model_keys_removed(&batches));
+            for batch in all {
+                let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = batch
+                    .iter()
+                    .map(|(&k, v)| (key(k), v.map(|n| vec![k as u8; n])))
+                    .collect();
+                changes.sort();
+                let keys: Vec<Vec<u8>> = changes.iter().map(|c| c.0.clone()).collect();
+                let mut seen = Vec::new();
+                let mut ctx = Ctx { dev: &dev, rc: &mut rc, cursor: &mut cursor };
+                t.merge(&mut ctx, &keys, &mut |i, cur| {
+                    seen.push((i, cur.map(|c| c.to_vec())));
+                    changes[i].1.clone()
+                }).unwrap();
+                for (i, cur) in seen {
+                    prop_assert_eq!(cur.as_ref(), model.get(&keys[i]));
+                }
+                for (k, v) in changes {
+                    match v {
+                        Some(v) => model.insert(k, v),
+                        None => model.remove(&k),
+                    };
+                }
+                // Read before the new blocks are on the device, then after.
+                let want: Vec<_> = model.clone().into_iter().collect();
+                t.clean.clear();
+                prop_assert_eq!(&t.scan(&dev, b"").unwrap(), &want);
+                let new = t.new_blocks();
+                for (i, addr) in new.to_write() {
+                    prop_assert!(rc.get(&dev, addr).unwrap() == 1, "block {} written but free", addr);
+                    dev.write_at(new.block(i), addr * BLOCK_SIZE_U64).unwrap();
+                }
+                t.written();
+                t.clean.clear();
+                prop_assert_eq!(&t.scan(&dev, b"").unwrap(), &want);
+                let blocks = t.blocks(&dev).unwrap();
+                prop_assert_eq!(blocks.len() as u64, rc.allocated());
+                for b in blocks {
+                    prop_assert!(rc.get(&dev, b).unwrap() == 1, "block {} not allocated once", b);
+                }
+            }
+            prop_assert_eq!(t.height, 0);
+            prop_assert_eq!(rc.allocated(), 0);
+        }
+    }
+
+    /// A merge that leaves the root with one child: the root it rewrote gives way to the
+    /// child and is neither kept nor written.
+    #[test]
+    fn merge_collapses_a_root_it_rewrote() {
+        let (dev, mut rc) = setup();
+        let mut cursor = Cursor::default();
+        let mut t = BTree::new(Ptr::HOLE, 0);
+        let keys: Vec<Vec<u8>> = (0..2000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        let mut apply = |t: &mut BTree, rc: &mut RcTable, keys: &[Vec<u8>], v: Option<Vec<u8>>| {
+            let mut ctx = Ctx {
+                dev: &dev,
+                rc,
+                cursor: &mut cursor,
+            };
+            t.merge(&mut ctx, keys, &mut |_, _| v.clone()).unwrap();
+            let new = t.new_blocks();
+            for (i, addr) in new.to_write() {
+                assert_eq!(
+                    rc.get(&dev, addr).unwrap(),
+                    1,
+                    "block {addr} written but free"
+                );
+                dev.write_at(new.block(i), addr * BLOCK_SIZE_U64).unwrap();
+            }
+            t.written();
+        };
+        apply(&mut t, &mut rc, &keys, Some(vec![1; 40]));
+        assert_eq!(t.height, 2);
+        // Keep only the first leaf's keys.
+        let first_leaf = match t.node(&dev, t.root).unwrap() {
+            BNode::Branch(es) => es[1].0.clone(),
+            BNode::Leaf(_) => unreachable!(),
+        };
+        let rest: Vec<Vec<u8>> = keys.iter().filter(|k| **k >= first_leaf).cloned().collect();
+        apply(&mut t, &mut rc, &rest, None);
+        assert_eq!(t.height, 1, "the root gave way to its only child");
+        assert_eq!(rc.allocated(), 1);
+        t.clean.clear();
+        assert_eq!(t.scan(&dev, b"").unwrap().len(), keys.len() - rest.len());
+    }
+
+    /// Every key any batch touched, removed.
+    fn model_keys_removed(
+        batches: &[BTreeMap<u32, Option<usize>>],
+    ) -> BTreeMap<u32, Option<usize>> {
+        batches
+            .iter()
+            .flat_map(|b| b.keys().map(|&k| (k, None)))
+            .collect()
     }
 
     /// Removing every key, largest first, from a committed tree of three levels: the root
