@@ -19,6 +19,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use super::{
+    btree::NewBlocks,
     catalog::Catalog,
     device::Device,
     error::{StoreError, StoreResult},
@@ -45,6 +46,8 @@ struct Cut {
     orphans: Option<(Vec<Orphan>, Vec<u64>)>,
     next_id: u64,
     log: LogPosition,
+    /// How long the cut held the gate (writers waited that long).
+    held: std::time::Duration,
 }
 
 impl Store {
@@ -203,6 +206,7 @@ impl Store {
     /// Closes the open generation: what changed in it becomes the checkpoint's to write.
     fn cut(&self) -> StoreResult<Cut> {
         let _gate = self.gate.write();
+        let held = std::time::Instant::now();
         let (gen, _) = self.advance_generation();
         let mut records = Vec::new();
         for v in self.vdis.take_changed() {
@@ -257,6 +261,7 @@ impl Store {
             rc,
             orphans,
             next_id: cat.next_id,
+            held: held.elapsed(),
         })
     }
 
@@ -264,7 +269,7 @@ impl Store {
     /// and releases what the generation freed.
     fn write_checkpoint(&self, last: &mut CommitRecord, cut: Cut, clean: bool) -> StoreResult<()> {
         let started = std::time::Instant::now();
-        let gen = cut.gen;
+        let (gen, cut_held) = (cut.gen, cut.held);
         let (hashes, images) = self.finalize_nodes(gen, cut.frozen)?;
         let resolve = |p: Ptr| -> StoreResult<Ptr> {
             if !p.is_block() || p.hash != UNSET {
@@ -324,10 +329,10 @@ impl Store {
             None => (last.orphan_head, last.orphan_count),
         };
         let dedup = {
-            let mut index = self.dedup.lock();
-            let blocks = index.finalize();
-            writes.extend(blocks.into_iter().map(|(a, b)| (a, Buf::Owned(b))));
-            index.root()
+            let index = self.dedup.lock();
+            let new = index.new_blocks();
+            writes.extend(new.to_write().map(|(i, a)| (a, Buf::New(new.clone(), i))));
+            index.root(self.dedup_settings.flags())
         };
         let rc_images = self.space.lock().rc.take_images();
         writes.extend(
@@ -383,6 +388,7 @@ impl Store {
             gen,
             blocks,
             ms = started.elapsed().as_secs_f64() * 1e3,
+            cut_ms = cut_held.as_secs_f64() * 1e3,
             "checkpoint written"
         );
         self.checkpoint_done(started.elapsed());
@@ -471,6 +477,8 @@ impl Store {
 enum Buf {
     Node(Arc<Node>),
     Owned(Box<[u8; BLOCK_SIZE]>),
+    /// Block `i` of a B-tree merge's new blocks.
+    New(Arc<NewBlocks>, usize),
 }
 
 impl Buf {
@@ -478,6 +486,7 @@ impl Buf {
         match self {
             Buf::Node(n) => &n.0,
             Buf::Owned(b) => &b[..],
+            Buf::New(n, i) => n.block(*i),
         }
     }
 }

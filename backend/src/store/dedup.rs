@@ -20,13 +20,19 @@
 //! shares the block only if, under the space lock, it is still referenced and no freed block
 //! was made reusable since the lookup ([`RcTable::releases`](super::refcount::RcTable)).
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
+};
 
 use super::{
-    btree::{BTree, Ctx},
+    btree::{BTree, Ctx, NewBlocks, COUNT_AT, KIND_AT, LEAF, NODE_HEADER},
     device::Device,
     error::{StoreError, StoreResult},
-    format::{u64_at, DedupRoot, Hash24, BLOCK_SIZE},
+    format::{u16_at, u64_at, DedupRoot, Hash24, Ptr, BLOCK_SIZE},
 };
 
 /// What the open generation did to one hash's entry.
@@ -189,14 +195,129 @@ impl Bloom {
     }
 }
 
-/// The index: the tree as of the last cut, its entry count, the store's dedup settings and
-/// the filter. Lives under its own lock (`Store::dedup`): lookups read the tree, only the
+/// The index: the tree as of the last cut, its entry count, the filter and a cache of leaf
+/// blocks. Lives under its own lock (`Store::dedup`): lookups read the tree, only the
 /// checkpoint's cut changes it.
 pub(super) struct DedupIndex {
     tree: BTree,
     pub entries: u64,
-    pub flags: u8,
     bloom: Bloom,
+    leaves: LeafCache,
+}
+
+/// Leaf blocks kept for lookups, as read (checked, not decoded: a lookup binary-searches the
+/// block's fixed-size entries in place). Bounded; a full cache drops a leaf at random.
+struct LeafCache {
+    blocks: HashMap<u64, (Hash24, Box<[u8; BLOCK_SIZE]>)>,
+    cap: usize,
+}
+
+/// Leaf blocks the cache keeps: 4 MiB, however large the index (about the leaves of the
+/// first 450 MiB of unique data).
+const LEAF_CACHE_BLOCKS: usize = 1024;
+
+/// An entry of an index leaf: key and value lengths (u16 each), the hash24, the block.
+const LEAF_ENTRY: usize = 4 + 24 + 8;
+
+impl LeafCache {
+    /// The leaf of `tree` at `p` (read, checked and kept if it was not here).
+    fn get(&mut self, dev: &dyn Device, tree: &BTree, p: Ptr) -> StoreResult<&[u8; BLOCK_SIZE]> {
+        let addr = p.addr();
+        if !matches!(self.blocks.get(&addr), Some((h, _)) if *h == p.hash) {
+            let b = tree.read_block(dev, p)?;
+            leaf_count(&b[..])?;
+            if self.blocks.len() >= self.cap {
+                if let Some(&victim) = self.blocks.keys().next() {
+                    self.blocks.remove(&victim);
+                }
+            }
+            self.blocks.insert(addr, (p.hash, b));
+        }
+        Ok(&self.blocks[&addr].1)
+    }
+}
+
+/// The number of entries of an index leaf, after checking that every one is a hash24 and a
+/// block address.
+fn leaf_count(b: &[u8]) -> StoreResult<usize> {
+    let bad = |why: String| StoreError::Corrupt(format!("dedup index leaf: {why}"));
+    if b[KIND_AT] != LEAF {
+        return Err(bad(format!(
+            "node kind {} where a leaf belongs",
+            b[KIND_AT]
+        )));
+    }
+    let n = u16_at(b, COUNT_AT) as usize;
+    if NODE_HEADER + n * LEAF_ENTRY > BLOCK_SIZE {
+        return Err(bad(format!("{n} entries do not fit in a block")));
+    }
+    for i in 0..n {
+        let at = NODE_HEADER + i * LEAF_ENTRY;
+        if (u16_at(b, at), u16_at(b, at + 2)) != (24, 8) {
+            return Err(bad(format!(
+                "entry {i} is not a hash24 and a block address"
+            )));
+        }
+    }
+    Ok(n)
+}
+
+/// The block a checked index leaf names for `h`, by binary search in place.
+fn search_leaf(b: &[u8], h: &Hash24) -> Option<u64> {
+    let n = u16_at(b, COUNT_AT) as usize;
+    let key = |i: usize| &b[NODE_HEADER + i * LEAF_ENTRY + 4..][..24];
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match key(mid).cmp(&h[..]) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => {
+                return Some(u64_at(b, NODE_HEADER + mid * LEAF_ENTRY + 4 + 24))
+            }
+        }
+    }
+    None
+}
+
+/// The store's dedup settings (the commit record's dedup flags, FORMAT.md §11), read on the
+/// write path without a lock; a change is committed by the next checkpoint.
+pub(super) struct DedupSettings(AtomicU8);
+
+impl DedupSettings {
+    pub fn new(flags: u8) -> DedupSettings {
+        DedupSettings(AtomicU8::new(flags))
+    }
+
+    pub fn flags(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn inline(&self) -> bool {
+        self.flags() & DedupRoot::INLINE_OFF == 0
+    }
+
+    pub fn trust_hash(&self) -> bool {
+        self.flags() & DedupRoot::TRUST_HASH != 0
+    }
+
+    /// Turns the setting `bit` (a `DedupRoot` flag) on or off.
+    pub fn set(&self, bit: u8, on: bool) {
+        if on {
+            self.0.fetch_or(bit, Ordering::AcqRel);
+        } else {
+            self.0.fetch_and(!bit, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A hash's change, keyed by the hash for [`BTree::merge`].
+struct Keyed(Hash24, IndexOp);
+
+impl AsRef<[u8]> for Keyed {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// What a lookup found.
@@ -258,27 +379,23 @@ impl DedupIndex {
         Ok(DedupIndex {
             tree,
             entries: root.entries,
-            flags: root.flags,
             bloom,
+            leaves: LeafCache {
+                blocks: HashMap::new(),
+                cap: LEAF_CACHE_BLOCKS,
+            },
         })
     }
 
-    /// Where the index is, for the commit record (after [`DedupIndex::finalize`]).
-    pub fn root(&self) -> DedupRoot {
+    /// Where the index is, for the commit record (after [`DedupIndex::finalize`]), with the
+    /// settings `flags`.
+    pub fn root(&self, flags: u8) -> DedupRoot {
         DedupRoot {
             root: self.tree.root,
             height: self.tree.height,
-            flags: self.flags,
+            flags,
             entries: self.entries,
         }
-    }
-
-    pub fn inline(&self) -> bool {
-        self.flags & DedupRoot::INLINE_OFF == 0
-    }
-
-    pub fn trust_hash(&self) -> bool {
-        self.flags & DedupRoot::TRUST_HASH != 0
     }
 
     /// RAM the filter holds, in bytes.
@@ -302,22 +419,21 @@ impl DedupIndex {
         if !self.bloom.may_contain(h) {
             return Ok(Found::SurelyNew);
         }
-        match self.tree.get(dev, h)? {
-            Some(v) => {
-                let (_, a) = decode_entry(h, &v)?;
-                Ok(if except.contains(&a) {
-                    Found::Absent
-                } else {
-                    Found::Block(a)
-                })
-            }
-            None => Ok(Found::Absent),
-        }
+        let Some(leaf) = self.tree.leaf_for(dev, h)? else {
+            return Ok(Found::Absent);
+        };
+        Ok(
+            match search_leaf(self.leaves.get(dev, &self.tree, leaf)?, h) {
+                Some(a) if !except.contains(&a) => Found::Block(a),
+                _ => Found::Absent,
+            },
+        )
     }
 
-    /// Reads the tree nodes that `keys` will change, so that the cut does no I/O.
+    /// Reads the tree nodes that `keys` will change into the node cache, so that the cut
+    /// does no I/O, if they fit in it (a larger cut reads its nodes as it goes).
     pub fn prefetch(&mut self, dev: &dyn Device, keys: &[Hash24]) -> StoreResult<()> {
-        if self.tree.height == 0 {
+        if self.tree.height == 0 || keys.len() > self.tree.cache_cap / 2 {
             return Ok(());
         }
         for k in keys {
@@ -326,34 +442,49 @@ impl DedupIndex {
         Ok(())
     }
 
-    /// Applies a generation's changes to the tree (at the cut; new nodes allocated in it).
+    /// Applies a generation's changes to the tree (at the cut; new nodes allocated in it,
+    /// written by the checkpoint before its commit record: [`DedupIndex::new_blocks`]).
     pub fn apply(&mut self, ctx: &mut Ctx, ops: HashMap<Hash24, IndexOp>) -> StoreResult<()> {
-        let mut ops: Vec<(Hash24, IndexOp)> = ops.into_iter().collect();
-        ops.sort_unstable_by_key(|a| a.0);
-        for (h, op) in ops {
-            match op {
+        let mut ops: Vec<Keyed> = ops.into_iter().map(|(h, op)| Keyed(h, op)).collect();
+        ops.sort_unstable_by_key(|k| k.0);
+        let DedupIndex {
+            tree,
+            entries,
+            bloom,
+            ..
+        } = self;
+        let mut bad = None;
+        let mut change = |i: usize, cur: Option<&[u8]>| -> Option<Vec<u8>> {
+            let Keyed(h, op) = &ops[i];
+            let cur_addr = match cur.map(|v| decode_entry(h, v)).transpose() {
+                Ok(a) => a.map(|(_, a)| a),
+                Err(e) => {
+                    bad = Some(e);
+                    return cur.map(<[u8]>::to_vec);
+                }
+            };
+            let new = match op {
                 IndexOp::Set(a) => {
-                    if self.tree.insert(ctx, &h, &encode_addr(a))?.is_none() {
-                        self.entries += 1;
-                    }
-                    self.bloom.insert(&h);
+                    bloom.insert(h);
+                    Some(encode_addr(*a).to_vec())
                 }
-                IndexOp::RemoveIf(freed) => {
-                    if let Some(v) = self.tree.get(ctx.dev, &h)? {
-                        if freed.contains(&decode_entry(&h, &v)?.1) {
-                            self.tree.remove(ctx, &h)?;
-                            self.entries -= 1;
-                        }
-                    }
+                IndexOp::RemoveIf(freed) if cur_addr.is_some_and(|a| !freed.contains(&a)) => {
+                    cur.map(<[u8]>::to_vec)
                 }
-                IndexOp::Remove => {
-                    if self.tree.remove(ctx, &h)?.is_some() {
-                        self.entries -= 1;
-                    }
-                }
+                IndexOp::RemoveIf(_) | IndexOp::Remove => None,
+            };
+            match (cur.is_some(), new.is_some()) {
+                (false, true) => *entries += 1,
+                (true, false) => *entries -= 1,
+                _ => {}
             }
+            new
+        };
+        tree.merge(ctx, &ops, &mut change)?;
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The tree's node blocks and its entries, as of the last cut.
@@ -362,12 +493,12 @@ impl DedupIndex {
         read_tree(&mut self.tree, dev)
     }
 
-    /// Encodes and hashes the nodes the last apply changed: the blocks to write.
-    pub fn finalize(&mut self) -> Vec<(u64, Box<[u8; BLOCK_SIZE]>)> {
-        self.tree.finalize()
+    /// The node blocks the last apply made: the checkpoint's to write.
+    pub fn new_blocks(&self) -> Arc<NewBlocks> {
+        self.tree.new_blocks()
     }
 
-    /// What [`DedupIndex::finalize`] returned is on the device.
+    /// What [`DedupIndex::new_blocks`] returned is on the device.
     pub fn written(&mut self) {
         self.tree.written();
     }

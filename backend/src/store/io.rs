@@ -528,9 +528,14 @@ impl StoreDisk {
             let hashes: Vec<_> = nonzero.iter().map(|&i| new[i].hash).collect();
             let (found, releases) = self.store.dedup_candidates(&hashes)?;
             seen = releases;
-            for (&i, cand) in nonzero.iter().zip(found) {
-                let Some(addr) = cand else { continue };
-                if self.store.same_data(addr, blocks[i])? {
+            let cands: Vec<(usize, u64)> = nonzero
+                .iter()
+                .zip(found)
+                .filter_map(|(&i, cand)| cand.map(|addr| (i, addr)))
+                .collect();
+            let pairs: Vec<(u64, &[u8])> = cands.iter().map(|&(i, a)| (a, blocks[i])).collect();
+            for (&(i, addr), same) in cands.iter().zip(self.store.same_data(&pairs)?) {
+                if same {
                     new[i] = new[i].with_addr(addr);
                     shared[i] = true;
                 }

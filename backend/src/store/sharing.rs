@@ -114,10 +114,13 @@ enum Step {
     Gone,
 }
 
+/// The most adjacent candidate blocks [`Store::same_data`] reads at once.
+const SAME_DATA_RUN: usize = 256;
+
 impl Store {
     /// Whether writes look for copies of their blocks.
     pub(super) fn inline_dedup(&self) -> bool {
-        self.format_version() >= DEDUP_VERSION && self.dedup.lock().inline()
+        self.format_version() >= DEDUP_VERSION && self.dedup_settings.inline()
     }
 
     /// The block the index names for each hash, if any, and `RcTable::releases` from before
@@ -144,14 +147,34 @@ impl Store {
         Ok((out, seen))
     }
 
-    /// Whether block `addr` holds `data` (always, if the store trusts the hash).
-    pub(super) fn same_data(&self, addr: u64, data: &[u8]) -> StoreResult<bool> {
-        if self.dedup.lock().trust_hash() {
-            return Ok(true);
+    /// For each (block address, data), whether the block holds the data (always, if the
+    /// store trusts the hash). Adjacent blocks are read together.
+    pub(super) fn same_data(&self, cands: &[(u64, &[u8])]) -> StoreResult<Vec<bool>> {
+        if self.dedup_settings.trust_hash() {
+            return Ok(vec![true; cands.len()]);
         }
-        let mut b = [0u8; BLOCK_SIZE];
-        self.dev.read_at(&mut b, addr * BLOCK_SIZE_U64)?;
-        Ok(b[..] == data[..])
+        let mut order: Vec<usize> = (0..cands.len()).collect();
+        order.sort_unstable_by_key(|&i| cands[i].0);
+        let mut same = vec![false; cands.len()];
+        let mut buf = Vec::new();
+        let mut run = 0;
+        while run < order.len() {
+            let start = cands[order[run]].0;
+            let mut end = run + 1;
+            while end < order.len()
+                && cands[order[end]].0 == start + (end - run) as u64
+                && end - run < SAME_DATA_RUN
+            {
+                end += 1;
+            }
+            buf.resize((end - run) * BLOCK_SIZE, 0);
+            self.dev.read_at(&mut buf, start * BLOCK_SIZE_U64)?;
+            for (k, &i) in order[run..end].iter().enumerate() {
+                same[i] = buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE] == cands[i].1[..];
+            }
+            run = end;
+        }
+        Ok(same)
     }
 
     /// The store's dedup settings and index.
@@ -159,8 +182,8 @@ impl Store {
         let index = self.dedup.lock();
         DedupStatus {
             supported: self.format_version() >= DEDUP_VERSION,
-            inline: self.format_version() >= DEDUP_VERSION && index.inline(),
-            trust_hash: index.trust_hash(),
+            inline: self.inline_dedup(),
+            trust_hash: self.dedup_settings.trust_hash(),
             index_entries: index.entries,
             filter_bytes: index.filter_bytes(),
         }
@@ -217,19 +240,11 @@ impl Store {
         }
         {
             let _change = self.change();
-            let mut index = self.dedup.lock();
-            let mut set = |bit: u8, on: bool| {
-                if on {
-                    index.flags |= bit;
-                } else {
-                    index.flags &= !bit;
-                }
-            };
             if let Some(i) = inline {
-                set(DedupRoot::INLINE_OFF, !i);
+                self.dedup_settings.set(DedupRoot::INLINE_OFF, !i);
             }
             if let Some(t) = trust_hash {
-                set(DedupRoot::TRUST_HASH, t);
+                self.dedup_settings.set(DedupRoot::TRUST_HASH, t);
             }
             self.mark_changed();
         }
@@ -409,7 +424,7 @@ impl Store {
         let (found, _) = self.dedup_candidates(&hashes)?;
         let mut enter = Vec::new();
         let mut remap = Vec::new();
-        let trust = self.dedup.lock().trust_hash();
+        let trust = self.dedup_settings.trust_hash();
         // Copies within this leaf share the first one, which is entered.
         let mut first: HashMap<Hash24, u64> = HashMap::new();
         for (&(i, p), cand) in entries.iter().zip(found) {

@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 use super::{
     background::{Background, WorkerId},
     catalog::Catalog,
-    dedup::{DedupIndex, IndexChanges},
+    dedup::{DedupIndex, DedupSettings, IndexChanges},
     device::{Device, FileDevice},
     epoch::Epoch,
     error::{StoreError, StoreResult},
@@ -100,6 +100,7 @@ pub struct Store {
     /// The dedup index as of the last cut (dedup.rs); the open generation's changes to it
     /// are in `space`.
     pub(super) dedup: Mutex<DedupIndex>,
+    pub(super) dedup_settings: DedupSettings,
     /// The last durable commit record; held by whoever checkpoints (one at a time).
     pub(super) commit: Mutex<CommitRecord>,
     pub(super) background: Background,
@@ -371,6 +372,7 @@ impl Store {
             nodes: NodeTable::new(options.node_cache_nodes, last.gen),
             space: Mutex::new(space),
             dedup: Mutex::new(dedup),
+            dedup_settings: DedupSettings::new(last.dedup.flags),
             commit: Mutex::new(last),
             background: Background::default(),
             checkpoint_worker: OnceLock::new(),
