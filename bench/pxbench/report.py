@@ -402,8 +402,9 @@ class Summary:
                "(every block a duplicate) against an empty store. `pass`: `parallax dedup` over the data "
                "stored twice. `read`: a VDI whose blocks the pass pointed at the other copy, against the "
                "same VDI before the pass. `forks`: 20 forks of a template, each writing the same bytes "
-               "and some of its own. `ram`: daemon RSS growth per unique block between writing N and 2N "
-               "blocks (map node cache held at 1024 nodes).")
+               "and some of its own. `ram`: daemon RSS growth per unique block over four parts of N "
+               "unique blocks after two parts of warm-up (map node cache held at 1024 nodes, refcount "
+               "pages at 64).")
         self.p()
         wr = _group(self.r, "dedup_write", "fs", "job", "inline")
         wmb = _group(self.r, "dedup_write", "fs", "job", "inline", value="mb_s")
