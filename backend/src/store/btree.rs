@@ -539,8 +539,8 @@ impl BTree {
         out.push((addr, enc));
     }
 
-    /// The blocks the last [`BTree::finalize`] returned are on the device: their nodes move
-    /// to the cache, as far as its bound allows.
+    /// The blocks the last [`BTree::finalize`] returned, and those the last [`BTree::merge`]
+    /// made, are on the device: finalized nodes move to the cache, as far as its bound allows.
     pub fn written(&mut self) {
         self.new_blocks = Arc::default();
         for (addr, node) in self.unwritten.drain() {

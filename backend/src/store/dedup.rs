@@ -387,7 +387,7 @@ impl DedupIndex {
         })
     }
 
-    /// Where the index is, for the commit record (after [`DedupIndex::finalize`]), with the
+    /// Where the index is, for the commit record (after [`DedupIndex::apply`]), with the
     /// settings `flags`.
     pub fn root(&self, flags: u8) -> DedupRoot {
         DedupRoot {
