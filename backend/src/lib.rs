@@ -14,12 +14,14 @@
 //! [`daemon`] the long-running `parallax serve`, and [`cli`] the `parallax` command;
 //! [`ratelimit`] keeps what clients and guests can make us log in bounds, [`metrics`] counts
 //! what the daemon serves for Prometheus, [`schedule`] takes and prunes the snapshots of
-//! snapshot schedules, and [`signal`] is how the daemon wakes or stops its background threads.
+//! snapshot schedules, [`signal`] is how the daemon wakes or stops its background threads,
+//! and [`malloc`] is what it asks of the C allocator.
 
 pub mod blkif;
 pub mod cli;
 pub mod daemon;
 pub mod disk;
+pub mod malloc;
 pub mod metrics;
 pub mod nbd;
 pub mod ratelimit;

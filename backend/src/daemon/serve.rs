@@ -92,7 +92,7 @@ pub struct Listening {
 
 /// Runs the daemon until SIGTERM or SIGINT. Returns once everything is committed.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    limit_malloc_arenas();
+    crate::malloc::tune_for_daemon();
     let signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
         .context("cannot install signal handlers")?;
     let handle = signals.handle();
@@ -401,38 +401,5 @@ impl Daemon {
         self.store.close().context("final commit failed")?;
         info!("parallax serve stopped; store closed cleanly");
         Ok(())
-    }
-}
-
-/// Keeps freed memory from piling up in glibc's allocator, which would otherwise make the
-/// daemon's RSS grow with the data written with nothing live behind it (60–75 bytes per
-/// unique block in `make bench` section 8's RAM figure):
-///
-/// * glibc gives threads that allocate at once arenas of their own, up to 8 per core, and an
-///   arena keeps what was freed in it; a checkpoint's transient buffers (the dedup index's
-///   changes, map node images) land in whichever arena its thread has. One per core.
-/// * Allocations from 128 KiB up are mapped and unmapped on free, but glibc raises that
-///   threshold to the size of each such block freed (up to 32 MiB), after which a
-///   checkpoint's buffers of a few MiB stay in the heap. A fixed 4 MiB threshold returns
-///   them to the system; the data path's buffers are far smaller.
-///
-/// `MALLOC_ARENA_MAX` and `MALLOC_MMAP_THRESHOLD_` in the environment still decide, if set.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let tune = [
-            ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, cores.clamp(2, 64)),
-            ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 4 << 20),
-        ];
-        for (env, param, value) in tune {
-            if std::env::var_os(env).is_none() {
-                // SAFETY: mallopt only tunes the allocator; it is called before the daemon
-                // starts its threads, with values valid for each parameter.
-                unsafe {
-                    libc::mallopt(param, value as libc::c_int);
-                }
-            }
-        }
     }
 }

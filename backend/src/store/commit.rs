@@ -16,7 +16,10 @@
 //! (`Store::commit`); a background thread (store.rs) runs them every
 //! `checkpoint_interval` while anything changed, and when asked to.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
+};
 
 use super::{
     btree::NewBlocks,
@@ -147,7 +150,10 @@ impl Store {
             }
         };
         match self.write_checkpoint(last, cut, clean) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.checkpointed.store(true, Ordering::Release);
+                Ok(true)
+            }
             Err(e) => {
                 self.poison(&e);
                 Err(e)

@@ -105,6 +105,9 @@ pub struct Store {
     pub(super) commit: Mutex<CommitRecord>,
     pub(super) background: Background,
     pub(super) checkpoint_worker: OnceLock<WorkerId>,
+    /// A checkpoint ran since the checkpoint thread last gave freed memory back
+    /// ([`crate::malloc::release_free_memory`]): whoever ran it, a flush included.
+    pub(super) checkpointed: AtomicBool,
     /// Told how long each checkpoint took (observe.rs).
     pub(super) checkpoint_hook: OnceLock<super::observe::CheckpointHook>,
     pub(super) log: Log,
@@ -376,6 +379,7 @@ impl Store {
             commit: Mutex::new(last),
             background: Background::default(),
             checkpoint_worker: OnceLock::new(),
+            checkpointed: AtomicBool::new(false),
             checkpoint_hook: OnceLock::new(),
             epoch: Epoch::default(),
             client_writes: AtomicU64::new(0),
@@ -404,6 +408,10 @@ impl Store {
                 if let Err(e) = store.checkpoint() {
                     warn!("background checkpoint failed: {e}");
                 }
+            }
+            // Here rather than after each checkpoint: a flush's checkpoint would wait for it.
+            if store.checkpointed.swap(false, Ordering::AcqRel) {
+                crate::malloc::release_free_memory();
             }
         });
         match checkpoints {
