@@ -40,6 +40,7 @@ fn options() -> StoreOptions {
     StoreOptions {
         node_cache_nodes: 64,
         rc_cache_pages: 8,
+        dedup_leaf_cache: 8,
         orphans_per_commit: 64,
         max_dirty_nodes: 200,
         checkpoint_interval: None,

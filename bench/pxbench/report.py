@@ -404,7 +404,7 @@ class Summary:
                "same VDI before the pass. `forks`: 20 forks of a template, each writing the same bytes "
                "and some of its own. `ram`: daemon RSS growth per unique block over four parts of N "
                "unique blocks after two parts of warm-up (map node cache held at 1024 nodes, refcount "
-               "pages at 64).")
+               "pages at 64, index leaves at 1024).")
         self.p()
         wr = _group(self.r, "dedup_write", "fs", "job", "inline")
         wmb = _group(self.r, "dedup_write", "fs", "job", "inline", value="mb_s")

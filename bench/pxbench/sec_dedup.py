@@ -13,8 +13,8 @@
   2 %; without dedup it would be 20 × (shared + own));
 * `ram`: daemon RSS growth per unique block written, in steady state: N unique blocks at a
   time (each part's data its own: fio's buffers are seeded afresh), two parts to warm the
-  caches up, then the growth over the next four (map node and refcount caches held small,
-  so that what grows is the index: target ≤ 4 B)."""
+  caches up, then the growth over the next four (map node, refcount and index leaf caches
+  held small, so that what grows is the index: target ≤ 4 B)."""
 
 import json
 import os
@@ -180,9 +180,10 @@ def _ram(run, site, cfg):
     n = cfg.dedup_ram_blocks
     store = _store(site, "dedup-r.px", RAM_PARTS * n * 4096 + (1 << 30))
     sh([site.bin, "--store", store, "vdi", "create", "m", "--size", str(RAM_PARTS * n * 4096)])
-    # The map node and refcount page caches held small: they are bounded (16 MiB of refcount
-    # pages by default), but would still be filling here, and what is measured is the index.
-    px = _px(site, store, "parallax-dedup-ram", extra="    cache: (map_nodes: 1024, refcount_pages: 64),\n")
+    # The caches held small: they are bounded (16 MiB of refcount pages, 32 MiB of index
+    # leaves by default), but would still be filling here, and what is measured is the index.
+    px = _px(site, store, "parallax-dedup-ram",
+             extra="    cache: (map_nodes: 1024, refcount_pages: 64, dedup_leaves: 1024),\n")
     points = []
     with px:
         for part in range(RAM_PARTS):

@@ -53,6 +53,7 @@ fn options() -> StoreOptions {
     StoreOptions {
         node_cache_nodes: 32,
         rc_cache_pages: 4,
+        dedup_leaf_cache: 4,
         orphans_per_commit: 1,
         max_dirty_nodes: 64,
         checkpoint_interval: None,

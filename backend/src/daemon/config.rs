@@ -110,6 +110,8 @@ pub struct CacheSection {
     pub map_nodes: usize,
     /// Refcount pages kept in memory (4 KiB each).
     pub refcount_pages: usize,
+    /// Leaf blocks of the dedup index kept in memory (4 KiB each) for inline dedup.
+    pub dedup_leaves: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +189,7 @@ impl Default for CacheSection {
         CacheSection {
             map_nodes: o.node_cache_nodes,
             refcount_pages: o.rc_cache_pages,
+            dedup_leaves: o.dedup_leaf_cache,
         }
     }
 }
@@ -300,6 +303,7 @@ impl Config {
         StoreOptions {
             node_cache_nodes: self.cache.map_nodes,
             rc_cache_pages: self.cache.refcount_pages,
+            dedup_leaf_cache: self.cache.dedup_leaves,
             checkpoint_interval: Some(Duration::from_millis(self.commit_interval_ms)),
             ..StoreOptions::default()
         }

@@ -212,10 +212,6 @@ struct LeafCache {
     cap: usize,
 }
 
-/// Leaf blocks the cache keeps: 4 MiB, however large the index (about the leaves of the
-/// first 450 MiB of unique data).
-const LEAF_CACHE_BLOCKS: usize = 1024;
-
 /// An entry of an index leaf: key and value lengths (u16 each), the hash24, the block.
 const LEAF_ENTRY: usize = 4 + 24 + 8;
 
@@ -348,8 +344,8 @@ fn decode_entry(k: &[u8], v: &[u8]) -> StoreResult<(Hash24, u64)> {
 
 impl DedupIndex {
     /// The index of a store whose commit record says `root`; reads every leaf once to fill
-    /// the filter.
-    pub fn open(dev: &dyn Device, root: DedupRoot) -> StoreResult<DedupIndex> {
+    /// the filter. Lookups keep up to `leaf_cache` leaf blocks.
+    pub fn open(dev: &dyn Device, root: DedupRoot, leaf_cache: usize) -> StoreResult<DedupIndex> {
         let mut tree = BTree::new(root.root, root.height);
         // Decoded, a full index leaf takes about 12 KiB.
         tree.cache_cap = 256;
@@ -382,7 +378,7 @@ impl DedupIndex {
             bloom,
             leaves: LeafCache {
                 blocks: HashMap::new(),
-                cap: LEAF_CACHE_BLOCKS,
+                cap: leaf_cache.max(1),
             },
         })
     }

@@ -63,6 +63,9 @@ pub struct StoreOptions {
     pub node_cache_nodes: usize,
     /// Refcount pages kept in memory (4 KiB each).
     pub rc_cache_pages: usize,
+    /// Leaf blocks of the dedup index kept in memory for inline dedup's lookups (4 KiB
+    /// each). A duplicate block whose leaf is not here costs a leaf read and its hash check.
+    pub dedup_leaf_cache: usize,
     /// Orphan nodes taken apart per checkpoint (the rest wait for later ones or `gc`).
     pub orphans_per_commit: usize,
     /// Checkpoint once this many map nodes wait in memory (bounds memory and replay work).
@@ -78,6 +81,7 @@ impl Default for StoreOptions {
         StoreOptions {
             node_cache_nodes: 16384,
             rc_cache_pages: 4096,
+            dedup_leaf_cache: 8192,
             orphans_per_commit: 2048,
             max_dirty_nodes: 32768,
             checkpoint_interval: Some(Duration::from_secs(5)),
@@ -352,7 +356,7 @@ impl Store {
             index_entries: 0,
             dedup: IndexChanges::new(sb.version >= DEDUP_VERSION),
         };
-        let dedup = DedupIndex::open(&*dev, last.dedup)?;
+        let dedup = DedupIndex::open(&*dev, last.dedup, options.dedup_leaf_cache)?;
         let mut space = space;
         space.index_entries = dedup.entries;
         if let Some(p) = &path {

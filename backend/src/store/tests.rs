@@ -18,6 +18,7 @@ pub(super) fn small_opts() -> StoreOptions {
     StoreOptions {
         node_cache_nodes: 64,
         rc_cache_pages: 4,
+        dedup_leaf_cache: 4,
         orphans_per_commit: 7,
         max_dirty_nodes: 300,
         checkpoint_interval: None,
