@@ -6,21 +6,20 @@
 //! `vdi fork a@s1 b`; `vdi create c --size 8M`; `vdi snapshot c empty`.
 
 use parallax_integration::{
-    daemon::{Daemon, TestStore},
-    fixtures::{format, names, pattern},
+    daemon::Daemon,
+    fixtures::{format, open_fixture, pattern},
 };
 use serde_json::Value;
 
 #[test]
 fn a_format_1_store_reads_writes_serves_and_upgrades() {
-    let store = TestStore::from_fixture("format1.store.gz");
     let a = pattern();
-    assert_eq!(format(&store), 1);
-    assert_eq!(names(&store), ["a", "a@s1", "b", "c", "c@empty"]);
-    assert_eq!(store.export("a"), a);
-    assert_eq!(store.export("b"), a);
-    assert_eq!(store.export("c@empty"), vec![0u8; 8 << 20]);
-    store.assert_clean();
+    let store = open_fixture(
+        "format1.store.gz",
+        1,
+        &["a", "a@s1", "b", "c", "c@empty"],
+        &[("a", &a), ("b", &a), ("c@empty", &vec![0u8; 8 << 20])],
+    );
 
     // Written in format 1, directly and through the daemon (flushes checkpoint).
     let d_img: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();

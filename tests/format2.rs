@@ -8,28 +8,27 @@
 //! `qemu-io -c "write -P 0x5a 0 64k" -c flush nbd://…/b` and kill -9 of the daemon.
 
 use parallax_integration::{
-    daemon::{Daemon, TestStore},
-    fixtures::{format, names, pattern},
+    daemon::Daemon,
+    fixtures::{format, open_fixture, pattern},
 };
 use serde_json::Value;
 
 #[test]
 fn a_format_2_store_reads_writes_and_upgrades_for_rollback() {
-    let store = TestStore::from_fixture("format2.store.gz");
     let a = pattern();
     let mut b = a.clone();
     b[..65536].fill(0x5a);
-    assert_eq!(format(&store), 2);
-    assert_eq!(names(&store), ["a", "a@s1", "b", "c", "c@empty"]);
-    assert_eq!(store.export("a"), a);
-    assert_eq!(store.export("a@s1"), a);
-    assert_eq!(
-        store.export("b"),
-        b,
-        "the write flushed before kill -9 is there"
+    let store = open_fixture(
+        "format2.store.gz",
+        2,
+        &["a", "a@s1", "b", "c", "c@empty"],
+        &[
+            ("a", &a),
+            ("a@s1", &a),
+            ("b", &b),
+            ("c@empty", &vec![0u8; 8 << 20]),
+        ],
     );
-    assert_eq!(store.export("c@empty"), vec![0u8; 8 << 20]);
-    store.assert_clean();
 
     // Rollback needs format 3: refused, with the way forward, and nothing changes.
     store

@@ -10,27 +10,22 @@
 //! `vdi snapshot b t1` (both through the daemon) and kill -9 of the daemon.
 
 use parallax_integration::{
-    daemon::{Daemon, TestStore},
-    fixtures::{format, names, pattern},
+    daemon::Daemon,
+    fixtures::{format, open_fixture, pattern},
 };
 
 #[test]
 fn a_format_3_store_reads_writes_and_upgrades_for_schedules() {
-    let store = TestStore::from_fixture("format3.store.gz");
     let a = pattern();
     let mut b = a.clone();
     b[..65536].fill(0x5a);
-    assert_eq!(format(&store), 3);
-    assert_eq!(names(&store), ["a", "a@s1", "b", "b@t1", "r", "r@s1"]);
-    assert_eq!(store.export("a"), a, "the logged rollback is replayed");
-    assert_eq!(
-        store.export("b"),
-        b,
-        "the write flushed before kill -9 is there"
+    // `a`: the logged rollback is replayed.
+    let store = open_fixture(
+        "format3.store.gz",
+        3,
+        &["a", "a@s1", "b", "b@t1", "r", "r@s1"],
+        &[("a", &a), ("b", &b), ("b@t1", &b), ("r@s1", &a)],
     );
-    assert_eq!(store.export("b@t1"), b);
-    assert_eq!(store.export("r@s1"), a);
-    store.assert_clean();
 
     // Schedules need format 4: refused, with the way forward, and nothing changes.
     store

@@ -8,27 +8,22 @@
 //! and kill -9 of the daemon (so the write is in the log only).
 
 use parallax_integration::{
-    daemon::{Daemon, TestStore},
-    fixtures::{format, names, pattern},
+    daemon::Daemon,
+    fixtures::{format, names, open_fixture, pattern},
 };
 
 #[test]
 fn a_format_5_store_reads_writes_and_upgrades_for_migration() {
-    let store = TestStore::from_fixture("format5.store.gz");
     let a = pattern();
     let mut b = a.clone();
     b[..65536].fill(0x5a);
     const NAMES: [&str; 3] = ["a", "a@s1", "b"];
-    assert_eq!(format(&store), 5);
-    assert_eq!(names(&store), NAMES);
-    assert_eq!(store.export("a"), a);
-    assert_eq!(store.export("a@s1"), a);
-    assert_eq!(
-        store.export("b"),
-        b,
-        "the write flushed before kill -9 is replayed"
+    let store = open_fixture(
+        "format5.store.gz",
+        5,
+        &NAMES,
+        &[("a", &a), ("a@s1", &a), ("b", &b)],
     );
-    store.assert_clean();
 
     // Migration needs format 6: refused before anything is sent, with the way forward.
     store

@@ -43,3 +43,26 @@ pub fn format(store: &TestStore) -> u64 {
         .as_u64()
         .unwrap()
 }
+
+/// Opens the fixture `file` and checks what every fixture's test checks first: its format
+/// `version`, the `listed` names, the contents of each of `exports` (a write flushed before
+/// the kill -9 that ended the fixture's making is in its log: replayed), and that `check`
+/// finds it clean.
+pub fn open_fixture(
+    file: &str,
+    version: u64,
+    listed: &[&str],
+    exports: &[(&str, &[u8])],
+) -> TestStore {
+    let store = TestStore::from_fixture(file);
+    assert_eq!(format(&store), version, "{file}");
+    assert_eq!(names(&store), listed, "{file}");
+    for &(name, want) in exports {
+        assert!(
+            store.export(name) == want,
+            "{file}: {name} does not hold what it held when the fixture was made"
+        );
+    }
+    store.assert_clean();
+    store
+}
