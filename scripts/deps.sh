@@ -15,8 +15,14 @@ for g in "${groups[@]}"; do
     # qemu-system-x86 removes Debian's newer qemu-utils, so both are always named together.
     # libssl-dev: NBD over TLS links the system's OpenSSL; the tests make their certificates
     # with the openssl command and their keys with GnuTLS's psktool (gnutls-bin).
+    # A throwaway Ceph (mon + memstore OSDs) and etcd for the cluster tests (scripts/cluster.sh,
+    # which also uses uuidgen, bc and curl). parallax loads librados.so.2 (librados2) at run time,
+    # only for a rados: store. The Rust etcd-client crate runs protoc at build time
+    # (protobuf-compiler, libprotobuf-dev).
     base) pkgs+=(libnbd-bin python3-libnbd fio libxen-dev xen-utils-4.17 xenstore-utils e2fsprogs cpio
-                 qemu-utils qemu-system-x86 busybox-static gcc make pkg-config libssl-dev openssl gnutls-bin) ;;
+                 qemu-utils qemu-system-x86 busybox-static gcc make pkg-config libssl-dev openssl gnutls-bin
+                 ceph-mon ceph-osd ceph-common librados2 etcd-server etcd-client uuid-runtime bc curl
+                 protobuf-compiler libprotobuf-dev) ;;
     vm) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio e2fsprogs kmod xz-utils zstd python3) ;;
     xen) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod xen-utils-4.17 xenstore-utils
                 e2fsprogs) ;;
