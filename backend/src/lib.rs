@@ -19,6 +19,7 @@
 
 pub mod blkif;
 pub mod cli;
+pub mod cluster;
 pub mod daemon;
 pub mod disk;
 pub mod malloc;

@@ -131,10 +131,15 @@ pub fn output_fail(cmd: &mut Command) -> Failure {
     f
 }
 
-/// A store file in a temporary directory, made with `parallax init`.
+/// A store file in a temporary directory, made with `parallax init` (or, with `args` and
+/// `env` naming a cluster, a `rados:` store; the directory then holds only scratch files).
 pub struct TestStore {
     pub dir: tempfile::TempDir,
     pub path: PathBuf,
+    /// Given to every command after `--store PATH`.
+    pub args: Vec<String>,
+    /// Set for every command.
+    pub env: Vec<(String, String)>,
 }
 
 impl TestStore {
@@ -142,7 +147,12 @@ impl TestStore {
     pub fn new(size: &str) -> TestStore {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("test.store");
-        let s = TestStore { dir, path };
+        let s = TestStore {
+            dir,
+            path,
+            args: Vec::new(),
+            env: Vec::new(),
+        };
         s.run(&["init", "--size", size]);
         s
     }
@@ -161,7 +171,12 @@ impl TestStore {
             .expect("run gzip");
         assert!(out.status.success(), "gzip -dc {}", src.display());
         std::fs::write(&path, out.stdout).expect("write the store");
-        TestStore { dir, path }
+        TestStore {
+            dir,
+            path,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
     }
 
     /// A path for a scratch file next to the store.
@@ -172,7 +187,11 @@ impl TestStore {
     /// `parallax --store PATH ARGS…`, not yet run.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = parallax();
-        c.arg("--store").arg(&self.path).args(args);
+        c.arg("--store")
+            .arg(&self.path)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(args);
         c
     }
 

@@ -22,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::de::DeserializeOwned;
 
 use crate::{
+    cluster::{self, ClusterConfig, ClusterError, RadosStore},
     daemon::{
         addr::ControlAddr,
         config::Config,
@@ -55,7 +56,11 @@ Quick start:
   parallax --store s.px vdi import template disk.raw
   parallax --store s.px vdi snapshot template gold
   parallax --store s.px vdi fork template@gold vm1
-  parallax --store s.px serve          # qemu-img info nbd://127.0.0.1:10809/vm1";
+  parallax --store s.px serve          # qemu-img info nbd://127.0.0.1:10809/vm1
+
+A store can also live in a Ceph cluster: `--store rados:POOL/NAME` (with --ceph-conf and
+--etcd) keeps its blocks in RADOS pool POOL and its owner in etcd; one host at a time serves
+it, and another takes it over when that host stops.";
 
 #[derive(Parser, Debug)]
 #[command(name = "parallax", version, about = ABOUT, long_about = LONG_ABOUT, propagate_version = true)]
@@ -69,7 +74,7 @@ struct Cli {
 /// Where commands go: a store of this host, or with `--connect` another host's daemon.
 #[derive(clap::Args, Debug)]
 struct Place {
-    /// The store: a file or a block device.
+    /// The store: a file, a block device, or `rados:POOL/NAME` (a store in a Ceph pool).
     #[arg(long, global = true, env = "PARALLAX_STORE", value_name = "PATH")]
     store: Option<PathBuf>,
     /// Send the command to another host's (or domain's) daemon instead: its control listener,
@@ -87,6 +92,53 @@ struct Place {
     /// `client-key.pem`) for x509.
     #[arg(long, global = true, value_name = "DIR")]
     connect_certificates: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// How to reach the Ceph cluster and etcd that hold a `rados:POOL/NAME` store.
+#[derive(clap::Args, Debug, Default)]
+struct ClusterArgs {
+    /// For a rados: store: Ceph's configuration file (mon addresses, keyring).
+    /// Default: /etc/ceph/ceph.conf, or `cluster.ceph_conf` in serve's config.
+    #[arg(long, global = true, env = "PARALLAX_CEPH_CONF", value_name = "FILE")]
+    ceph_conf: Option<PathBuf>,
+    /// For a rados: store: etcd's client URLs, comma-separated (default: http://127.0.0.1:2379).
+    #[arg(
+        long,
+        global = true,
+        env = "PARALLAX_ETCD",
+        value_name = "URL[,URL...]",
+        value_delimiter = ','
+    )]
+    etcd: Vec<String>,
+    /// For a rados: store: this host's name in ownership records (default: the host name).
+    #[arg(long, global = true, env = "PARALLAX_HOST", value_name = "NAME")]
+    host: Option<String>,
+    /// For a rados: store: seconds a host that stopped renewing its lease keeps the store
+    /// before another may take it over (default: 5).
+    #[arg(long, global = true, env = "PARALLAX_LEASE_TTL", value_name = "SECS")]
+    lease_ttl: Option<u64>,
+}
+
+impl ClusterArgs {
+    /// `base` (defaults, or serve's config file) with what was given on the command line.
+    fn over(&self, mut base: ClusterConfig) -> anyhow::Result<ClusterConfig> {
+        if let Some(c) = &self.ceph_conf {
+            base.ceph_conf = c.clone();
+        }
+        if !self.etcd.is_empty() {
+            base.etcd = self.etcd.clone();
+        }
+        if self.host.is_some() {
+            base.host = self.host.clone();
+        }
+        if let Some(t) = self.lease_ttl {
+            base.lease_ttl_secs = t;
+        }
+        base.validate().map_err(|e| anyhow!(e))?;
+        Ok(base)
+    }
 }
 
 impl Place {
@@ -115,7 +167,10 @@ impl Place {
     fn target(&self) -> anyhow::Result<Target> {
         match self.remote()? {
             Some(c) => Ok(Target::Net(c)),
-            None => target(store_path(&self.store)?),
+            None => target(
+                store_path(&self.store)?,
+                &self.cluster.over(ClusterConfig::default())?,
+            ),
         }
     }
 
@@ -715,7 +770,10 @@ impl Drop for Target {
     }
 }
 
-fn target(path: &Path) -> anyhow::Result<Target> {
+fn target(path: &Path, cluster: &ClusterConfig) -> anyhow::Result<Target> {
+    if let Some(rs) = RadosStore::parse(path) {
+        return cluster_target(path, rs.map_err(|e| anyhow!(e))?, cluster);
+    }
     if !path.exists() {
         bail!(
             "store {} does not exist (create it with `parallax --store {} init`)",
@@ -740,6 +798,27 @@ fn target(path: &Path) -> anyhow::Result<Target> {
         Err(e) => {
             Err(anyhow::Error::new(e).context(format!("cannot open store {}", path.display())))
         }
+    }
+}
+
+/// A store in RADOS: through the daemon on this host that holds it, or opened here if nobody
+/// holds it.
+fn cluster_target(path: &Path, rs: RadosStore, cluster: &ClusterConfig) -> anyhow::Result<Target> {
+    let addr = ControlAddr::for_client(path)?;
+    if ControlClient::connect(&addr).is_ok() {
+        return Ok(Target::Daemon(addr));
+    }
+    match cluster::open(&rs, cluster, StoreOptions::default(), false, &mut |_| {}) {
+        Ok(s) => {
+            s.set_remote(Arc::new(NbdRemote::new(DEFAULT_RECONNECT_DELAY)));
+            Ok(Target::Direct(s))
+        }
+        Err(ClusterError::Held { holder, .. }) => bail!(
+            "store {rs} is held by {holder}, and no parallax daemon answers here on {addr}: run \
+             the command on {}, or send it to its daemon with --connect",
+            holder.host
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot open store {rs}"))),
     }
 }
 
@@ -944,6 +1023,10 @@ fn report(
     }
 }
 
+/// Default size of a new store in RADOS: its objects are made as blocks are written, so the
+/// size is only the most it can hold.
+const DEFAULT_RADOS_SIZE: u64 = 64 << 30;
+
 /// Default size of a new store file: 64 GiB, or 90% of the free space where it goes.
 fn default_store_size(path: &Path) -> u64 {
     let dir = path
@@ -975,7 +1058,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         bail!("init, upgrade and serve work on a store of this host; --connect cannot reach them");
     }
     match command {
-        Command::Serve(args) => serve(place.store, args),
+        Command::Serve(args) => serve(place.store, &place.cluster, args),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "parallax", &mut io::stdout());
@@ -988,6 +1071,34 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Init { size, json } => {
             let path = store_path(&place.store)?;
+            if let Some(rs) = RadosStore::parse(path) {
+                let rs = rs.map_err(|e| anyhow!(e))?;
+                let cfg = place.cluster.over(ClusterConfig::default())?;
+                let store = cluster::create(
+                    &rs,
+                    &cfg,
+                    size.unwrap_or(DEFAULT_RADOS_SIZE),
+                    StoreOptions::default(),
+                )
+                .with_context(|| format!("cannot create store {rs}"))?;
+                let total = store.geometry().total_blocks * 4096;
+                let capacity = store.geometry().data_blocks() * 4096;
+                store.close().context("closing the new store")?;
+                if json {
+                    print_json(&serde_json::json!({
+                        "store": rs.to_string(),
+                        "size": total,
+                        "capacity": capacity,
+                    }))?;
+                } else {
+                    println!(
+                        "created store {rs}: {} ({} for blocks; RADOS objects are made as blocks are written)",
+                        format_size(total),
+                        format_size(capacity),
+                    );
+                }
+                return Ok(0);
+            }
             let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
             let size = if is_dev {
                 size
@@ -1059,7 +1170,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Upgrade { json } => {
             let path = store_path(&place.store)?;
-            let t = target(path)?;
+            let t = target(path, &place.cluster.over(ClusterConfig::default())?)?;
             let Target::Direct(s) = &t else {
                 bail!(
                     "stop the daemon serving {} first: `upgrade` works on a closed store",
@@ -1614,11 +1725,12 @@ fn open_export_target(file: &Path, force: bool) -> anyhow::Result<File> {
     }
 }
 
-fn serve(store: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<i32> {
+fn serve(store: Option<PathBuf>, cluster: &ClusterArgs, args: ServeArgs) -> anyhow::Result<i32> {
     let mut cfg = match &args.config {
         Some(p) => Config::load(p).map_err(|e| anyhow!(e))?,
         None => Config::default(),
     };
+    cfg.cluster = cluster.over(cfg.cluster)?;
     if store.is_some() {
         cfg.store = store;
     }

@@ -32,7 +32,11 @@ pub enum ControlAddr {
 impl ControlAddr {
     /// The default control address of the daemon that holds the store at `store`.
     pub fn for_store(store: &Path) -> io::Result<ControlAddr> {
-        let canon = std::fs::canonicalize(store)?;
+        // A store in RADOS is named the same from every directory: its name is its identity.
+        let canon = match crate::cluster::RadosStore::parse(store) {
+            Some(_) => store.to_path_buf(),
+            None => std::fs::canonicalize(store)?,
+        };
         let hash = blake3::hash(canon.as_os_str().as_encoded_bytes());
         let hex = hash.to_hex();
         Ok(ControlAddr::Abstract(

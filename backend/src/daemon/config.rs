@@ -33,6 +33,8 @@ pub struct Config {
     pub control: super::control_net::NetControlSettings,
     /// Background dedup (README "Dedup").
     pub dedup: DedupSection,
+    /// The Ceph cluster and etcd of a `rados:POOL/NAME` store.
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +162,7 @@ impl Default for Config {
             backing: BackingSection::default(),
             control: Default::default(),
             dedup: DedupSection::default(),
+            cluster: Default::default(),
         }
     }
 }
@@ -224,8 +227,16 @@ impl Config {
         let mut cfg = Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(std::path::Path::new(""));
         let tls = &mut cfg.nbd.tls;
+        if cfg
+            .store
+            .as_deref()
+            .is_some_and(|s| crate::cluster::RadosStore::parse(s).is_some())
+        {
+            cfg.cluster.ceph_conf = dir.join(&cfg.cluster.ceph_conf);
+        } else if let Some(s) = &mut cfg.store {
+            *s = dir.join(&*s);
+        }
         for p in [
-            &mut cfg.store,
             &mut cfg.control_socket,
             &mut cfg.nbd.unix,
             &mut tls.cert,
@@ -277,6 +288,7 @@ impl Config {
         self.control
             .validate()
             .map_err(|e| format!("control: {e}"))?;
+        self.cluster.validate()?;
         if self.commit_interval_ms == 0 {
             return Err("commit_interval_ms must be at least 1".into());
         }

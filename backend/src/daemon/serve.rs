@@ -169,6 +169,21 @@ fn bind_metrics(a: &str) -> anyhow::Result<TcpListener> {
     Ok(l)
 }
 
+/// Opens the store the daemon serves: a local one, or one in RADOS, waiting for the host that
+/// holds it to let go or to stop renewing its lease (failover).
+fn open_store(path: &std::path::Path, cfg: &Config) -> anyhow::Result<Arc<Store>> {
+    let Some(rs) = crate::cluster::RadosStore::parse(path) else {
+        return Store::open(path, cfg.store_options())
+            .with_context(|| format!("cannot open store {}", path.display()));
+    };
+    let rs = rs.map_err(|e| anyhow!(e))?;
+    crate::cluster::open(&rs, &cfg.cluster, cfg.store_options(), true, &mut |h| {
+        info!(store = %rs, holder = %h, ttl_secs = cfg.cluster.lease_ttl_secs,
+              "the store is held by another host: waiting for it to let go or for its lease to run out");
+    })
+    .with_context(|| format!("cannot open store {rs}"))
+}
+
 impl Daemon {
     pub fn start(cfg: Config) -> anyhow::Result<Daemon> {
         cfg.validate()
@@ -178,8 +193,7 @@ impl Daemon {
         })?;
         // Credentials first: a bad file stops the daemon before it touches the store.
         let tls = TlsServer::new(&cfg.nbd.tls).map_err(|e| anyhow!("nbd.{e}"))?;
-        let store = Store::open(&store_path, cfg.store_options())
-            .with_context(|| format!("cannot open store {}", store_path.display()))?;
+        let store = open_store(&store_path, &cfg)?;
         store.set_remote(Arc::new(NbdRemote::new(Duration::from_secs(
             cfg.backing.reconnect_delay_secs,
         ))));

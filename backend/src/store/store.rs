@@ -23,7 +23,6 @@
 //! happen after the locks are dropped (io.rs).
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -126,8 +125,10 @@ pub struct Store {
     path: Option<PathBuf>,
     /// How backed VDIs reach their remote exports (`backing.rs`); none until given.
     pub(super) remote: RwLock<Option<Arc<dyn super::backing::Remote>>>,
-    /// Holds the store's fcntl locks for as long as the store is open.
-    _lock_file: Option<File>,
+    /// What makes the store this process's for as long as it is open: the file holding its
+    /// fcntl locks, or a cluster lease (`crate::cluster`). Declared last, so dropped after the
+    /// device.
+    _held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 pub fn now_ns() -> u64 {
@@ -216,7 +217,7 @@ impl Store {
         let lock = dev.file().try_clone()?;
         let dev: Arc<dyn Device> = Arc::new(dev);
         Self::format(&*dev, len)?;
-        Self::open_inner(dev, options, Some(path.to_path_buf()), Some(lock))
+        Self::open_inner(dev, options, Some(path.to_path_buf()), Some(Box::new(lock)))
     }
 
     /// Opens the store at `path` (a file or block device), taking it exclusively.
@@ -227,7 +228,12 @@ impl Store {
         })?;
         super::lock::lock_exclusive(dev.file())?;
         let lock = dev.file().try_clone()?;
-        Self::open_inner(Arc::new(dev), options, Some(path.to_path_buf()), Some(lock))
+        Self::open_inner(
+            Arc::new(dev),
+            options,
+            Some(path.to_path_buf()),
+            Some(Box::new(lock)),
+        )
     }
 
     /// Writes a fresh, empty store of `len` bytes onto `dev`.
@@ -271,11 +277,22 @@ impl Store {
         Self::open_inner(dev, options, None, None)
     }
 
+    /// Opens a store on `dev` that `held` makes this process's (the store keeps it until it
+    /// is dropped); `label` names it in messages.
+    pub fn open_held(
+        dev: Arc<dyn Device>,
+        options: StoreOptions,
+        label: PathBuf,
+        held: Box<dyn std::any::Any + Send + Sync>,
+    ) -> StoreResult<Arc<Store>> {
+        Self::open_inner(dev, options, Some(label), Some(held))
+    }
+
     fn open_inner(
         dev: Arc<dyn Device>,
         options: StoreOptions,
         path: Option<PathBuf>,
-        lock: Option<File>,
+        held: Option<Box<dyn std::any::Any + Send + Sync>>,
     ) -> StoreResult<Arc<Store>> {
         let dev_blocks = dev.len() / BLOCK_SIZE_U64;
         if dev_blocks == 0 {
@@ -392,7 +409,7 @@ impl Store {
             options,
             superblock: sb,
             path,
-            _lock_file: lock,
+            _held: held,
         });
         if store.format_version() >= 2 {
             store.recover(log_pos)?;

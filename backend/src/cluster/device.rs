@@ -1,0 +1,256 @@
+//! A store's bytes in RADOS: the [`Device`] the store runs on when it lives in a Ceph pool.
+//!
+//! The device's address space is cut into objects of [`OBJECT_SIZE`] bytes, each named by its
+//! index (`%016x`) in the store's own RADOS namespace, beside one header object
+//! ([`HEADER_OBJECT`]) that records the device's size. An object that was never written reads
+//! as zeros, so a new store costs no objects beyond the few its format writes.
+//!
+//! Writes go out asynchronously (`rados_aio_write`, the caller's bytes copied) and
+//! [`Device::sync`] waits for every write issued before it: a write is durable on every
+//! replica when its completion reports it, which is what the store's commit protocol needs from
+//! a sync. RADOS applies one client's operations on one object in the order they were sent, so
+//! a read after a write to the same bytes sees it even before the sync.
+//!
+//! Every write first asks the store's [`Fence`]: once this host's ownership of the store has
+//! lapsed, nothing more leaves it (what was already sent is refused by the OSDs once the next
+//! owner has blocklisted this client; see `lease.rs`).
+
+use std::{collections::VecDeque, io, sync::Arc};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    lease::Fence,
+    rados::{AioWrite, IoCtx},
+};
+use crate::store::device::Device;
+
+/// Bytes per RADOS object: RBD's default, large enough that a store of a few TiB is a few
+/// hundred thousand objects, small enough that recovery moves little at a time.
+pub const OBJECT_SIZE: u64 = 4 << 20;
+
+/// The object that says a namespace holds a Parallax device, and how large.
+pub const HEADER_OBJECT: &str = "parallax.device";
+
+/// Writes in flight before a writer waits for the oldest (bounds the copied bytes too).
+const MAX_IN_FLIGHT: usize = 1024;
+const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    /// Layout version of this header and the objects' naming (1).
+    layout: u32,
+    size: u64,
+    object_size: u64,
+}
+
+/// A store's device in a RADOS namespace.
+pub struct RadosDevice {
+    io: IoCtx,
+    len: u64,
+    object_size: u64,
+    fence: Option<Arc<Fence>>,
+    in_flight: Mutex<InFlight>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    writes: VecDeque<AioWrite>,
+    bytes: usize,
+    /// The first write that failed and has not been reported by a sync yet.
+    failed: Option<io::Error>,
+}
+
+impl InFlight {
+    /// Collects the writes that have finished, oldest first.
+    fn reap(&mut self) {
+        while self.writes.front().is_some_and(|w| w.is_done()) {
+            let w = self.writes.pop_front().expect("checked above");
+            self.bytes -= w.len();
+            if let Err(e) = w.wait() {
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+}
+
+pub(crate) fn object_name(index: u64) -> String {
+    format!("{index:016x}")
+}
+
+impl RadosDevice {
+    /// Makes a device of `size` bytes in `io`'s namespace, which must hold none yet.
+    pub fn create(io: IoCtx, size: u64, fence: Option<Arc<Fence>>) -> io::Result<RadosDevice> {
+        if io.stat(HEADER_OBJECT)?.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the namespace holds a Parallax device already",
+            ));
+        }
+        let h = Header {
+            layout: 1,
+            size,
+            object_size: OBJECT_SIZE,
+        };
+        io.write_full(
+            HEADER_OBJECT,
+            &serde_json::to_vec(&h).map_err(io::Error::other)?,
+        )?;
+        Ok(Self::new(io, h, fence))
+    }
+
+    /// Opens the device in `io`'s namespace (`NotFound` if there is none).
+    pub fn open(io: IoCtx, fence: Option<Arc<Fence>>) -> io::Result<RadosDevice> {
+        let mut b = vec![0u8; 4096];
+        let n = io.read(HEADER_OBJECT, &mut b, 0)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no Parallax device there",
+            ));
+        }
+        let h: Header = serde_json::from_slice(&b[..n]).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{HEADER_OBJECT}: {e}"))
+        })?;
+        if h.layout != 1 || h.object_size == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{HEADER_OBJECT}: layout {} is not one this parallax reads",
+                    h.layout
+                ),
+            ));
+        }
+        Ok(Self::new(io, h, fence))
+    }
+
+    fn new(io: IoCtx, h: Header, fence: Option<Arc<Fence>>) -> RadosDevice {
+        RadosDevice {
+            io,
+            len: h.size,
+            object_size: h.object_size,
+            fence,
+            in_flight: Mutex::new(InFlight::default()),
+        }
+    }
+
+    /// Splits `len` bytes at `offset` into (object index, offset in it, offset in the buffer,
+    /// length) pieces.
+    fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (u64, u64, usize, usize)> {
+        let os = self.object_size;
+        let mut at = 0usize;
+        std::iter::from_fn(move || {
+            if at >= len {
+                return None;
+            }
+            let pos = offset + at as u64;
+            let (obj, off) = (pos / os, pos % os);
+            let n = ((os - off) as usize).min(len - at);
+            let piece = (obj, off, at, n);
+            at += n;
+            Some(piece)
+        })
+    }
+
+    fn in_range(&self, offset: u64, len: usize) -> io::Result<()> {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{len} bytes at {offset} are past the device's end ({})",
+                    self.len
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes every object of the device, the header last.
+    pub fn destroy(self) -> io::Result<u64> {
+        self.sync()?;
+        let mut n = 0;
+        for name in self.io.list()? {
+            if name != HEADER_OBJECT {
+                self.io.remove(&name)?;
+                n += 1;
+            }
+        }
+        self.io.remove(HEADER_OBJECT)?;
+        Ok(n)
+    }
+}
+
+impl Device for RadosDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.in_range(offset, buf.len())?;
+        for (obj, off, at, n) in self.pieces(offset, buf.len()) {
+            let part = &mut buf[at..at + n];
+            let got = self.io.read(&object_name(obj), part, off)?;
+            part[got..].fill(0);
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.in_range(offset, buf.len())?;
+        if let Some(f) = &self.fence {
+            f.check()?;
+        }
+        let mut q = self.in_flight.lock();
+        q.reap();
+        for (obj, off, at, n) in self.pieces(offset, buf.len()) {
+            let w = self
+                .io
+                .aio_write(&object_name(obj), buf[at..at + n].to_vec(), off)?;
+            q.bytes += n;
+            q.writes.push_back(w);
+        }
+        // Back-pressure: wait for the oldest writes while too much is in flight.
+        while q.writes.len() > MAX_IN_FLIGHT || q.bytes > MAX_IN_FLIGHT_BYTES {
+            let w = q.writes.pop_front().expect("over the bound, so not empty");
+            q.bytes -= w.len();
+            if let Err(e) = w.wait() {
+                q.failed.get_or_insert(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_at(&bufs.concat(), offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let (writes, failed) = {
+            let mut q = self.in_flight.lock();
+            q.bytes = 0;
+            (std::mem::take(&mut q.writes), q.failed.take())
+        };
+        let mut first = failed;
+        for w in writes {
+            if let Err(e) = w.wait() {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl Drop for RadosDevice {
+    fn drop(&mut self) {
+        // Writes still in flight wait in their own drop; nothing to report them to here.
+        let q = self.in_flight.get_mut();
+        q.writes.clear();
+    }
+}

@@ -1,0 +1,262 @@
+//! Stores in a Ceph cluster: a store's bytes in a RADOS pool, its ownership in etcd.
+//!
+//! `--store rados:POOL/NAME` names store NAME in RADOS pool POOL: its blocks are objects in
+//! the pool's namespace NAME ([`device`]), and whichever host opens it holds an etcd lease on
+//! it ([`lease`]), so that one host at a time writes it and any host can take it over when the
+//! holder dies or lets go. Everything above the device (maps, log, commits, dedup, snapshots)
+//! is the same store as on a local disk, in the same format.
+//!
+//! ```text
+//!   parallax (host A) ──Store──► RadosDevice ──librados──► pool POOL, namespace NAME
+//!        │ lease, keepalive                                       ▲
+//!        ▼                                                        │ blocklisted before
+//!      etcd  ◄── host B waits for A's lease, fences A out ────────┘ B reads anything
+//! ```
+
+pub mod device;
+pub mod lease;
+pub mod rados;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError, StoreOptions};
+
+/// The prefix that makes `--store` name a store in RADOS.
+pub const SCHEME: &str = "rados:";
+
+/// A store in a RADOS pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RadosStore {
+    pub pool: String,
+    pub name: String,
+}
+
+impl RadosStore {
+    /// `Some` when `spec` is `rados:POOL/NAME` (an error if it is malformed), `None` when it
+    /// names a local file or device.
+    pub fn parse(spec: &Path) -> Option<Result<RadosStore, String>> {
+        let s = spec.to_str()?.strip_prefix(SCHEME)?;
+        let bad = |why: &str| {
+            Err(format!(
+                "--store {SCHEME}{s}: {why} (expected {SCHEME}POOL/NAME)"
+            ))
+        };
+        let Some((pool, name)) = s.split_once('/') else {
+            return Some(bad("no store name"));
+        };
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        Some(if !ok(pool) {
+            bad("the pool name is empty or has characters other than letters, digits, - _ .")
+        } else if !ok(name) {
+            bad("the store name is empty or has characters other than letters, digits, - _ .")
+        } else {
+            Ok(RadosStore {
+                pool: pool.to_string(),
+                name: name.to_string(),
+            })
+        })
+    }
+
+    /// The key its lease and records live under in etcd.
+    fn key(&self) -> String {
+        format!("{}/{}", self.pool, self.name)
+    }
+}
+
+impl std::fmt::Display for RadosStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{SCHEME}{}/{}", self.pool, self.name)
+    }
+}
+
+/// How to reach the cluster: the `cluster` section of `parallax.ron`, and the global
+/// `--ceph-conf`, `--etcd`, `--host`, `--lease-ttl` options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Ceph's configuration file (mon addresses, keyring).
+    pub ceph_conf: PathBuf,
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// This host's name in ownership records (default: the system's host name).
+    pub host: Option<String>,
+    /// Seconds a host that stopped renewing keeps a store before another may take it over.
+    pub lease_ttl_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            ceph_conf: PathBuf::from("/etc/ceph/ceph.conf"),
+            etcd: vec!["http://127.0.0.1:2379".into()],
+            host: None,
+            lease_ttl_secs: 5,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.etcd.is_empty() {
+            return Err("cluster.etcd: no etcd endpoint".into());
+        }
+        if self.lease_ttl_secs == 0 {
+            return Err("cluster.lease_ttl_secs must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn lease(&self) -> lease::LeaseConfig {
+        lease::LeaseConfig {
+            endpoints: self.etcd.clone(),
+            ttl: Duration::from_secs(self.lease_ttl_secs),
+            host: self.host.clone().unwrap_or_else(hostname),
+        }
+    }
+}
+
+/// The system's host name.
+pub fn hostname() -> String {
+    let mut b = [0u8; 256];
+    // SAFETY: `b` is writable for its length; gethostname NUL-terminates within it or
+    // truncates.
+    let r = unsafe { libc::gethostname(b.as_mut_ptr().cast(), b.len()) };
+    if r != 0 {
+        return "localhost".into();
+    }
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
+/// Why a cluster store did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("store {store} is held by {holder}")]
+    Held {
+        store: RadosStore,
+        holder: lease::Holder,
+    },
+    #[error("store {0} does not exist (create it with `parallax --store {0} init --size SIZE`)")]
+    NoStore(RadosStore),
+    #[error("store {0} exists already")]
+    Exists(RadosStore),
+    #[error("Ceph: {0}")]
+    Rados(std::io::Error),
+    #[error("{0}")]
+    Lease(lease::LeaseError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a store in RADOS holds on to while it is open: its ownership (released last, after the
+/// device has synced and dropped).
+struct Held {
+    _ownership: lease::Ownership,
+}
+
+fn connect(store: &RadosStore, cfg: &ClusterConfig) -> Result<rados::IoCtx, ClusterError> {
+    let r = rados::Rados::connect(&cfg.ceph_conf).map_err(ClusterError::Rados)?;
+    r.ioctx(&store.pool, &store.name)
+        .map_err(ClusterError::Rados)
+}
+
+/// Takes `store` for this host: waiting for its holder when `wait` (saying so through
+/// `on_wait`), failing with [`ClusterError::Held`] otherwise.
+fn own(
+    store: &RadosStore,
+    cfg: &ClusterConfig,
+    io: &rados::IoCtx,
+    wait: bool,
+    on_wait: &mut dyn FnMut(&lease::Holder),
+) -> Result<lease::Ownership, ClusterError> {
+    lease::acquire(&cfg.lease(), &store.key(), io.rados(), wait, on_wait).map_err(|e| match e {
+        lease::LeaseError::Held(holder) => ClusterError::Held {
+            store: store.clone(),
+            holder,
+        },
+        e => ClusterError::Lease(e),
+    })
+}
+
+/// Creates store `store` of `size` bytes and opens it.
+pub fn create(
+    store: &RadosStore,
+    cfg: &ClusterConfig,
+    size: u64,
+    options: StoreOptions,
+) -> Result<Arc<Store>, ClusterError> {
+    let io = connect(store, cfg)?;
+    let owner = own(store, cfg, &io, false, &mut |_| {})?;
+    crate::store::format::Geometry::for_size(size)?;
+    let dev = device::RadosDevice::create(io, size, Some(owner.fence().clone())).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            ClusterError::Exists(store.clone())
+        } else {
+            ClusterError::Rados(e)
+        }
+    })?;
+    let dev: Arc<dyn crate::store::device::Device> = Arc::new(dev);
+    Store::format(&*dev, size)?;
+    Ok(Store::open_held(
+        dev,
+        options,
+        PathBuf::from(store.to_string()),
+        Box::new(Held { _ownership: owner }),
+    )?)
+}
+
+/// Opens `store`, taking it for this host: with `wait`, once its holder lets go or its lease
+/// runs out (`on_wait` is told whom it waits for); without, failing with
+/// [`ClusterError::Held`].
+pub fn open(
+    store: &RadosStore,
+    cfg: &ClusterConfig,
+    options: StoreOptions,
+    wait: bool,
+    on_wait: &mut dyn FnMut(&lease::Holder),
+) -> Result<Arc<Store>, ClusterError> {
+    let io = connect(store, cfg)?;
+    if io
+        .stat(device::HEADER_OBJECT)
+        .map_err(ClusterError::Rados)?
+        .is_none()
+    {
+        return Err(ClusterError::NoStore(store.clone()));
+    }
+    let owner = own(store, cfg, &io, wait, on_wait)?;
+    let dev =
+        device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;
+    Ok(Store::open_held(
+        Arc::new(dev),
+        options,
+        PathBuf::from(store.to_string()),
+        Box::new(Held { _ownership: owner }),
+    )?)
+}
+
+/// Removes store `store` and every object it has (taking it first, so not while another host
+/// holds it). How many data objects went.
+pub fn destroy(store: &RadosStore, cfg: &ClusterConfig) -> Result<u64, ClusterError> {
+    let io = connect(store, cfg)?;
+    if io
+        .stat(device::HEADER_OBJECT)
+        .map_err(ClusterError::Rados)?
+        .is_none()
+    {
+        return Err(ClusterError::NoStore(store.clone()));
+    }
+    let owner = own(store, cfg, &io, false, &mut |_| {})?;
+    let dev =
+        device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;
+    dev.destroy().map_err(ClusterError::Rados)
+}

@@ -1,0 +1,337 @@
+//! Stores in a real Ceph cluster with their owners in a real etcd (both started for each test by
+//! `scripts/cluster.sh`): every command on a `rados:` store, one host at a time, another host
+//! taking over from one killed with `kill -9` with every flushed write, a frozen owner that wakes
+//! up after the takeover changing nothing, an OSD killed under load and etcd restarted under
+//! load losing nothing.
+//!
+//! Hosts are `parallax` processes with their own `--host`, scratch directory and control
+//! socket (on one machine they would otherwise share the abstract socket named after the
+//! store).
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use parallax_integration::{cluster::Cluster, daemon::*};
+
+const TTL_SECS: u64 = 2;
+
+/// Host `name`'s view of store `store` in `c`'s pool.
+fn host(c: &Cluster, store: &str, name: &str) -> TestStore {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctl = dir.path().join("ctl.sock");
+    TestStore {
+        path: PathBuf::from(format!("rados:{}/{store}", c.pool)),
+        args: vec![
+            "--ceph-conf".into(),
+            c.ceph_conf.display().to_string(),
+            "--etcd".into(),
+            c.etcd.clone(),
+            "--host".into(),
+            name.into(),
+            "--lease-ttl".into(),
+            TTL_SECS.to_string(),
+        ],
+        env: vec![("PARALLAX_CONTROL".into(), ctl.display().to_string())],
+        dir,
+    }
+}
+
+/// `parallax serve` on host `h`, with its own control socket.
+fn serve(h: &TestStore) -> Daemon {
+    let cfg = format!(
+        "(commit_interval_ms: 500, nbd: (workers: 4), control_socket: \"{}\")",
+        h.file("ctl.sock").display()
+    );
+    Daemon::start_with(h, &cfg, &[])
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Reads `blocks` 4 KiB blocks of `export` through `d` and decodes their tags.
+fn tags(d: &Daemon, export: &str, blocks: u64) -> Vec<Option<u64>> {
+    let mut c = d.nbd(export);
+    (0..blocks)
+        .map(|b| block_tag(&c.read(b * 4096, 4096).expect("read")))
+        .collect()
+}
+
+#[test]
+fn every_command_works_on_a_store_in_rados_and_one_host_holds_it_at_a_time() {
+    let c = Cluster::start(1);
+    let a = host(&c, "s1", "hostA");
+    let out = a.run(&["init", "--size", "1G"]);
+    assert!(out.contains("created store rados:"), "{out}");
+    assert!(a
+        .fail(&["init", "--size", "1G"])
+        .stderr
+        .contains("exists already"));
+
+    let img = image_with_holes(7, 4 << 20);
+    a.import("template", &img);
+    a.run(&["vdi", "snapshot", "template", "gold"]);
+    a.run(&["vdi", "fork", "template@gold", "vm1"]);
+    assert_eq!(a.names(), ["template", "template@gold", "vm1"]);
+    assert_eq!(a.export("vm1"), img);
+    a.assert_clean();
+    let df = a.json(&["df", "--json"]);
+    assert!(df["used_bytes"].as_u64().unwrap_or(0) > 0, "{df}");
+
+    // The blocks are RADOS objects in the store's namespace.
+    let out = c
+        .rados()
+        .args(["--namespace", "s1", "ls"])
+        .output()
+        .unwrap();
+    let objects = String::from_utf8_lossy(&out.stdout);
+    assert!(objects.lines().any(|l| l == "parallax.device"), "{objects}");
+    assert!(objects.lines().count() > 1, "{objects}");
+
+    // While host A serves it, host B cannot open it, and says who holds it.
+    let d = serve(&a);
+    let b = host(&c, "s1", "hostB");
+    let f = b.fail(&["vdi", "list"]);
+    assert!(f.stderr.contains("held by host hostA"), "{f:?}");
+    assert_eq!(f.stderr.trim().lines().count(), 1, "{f:?}");
+    // Host A's own commands go through its daemon.
+    a.run(&["vdi", "fork", "template@gold", "vm2"]);
+    // A planned stop lets go of the store at once: host B opens it without waiting a TTL.
+    d.stop();
+    let t = Instant::now();
+    assert_eq!(b.names(), ["template", "template@gold", "vm1", "vm2"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(TTL_SECS),
+        "host B waited {:?} for a store nobody held",
+        t.elapsed()
+    );
+    assert_eq!(b.export("vm2"), img);
+}
+
+/// Writes block `b` (tag `b + 1`) for `b` in `range`, flushing every `flush_every` writes; the
+/// number of blocks a completed flush covered.
+fn write_blocks(conn: &mut NbdConn, range: std::ops::Range<u64>, flush_every: u64) -> u64 {
+    let mut flushed = range.start;
+    for b in range.clone() {
+        if conn.write(b * 4096, &tagged_block(b + 1)).is_err() {
+            break;
+        }
+        if (b + 1 - range.start).is_multiple_of(flush_every) {
+            if conn.flush().is_err() {
+                break;
+            }
+            flushed = b + 1;
+        }
+    }
+    flushed
+}
+
+#[test]
+fn another_host_takes_over_from_a_killed_owner_with_every_flushed_write() {
+    const BLOCKS: u64 = 2048;
+    let c = Cluster::start(1);
+    let a = host(&c, "s2", "hostA");
+    a.run(&["init", "--size", "1G"]);
+    a.run(&["vdi", "create", "vm", "--size", "8M"]);
+    let d = serve(&a);
+    // A writer that keeps going until the daemon dies under it.
+    let port = d.port();
+    let writer = thread::spawn(move || {
+        let mut conn = NbdConn::connect(port, "vm");
+        write_blocks(&mut conn, 0..BLOCKS, 16)
+    });
+    thread::sleep(Duration::from_millis(1500));
+    d.kill9();
+    let flushed = writer.join().expect("writer");
+    assert!(flushed > 0, "no flush completed before the kill");
+
+    let b = host(&c, "s2", "hostB");
+    let t = Instant::now();
+    let d = serve(&b);
+    let took = t.elapsed();
+    eprintln!("host B served the store {took:?} after host A was killed (TTL {TTL_SECS} s)");
+    assert!(
+        d.stderr().contains("fencing the last owner"),
+        "{}",
+        d.stderr()
+    );
+    let got = tags(&d, "vm", BLOCKS);
+    for (b, t) in got.iter().enumerate() {
+        let b = b as u64;
+        if b < flushed {
+            assert_eq!(
+                *t,
+                Some(b + 1),
+                "block {b}, flushed before the kill, is not there"
+            );
+        } else {
+            assert!(
+                *t == Some(0) || *t == Some(b + 1),
+                "block {b}: neither its old nor its new content: {t:?}"
+            );
+        }
+    }
+    let r = b.json(&["check", "--json"]);
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+#[test]
+fn a_frozen_owner_that_wakes_after_a_takeover_changes_nothing() {
+    const BLOCKS: u64 = 256;
+    let c = Cluster::start(1);
+    let a = host(&c, "s3", "hostA");
+    a.run(&["init", "--size", "1G"]);
+    a.run(&["vdi", "create", "vm", "--size", "1M"]);
+    let da = serve(&a);
+    let mut ca = da.nbd("vm");
+    assert_eq!(write_blocks(&mut ca, 0..64, 64), 64);
+    // Acknowledged but not flushed: host A still holds these when it freezes.
+    for b in 64..128 {
+        ca.write(b * 4096, &tagged_block(1000 + b)).expect("write");
+    }
+    signal(da.pid(), "-STOP");
+
+    // Host B waits out A's lease, fences A, and writes.
+    let b = host(&c, "s3", "hostB");
+    let db = serve(&b);
+    let mut cb = db.nbd("vm");
+    for blk in 0..32 {
+        cb.write(blk * 4096, &tagged_block(5000 + blk))
+            .expect("write through B");
+    }
+    cb.flush().expect("flush through B");
+    let before = tags(&db, "vm", BLOCKS);
+
+    // A wakes: what it holds, its commits and a client's new writes must not reach the store.
+    signal(da.pid(), "-CONT");
+    let late: Result<(), _> = (128..160)
+        .try_for_each(|blk| ca.write(blk * 4096, &tagged_block(9000 + blk)))
+        .and_then(|()| ca.flush());
+    assert!(
+        late.is_err(),
+        "host A acknowledged a flush after host B took over"
+    );
+    // Several of A's commit intervals.
+    thread::sleep(Duration::from_secs(2));
+    let after = tags(&db, "vm", BLOCKS);
+    for blk in 0..BLOCKS as usize {
+        assert_eq!(
+            before[blk], after[blk],
+            "block {blk} changed after host A woke up"
+        );
+    }
+    assert_eq!(before[0], Some(5000));
+    assert_eq!(before[40], Some(41));
+    drop(ca);
+    drop(da);
+    db.stop();
+    // What a third host opens afresh is what B served, block by block, and checks clean.
+    let h = host(&c, "s3", "hostC");
+    let img = h.export("vm");
+    for blk in 0..BLOCKS as usize {
+        assert_eq!(
+            block_tag(&img[blk * 4096..(blk + 1) * 4096]),
+            before[blk],
+            "block {blk} on reopening"
+        );
+    }
+    h.assert_clean();
+}
+
+/// Writes and flushes through `d` in a thread while `disturb` runs; then checks every block.
+fn survives(c: &Cluster, store: &str, disturb: impl FnOnce()) {
+    const BLOCKS: u64 = 1024;
+    let a = host(c, store, "hostA");
+    a.run(&["init", "--size", "1G"]);
+    a.run(&["vdi", "create", "vm", "--size", "4M"]);
+    let d = serve(&a);
+    let port = d.port();
+    let writer = thread::spawn(move || {
+        let mut conn = NbdConn::connect(port, "vm");
+        let start = Instant::now();
+        let mut done = 0;
+        // At least 3 s of writing, so that the disturbance lands in the middle of it.
+        while done < BLOCKS || start.elapsed() < Duration::from_secs(3) {
+            let b = done % BLOCKS;
+            conn.write(b * 4096, &tagged_block(done + 1))
+                .expect("a write failed");
+            if done % 8 == 7 {
+                conn.flush().expect("a flush failed");
+            }
+            done += 1;
+        }
+        conn.flush().expect("the last flush failed");
+        done
+    });
+    thread::sleep(Duration::from_millis(700));
+    disturb();
+    let done = writer.join().expect("writer");
+    let got = tags(&d, "vm", BLOCKS);
+    for b in 0..BLOCKS {
+        // The last write to block b had tag (the largest n < done with n % BLOCKS == b) + 1.
+        let last = (done - 1 - b) / BLOCKS * BLOCKS + b;
+        assert_eq!(got[b as usize], Some(last + 1), "block {b}");
+    }
+    d.stop();
+    a.assert_clean();
+}
+
+#[test]
+fn an_osd_killed_under_load_loses_nothing() {
+    let c = Cluster::start(3);
+    survives(&c, "s4", || c.kill_osd(c.osd_ids[1]));
+}
+
+#[test]
+fn etcd_restarted_under_load_pauses_nothing_and_loses_nothing() {
+    let c = Cluster::start(1);
+    survives(&c, "s5", || {
+        c.stop_etcd();
+        thread::sleep(Duration::from_millis(500));
+        c.start_etcd();
+    });
+}
+
+#[test]
+fn a_host_forks_a_template_that_another_host_serves_from_its_own_store() {
+    let c = Cluster::start(1);
+    // Host A owns store `a` with the template; host B owns store `b` in the same pool.
+    let a = host(&c, "a", "hostA");
+    a.run(&["init", "--size", "1G"]);
+    let img = image_with_holes(11, 4 << 20);
+    a.import("template", &img);
+    a.run(&["vdi", "snapshot", "template", "gold"]);
+    let da = serve(&a);
+    let b = host(&c, "b", "hostB");
+    b.run(&["init", "--size", "1G"]);
+    b.run(&[
+        "vdi",
+        "create",
+        "vm1",
+        "--backing",
+        &da.uri("template@gold"),
+    ]);
+    let db = serve(&b);
+    // The fork on B reads the template through A, writes its own blocks into store `b`.
+    let mut vm = db.nbd("vm1");
+    assert_eq!(vm.read(0, 1 << 20).unwrap(), img[..1 << 20]);
+    vm.write(4096, &tagged_block(77)).unwrap();
+    vm.flush().unwrap();
+    let mut want = img.clone();
+    want[4096..8192].copy_from_slice(&tagged_block(77));
+    let got = qemu_io(&db.uri("vm1"), &["read -v 0 8192"]);
+    assert!(got.contains("read 8192/8192"), "{got}");
+    drop(vm);
+    db.stop();
+    assert_eq!(b.export("vm1"), want);
+    da.stop();
+    assert_eq!(a.export("template"), img);
+}
