@@ -119,6 +119,15 @@ struct ClusterArgs {
     /// before another may take it over (default: 5).
     #[arg(long, global = true, env = "PARALLAX_LEASE_TTL", value_name = "SECS")]
     lease_ttl: Option<u64>,
+    /// For a rados: store: where this host caches its blocks (a directory per store; default
+    /// /var/cache/parallax for root, else ~/.cache/parallax).
+    #[arg(long, global = true, env = "PARALLAX_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// For a rados: store: the most its local cache holds (K/M/G/T suffixes; 0: no cache;
+    /// default 8G).
+    #[arg(long, global = true, env = "PARALLAX_CACHE_SIZE", value_name = "SIZE",
+          value_parser = parse_size)]
+    cache_size: Option<u64>,
 }
 
 impl ClusterArgs {
@@ -135,6 +144,12 @@ impl ClusterArgs {
         }
         if let Some(t) = self.lease_ttl {
             base.lease_ttl_secs = t;
+        }
+        if self.cache_dir.is_some() {
+            base.cache_dir = self.cache_dir.clone();
+        }
+        if let Some(b) = self.cache_size {
+            base.cache_bytes = b;
         }
         base.validate().map_err(|e| anyhow!(e))?;
         Ok(base)

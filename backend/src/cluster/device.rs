@@ -60,6 +60,9 @@ struct InFlight {
     bytes: usize,
     /// The first write that failed and has not been reported by a sync yet.
     failed: Option<io::Error>,
+    /// A write failed once: every later sync fails too, so that nothing (the local cache
+    /// included) takes the device for whole afterwards.
+    broken: Option<String>,
 }
 
 impl InFlight {
@@ -236,8 +239,13 @@ impl Device for RadosDevice {
                 first.get_or_insert(e);
             }
         }
-        match first {
-            Some(e) => Err(e),
+        let mut q = self.in_flight.lock();
+        if let Some(e) = first {
+            q.broken.get_or_insert_with(|| e.to_string());
+            return Err(e);
+        }
+        match &q.broken {
+            Some(was) => Err(io::Error::other(format!("an earlier write failed: {was}"))),
             None => Ok(()),
         }
     }

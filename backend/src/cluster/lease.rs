@@ -7,6 +7,8 @@
 //! * `last-owner` — the same record without a lease: the owner that has not *released* the
 //!   store yet, so that the next owner knows whom to fence even if that owner's lease ran out
 //!   long before anyone looked.
+//! * `released` — the fencing token of the last owner that released the store cleanly (a
+//!   host's local cache of the store is good only if that token is its own: `cache.rs`).
 //!
 //! Taking the store is one etcd transaction: if `owner` does not exist, read `last-owner`,
 //! write both. The transaction's revision is the owner's fencing token. A clean release deletes
@@ -151,6 +153,8 @@ impl Fence {
 /// Ownership of one store; released (at once, for the next owner) when dropped.
 pub struct Ownership {
     token: i64,
+    /// The token the store was last cleanly released with, if no owner came since.
+    released_with: Option<i64>,
     fence: Arc<Fence>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -165,6 +169,12 @@ impl Ownership {
     pub fn fence(&self) -> &Arc<Fence> {
         &self.fence
     }
+
+    /// The fencing token of the owner before this one, if it released the store cleanly and
+    /// nobody owned it since (whoever owned it since, crashed or not, left `last-owner`).
+    pub fn released_with(&self) -> Option<i64> {
+        self.released_with
+    }
 }
 
 impl Drop for Ownership {
@@ -178,9 +188,25 @@ impl Drop for Ownership {
     }
 }
 
-fn keys(store: &str) -> (String, String) {
+/// The store's keys: `owner`, `last-owner`, `released`.
+fn keys(store: &str) -> (String, String, String) {
     let base = format!("/parallax/v1/stores/{store}/");
-    (format!("{base}owner"), format!("{base}last-owner"))
+    (
+        format!("{base}owner"),
+        format!("{base}last-owner"),
+        format!("{base}released"),
+    )
+}
+
+/// The token a `get` of `released` answered with.
+fn token_of(r: &TxnOpResponse) -> Option<i64> {
+    match r {
+        TxnOpResponse::Get(g) => g
+            .kvs()
+            .first()
+            .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok()),
+        _ => None,
+    }
 }
 
 /// Connects to etcd, failing within seconds when it is not there.
@@ -208,6 +234,7 @@ enum Attempt {
         lease: i64,
         token: i64,
         last: Option<Holder>,
+        released: Option<i64>,
     },
     Held(Holder),
 }
@@ -218,13 +245,14 @@ async fn attempt(
     me: &Holder,
     ttl: i64,
 ) -> Result<Attempt, LeaseError> {
-    let (owner, last) = keys(store);
+    let (owner, last, released) = keys(store);
     let lease = client.lease_grant(ttl, None).await?.id();
     let value = serde_json::to_vec(me).expect("a Holder serialises");
     let txn = Txn::new()
         .when([Compare::create_revision(owner.clone(), CompareOp::Equal, 0)])
         .and_then([
             TxnOp::get(last.clone(), None),
+            TxnOp::get(released, None),
             TxnOp::put(
                 owner.clone(),
                 value.clone(),
@@ -241,6 +269,7 @@ async fn attempt(
             lease,
             token,
             last: ops.first().and_then(holder_of),
+            released: ops.get(1).and_then(token_of),
         });
     }
     let _ = client.lease_revoke(lease).await;
@@ -279,15 +308,20 @@ pub fn acquire(
     };
     let ttl = cfg.ttl.as_secs().max(1) as i64;
     let fence = Arc::new(Fence::new(store, Duration::from_secs(ttl as u64)));
-    let (mut client, lease, token, last) = rt.block_on(async {
+    let (mut client, lease, token, last, released) = rt.block_on(async {
         let mut client = connect(cfg).await?;
         let mut told = false;
         loop {
             let sent = Instant::now();
             match attempt(&mut client, store, &me, ttl).await? {
-                Attempt::Taken { lease, token, last } => {
+                Attempt::Taken {
+                    lease,
+                    token,
+                    last,
+                    released,
+                } => {
                     fence.extend_to(sent + margin(Duration::from_secs(ttl as u64)));
-                    break Ok::<_, LeaseError>((client, lease, token, last));
+                    break Ok::<_, LeaseError>((client, lease, token, last, released));
                 }
                 Attempt::Held(h) if !wait => return Err(LeaseError::Held(h)),
                 Attempt::Held(h) => {
@@ -300,6 +334,7 @@ pub fn acquire(
             }
         }
     })?;
+    let released_with = if last.is_none() { released } else { None };
     if let Some(h) = last.filter(|h| *h != me) {
         info!(store, last = %h, addrs = %h.addrs, "fencing the last owner out of RADOS");
         if let Err(err) = rados.blocklist(&h.addrs, 0) {
@@ -320,6 +355,7 @@ pub fn acquire(
         .map_err(|e| LeaseError::Etcd(format!("starting the lease thread: {e}")))?;
     Ok(Ownership {
         token,
+        released_with,
         fence,
         stop: Some(stop),
         thread: Some(thread),
@@ -394,21 +430,26 @@ async fn keep(
     }
 }
 
-/// Gives the store back: both keys go, if this host still holds it.
+/// Gives the store back, if this host still holds it: `owner` and `last-owner` go, `released`
+/// records the token.
 async fn release(
     client: &mut Client,
     store: &str,
     token: i64,
     lease: i64,
 ) -> Result<(), LeaseError> {
-    let (owner, last) = keys(store);
+    let (owner, last, released) = keys(store);
     let txn = Txn::new()
         .when([Compare::create_revision(
             owner.clone(),
             CompareOp::Equal,
             token,
         )])
-        .and_then([TxnOp::delete(owner, None), TxnOp::delete(last, None)]);
+        .and_then([
+            TxnOp::delete(owner, None),
+            TxnOp::delete(last, None),
+            TxnOp::put(released, token.to_string(), None),
+        ]);
     tokio::time::timeout(Duration::from_secs(3), async {
         client.txn(txn).await?;
         client.lease_revoke(lease).await?;

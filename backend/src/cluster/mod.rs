@@ -13,6 +13,7 @@
 //!      etcd  ◄── host B waits for A's lease, fences A out ────────┘ B reads anything
 //! ```
 
+pub mod cache;
 pub mod device;
 pub mod lease;
 pub mod rados;
@@ -92,6 +93,12 @@ pub struct ClusterConfig {
     pub host: Option<String>,
     /// Seconds a host that stopped renewing keeps a store before another may take it over.
     pub lease_ttl_secs: u64,
+    /// Where this host keeps its local cache of each store's blocks (a directory per store).
+    /// Default: /var/cache/parallax for root, else $XDG_CACHE_HOME/parallax or
+    /// ~/.cache/parallax.
+    pub cache_dir: Option<PathBuf>,
+    /// The most the local cache of one store holds (bytes); 0: no local cache.
+    pub cache_bytes: u64,
 }
 
 impl Default for ClusterConfig {
@@ -101,6 +108,8 @@ impl Default for ClusterConfig {
             etcd: vec!["http://127.0.0.1:2379".into()],
             host: None,
             lease_ttl_secs: 5,
+            cache_dir: None,
+            cache_bytes: 8 << 30,
         }
     }
 }
@@ -116,12 +125,30 @@ impl ClusterConfig {
         Ok(())
     }
 
+    /// The directory of `store`'s local cache.
+    fn cache_dir(&self, store: &RadosStore) -> PathBuf {
+        let base = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
+        base.join(&store.pool).join(&store.name)
+    }
+
     fn lease(&self) -> lease::LeaseConfig {
         lease::LeaseConfig {
             endpoints: self.etcd.clone(),
             ttl: Duration::from_secs(self.lease_ttl_secs),
             host: self.host.clone().unwrap_or_else(hostname),
         }
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } == 0 {
+        return PathBuf::from("/var/cache/parallax");
+    }
+    match (std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+        (Some(d), _) if !d.is_empty() => PathBuf::from(d).join("parallax"),
+        (_, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".cache/parallax"),
+        _ => std::env::temp_dir().join("parallax-cache"),
     }
 }
 
@@ -152,6 +179,8 @@ pub enum ClusterError {
     Exists(RadosStore),
     #[error("Ceph: {0}")]
     Rados(std::io::Error),
+    #[error("the local cache in {}: {err}", dir.display())]
+    Cache { dir: PathBuf, err: std::io::Error },
     #[error("{0}")]
     Lease(lease::LeaseError),
     #[error(transparent)]
@@ -188,6 +217,29 @@ fn own(
     })
 }
 
+/// The device a store is opened on: its RADOS objects, behind the local cache unless that is
+/// off.
+fn stack(
+    store: &RadosStore,
+    cfg: &ClusterConfig,
+    dev: device::RadosDevice,
+    owner: &lease::Ownership,
+) -> Result<Arc<dyn crate::store::device::Device>, ClusterError> {
+    if cfg.cache_bytes == 0 {
+        return Ok(Arc::new(dev));
+    }
+    let dir = cfg.cache_dir(store);
+    let cached = cache::CachedDevice::open(
+        dev,
+        &dir,
+        cfg.cache_bytes,
+        owner.token(),
+        owner.released_with(),
+    )
+    .map_err(|err| ClusterError::Cache { dir, err })?;
+    Ok(Arc::new(cached))
+}
+
 /// Creates store `store` of `size` bytes and opens it.
 pub fn create(
     store: &RadosStore,
@@ -205,7 +257,7 @@ pub fn create(
             ClusterError::Rados(e)
         }
     })?;
-    let dev: Arc<dyn crate::store::device::Device> = Arc::new(dev);
+    let dev = stack(store, cfg, dev, &owner)?;
     Store::format(&*dev, size)?;
     Ok(Store::open_held(
         dev,
@@ -237,7 +289,7 @@ pub fn open(
     let dev =
         device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;
     Ok(Store::open_held(
-        Arc::new(dev),
+        stack(store, cfg, dev, &owner)?,
         options,
         PathBuf::from(store.to_string()),
         Box::new(Held { _ownership: owner }),
@@ -258,5 +310,7 @@ pub fn destroy(store: &RadosStore, cfg: &ClusterConfig) -> Result<u64, ClusterEr
     let owner = own(store, cfg, &io, false, &mut |_| {})?;
     let dev =
         device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;
-    dev.destroy().map_err(ClusterError::Rados)
+    let n = dev.destroy().map_err(ClusterError::Rados)?;
+    let _ = std::fs::remove_dir_all(cfg.cache_dir(store));
+    Ok(n)
 }

@@ -233,6 +233,9 @@ impl Config {
             .is_some_and(|s| crate::cluster::RadosStore::parse(s).is_some())
         {
             cfg.cluster.ceph_conf = dir.join(&cfg.cluster.ceph_conf);
+            if let Some(c) = &mut cfg.cluster.cache_dir {
+                *c = dir.join(&*c);
+            }
         } else if let Some(s) = &mut cfg.store {
             *s = dir.join(&*s);
         }
