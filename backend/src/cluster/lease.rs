@@ -82,7 +82,21 @@ pub enum LeaseError {
 
 impl From<etcd_client::Error> for LeaseError {
     fn from(e: etcd_client::Error) -> Self {
-        LeaseError::Etcd(e.to_string())
+        // gRPC wraps the cause several layers deep; the innermost says what happened.
+        let mut cause: &dyn std::error::Error = match &e {
+            etcd_client::Error::GRpcStatus(s) => s,
+            e => e,
+        };
+        while let Some(inner) = cause.source() {
+            cause = inner;
+        }
+        let text = match &e {
+            etcd_client::Error::GRpcStatus(s) if std::ptr::addr_eq(cause, s) => {
+                s.message().to_string()
+            }
+            _ => cause.to_string(),
+        };
+        LeaseError::Etcd(text)
     }
 }
 
@@ -214,7 +228,19 @@ async fn connect(cfg: &LeaseConfig) -> Result<Client, LeaseError> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5));
-    Ok(Client::connect(&cfg.endpoints, Some(opts)).await?)
+    let unreachable = |e: etcd_client::Error| {
+        let why = match LeaseError::from(e) {
+            LeaseError::Etcd(why) => why,
+            other => other.to_string(),
+        };
+        LeaseError::Etcd(format!("cannot reach {}: {why}", cfg.endpoints.join(",")))
+    };
+    let mut c = Client::connect(&cfg.endpoints, Some(opts))
+        .await
+        .map_err(unreachable)?;
+    // The channel connects lazily: ask something, so that an absent etcd is said here.
+    c.status().await.map_err(unreachable)?;
+    Ok(c)
 }
 
 /// The holder a `get` answered with, if the key was there.
