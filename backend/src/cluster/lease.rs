@@ -10,9 +10,12 @@
 //! * `released` — the fencing token of the last owner that released the store cleanly (a
 //!   host's local cache of the store is good only if that token is its own: `cache.rs`).
 //!
-//! Taking the store is one etcd transaction: if `owner` does not exist, read `last-owner`,
-//! write both. The transaction's revision is the owner's fencing token. A clean release deletes
-//! both keys in one transaction guarded by that token.
+//! Taking the store is one etcd transaction: if `owner` does not exist, read `last-owner` and
+//! `released`, write `owner`. The transaction's revision is the owner's fencing token. Then the
+//! new owner fences `last-owner` (below), and only then names itself in `last-owner`, so that
+//! a failed or interrupted takeover leaves the unfenced owner named for the next one. A clean
+//! release deletes `owner` and `last-owner` and records its token in `released`, in one
+//! transaction guarded by that token.
 //!
 //! **Fencing.** A RADOS operation touches one object, and the store writes many, so a guard
 //! inside each write op (`cmpxattr` on a fence object) cannot cover them; a guard on every
@@ -273,6 +276,7 @@ async fn attempt(
 ) -> Result<Attempt, LeaseError> {
     let (owner, last, released) = keys(store);
     let lease = client.lease_grant(ttl, None).await?.id();
+    // `last-owner` is left as it is here: it names whom to fence until that is done.
     let value = serde_json::to_vec(me).expect("a Holder serialises");
     let txn = Txn::new()
         .when([Compare::create_revision(owner.clone(), CompareOp::Equal, 0)])
@@ -281,10 +285,9 @@ async fn attempt(
             TxnOp::get(released, None),
             TxnOp::put(
                 owner.clone(),
-                value.clone(),
+                value,
                 Some(PutOptions::new().with_lease(lease)),
             ),
-            TxnOp::put(last, value, None),
         ])
         .or_else([TxnOp::get(owner, None)]);
     let r = client.txn(txn).await?;
@@ -364,10 +367,17 @@ pub fn acquire(
     if let Some(h) = last.filter(|h| *h != me) {
         info!(store, last = %h, addrs = %h.addrs, "fencing the last owner out of RADOS");
         if let Err(err) = rados.blocklist(&h.addrs, 0) {
-            // Without the fence nothing may be read or written: give the store back.
-            let _ = rt.block_on(release(&mut client, store, token, lease));
+            // Without the fence nothing may be read or written. `last-owner` still names the
+            // unfenced owner, for whoever tries next; the lease goes.
+            let _ = rt.block_on(client.lease_revoke(lease));
             return Err(LeaseError::Fence { holder: h, err });
         }
+    }
+    // Only now this host becomes the owner to fence if it does not release the store: before
+    // this point it has not touched the store.
+    if let Err(e) = rt.block_on(record_last_owner(&mut client, store, token, &me)) {
+        let _ = rt.block_on(client.lease_revoke(lease));
+        return Err(e);
     }
     info!(store, token, host = %cfg.host, "took the store's lease");
     let (stop, stopped) = oneshot::channel();
@@ -386,6 +396,27 @@ pub fn acquire(
         stop: Some(stop),
         thread: Some(thread),
     })
+}
+
+/// Names `me` in `last-owner`, if this host still holds the store (`token`).
+async fn record_last_owner(
+    client: &mut Client,
+    store: &str,
+    token: i64,
+    me: &Holder,
+) -> Result<(), LeaseError> {
+    let (owner, last, _) = keys(store);
+    let value = serde_json::to_vec(me).expect("a Holder serialises");
+    let txn = Txn::new()
+        .when([Compare::create_revision(owner, CompareOp::Equal, token)])
+        .and_then([TxnOp::put(last, value, None)]);
+    if client.txn(txn).await?.succeeded() {
+        Ok(())
+    } else {
+        Err(LeaseError::Etcd(
+            "the store's lease ran out while this host was taking it".into(),
+        ))
+    }
 }
 
 /// How long after sending a renewal this host may still write: the TTL less a margin for
