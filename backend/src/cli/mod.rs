@@ -211,6 +211,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a store in RADOS (`--store rados:POOL/NAME`) with every VDI and snapshot in it:
+    /// all its objects, and its records in etcd. Not while a host serves it. (A store file is
+    /// removed with rm.)
+    Destroy {
+        /// Say that everything in the store is to go.
+        #[arg(long)]
+        yes: bool,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, import, export, snapshot, fork, list, inspect and delete VDIs.
     #[command(subcommand)]
     Vdi(VdiCommand),
@@ -665,6 +676,7 @@ impl Command {
             | Command::Check { json, .. }
             | Command::Gc { json }
             | Command::Df { json }
+            | Command::Destroy { json, .. }
             | Command::Upgrade { json } => *json,
             Command::Vdi(v) => match v {
                 VdiCommand::Create { json, .. }
@@ -1180,6 +1192,32 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     r.orphan_nodes_processed,
                     format_size(r.free_bytes)
                 );
+            }
+            Ok(0)
+        }
+        Command::Destroy { yes, json } => {
+            let path = store_path(&place.store)?;
+            let Some(rs) = RadosStore::parse(path) else {
+                bail!(
+                    "destroy removes stores in RADOS (--store rados:POOL/NAME); a store file is \
+                     removed with rm once no daemon serves it"
+                );
+            };
+            let rs = rs.map_err(|e| anyhow!(e))?;
+            if !yes {
+                bail!("destroy removes every VDI and snapshot in {rs}: pass --yes to do so");
+            }
+            let cfg = place.cluster.over(ClusterConfig::default())?;
+            let objects = cluster::destroy(&rs, &cfg).map_err(|e| match e {
+                ClusterError::Held { holder, .. } => {
+                    anyhow!("store {rs} is held by {holder}: stop its daemon first")
+                }
+                e => anyhow::Error::new(e).context(format!("cannot destroy store {rs}")),
+            })?;
+            if json {
+                print_json(&serde_json::json!({ "store": rs.to_string(), "objects": objects }))?;
+            } else {
+                println!("destroyed store {rs} ({objects} objects removed)");
             }
             Ok(0)
         }

@@ -39,7 +39,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -169,6 +170,8 @@ impl Fence {
 
 /// Ownership of one store; released (at once, for the next owner) when dropped.
 pub struct Ownership {
+    cfg: LeaseConfig,
+    store: String,
     token: i64,
     /// The token the store was last cleanly released with, if no owner came since.
     released_with: Option<i64>,
@@ -185,6 +188,27 @@ impl Ownership {
 
     pub fn fence(&self) -> &Arc<Fence> {
         &self.fence
+    }
+
+    /// Deletes every record of the store (it is gone), releasing it.
+    pub fn forget(mut self) -> Result<(), LeaseError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| LeaseError::Etcd(e.to_string()))?;
+        rt.block_on(async {
+            let mut c = connect(&self.cfg).await?;
+            let prefix = format!("/parallax/v1/stores/{}/", self.store);
+            c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                .await?;
+            Ok(())
+        })
     }
 
     /// The fencing token of the owner before this one, if it released the store cleanly and
@@ -390,6 +414,8 @@ pub fn acquire(
         })
         .map_err(|e| LeaseError::Etcd(format!("starting the lease thread: {e}")))?;
     Ok(Ownership {
+        cfg: cfg.clone(),
+        store: store.to_string(),
         token,
         released_with,
         fence,

@@ -296,8 +296,9 @@ pub fn open(
     )?)
 }
 
-/// Removes store `store` and every object it has (taking it first, so not while another host
-/// holds it). How many data objects went.
+/// Removes store `store`: every object it has (the header last), this host's cache of it,
+/// then its records in etcd. Takes it first, so not while another host holds it. How many
+/// objects went.
 pub fn destroy(store: &RadosStore, cfg: &ClusterConfig) -> Result<u64, ClusterError> {
     let io = connect(store, cfg)?;
     if io
@@ -312,5 +313,6 @@ pub fn destroy(store: &RadosStore, cfg: &ClusterConfig) -> Result<u64, ClusterEr
         device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;
     let n = dev.destroy().map_err(ClusterError::Rados)?;
     let _ = std::fs::remove_dir_all(cfg.cache_dir(store));
-    Ok(n)
+    owner.forget().map_err(ClusterError::Lease)?;
+    Ok(n + 1)
 }
