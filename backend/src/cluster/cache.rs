@@ -346,3 +346,196 @@ impl<D: Device> Drop for CachedDevice<D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+    use super::*;
+    use crate::store::device::MemDevice;
+
+    const LEN: u64 = 256 * BLOCK;
+
+    fn fill(seed: u64, len: usize) -> Vec<u8> {
+        let mut r = SmallRng::seed_from_u64(seed);
+        (0..len).map(|_| r.random()).collect()
+    }
+
+    /// Random reads and writes, aligned or not, against a cache far smaller than the device
+    /// and a plain copy: every read matches the copy, and the cache stays within its bound.
+    #[test]
+    fn reads_match_a_model_through_fills_writes_and_evictions() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CachedDevice::open(MemDevice::new(LEN), dir.path(), 16 * BLOCK, 1, None).unwrap();
+        let mut model = vec![0u8; LEN as usize];
+        let mut r = SmallRng::seed_from_u64(3);
+        for i in 0..4000u64 {
+            let len = if r.random_bool(0.7) {
+                4096
+            } else {
+                r.random_range(1..3 * 4096)
+            };
+            let off = if len == 4096 && r.random_bool(0.8) {
+                r.random_range(0..LEN / BLOCK) * BLOCK
+            } else {
+                r.random_range(0..LEN - len as u64)
+            };
+            if r.random_bool(0.3) {
+                let data = fill(i, len);
+                c.write_at(&data, off).unwrap();
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            } else {
+                let mut buf = vec![0u8; len];
+                c.read_at(&mut buf, off).unwrap();
+                assert!(
+                    buf == model[off as usize..off as usize + len],
+                    "op {i}: {len} at {off}"
+                );
+            }
+            assert!(
+                c.count.load(Ordering::Relaxed) <= 16 + 3,
+                "op {i}: over the bound"
+            );
+        }
+        assert!(c.stats.evicted.load(Ordering::Relaxed) > 0);
+        assert!(c.stats.hits.load(Ordering::Relaxed) > 0);
+    }
+
+    /// A device whose reads take a while, so that writes land while a miss reads.
+    struct SlowReads(MemDevice);
+    impl Device for SlowReads {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.0.read_at(buf, offset)?;
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.0.write_at(buf, offset)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.0.sync()
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+    }
+
+    /// Threads writing their own blocks and reading everyone's: a fill that raced a write never
+    /// leaves the old bytes in the cache.
+    #[test]
+    fn a_fill_racing_a_write_never_keeps_old_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Arc::new(
+            CachedDevice::open(
+                SlowReads(MemDevice::new(LEN)),
+                dir.path(),
+                32 * BLOCK,
+                1,
+                None,
+            )
+            .unwrap(),
+        );
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let mut r = SmallRng::seed_from_u64(t);
+                    let mut mine = vec![0u8; 64];
+                    for i in 0..1500u64 {
+                        let b = r.random_range(0..16u64);
+                        let blk = b * 4 + t; // each thread owns every fourth block
+                        if r.random_bool(0.5) {
+                            mine[b as usize] = (i % 250) as u8 + 1;
+                            c.write_at(&[mine[b as usize]; 4096], blk * BLOCK).unwrap();
+                        }
+                        let mut buf = [0u8; 4096];
+                        c.read_at(&mut buf, blk * BLOCK).unwrap();
+                        assert!(
+                            buf.iter().all(|&x| x == mine[b as usize]),
+                            "thread {t}, block {blk}"
+                        );
+                        let other = r.random_range(0..64u64);
+                        c.read_at(&mut buf, other * BLOCK).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    /// The interleaving the stripe counters exist for: a miss reads the old bytes, a write
+    /// lands and is cached, the block is evicted, then the miss's fill arrives. It must not
+    /// put the old bytes back.
+    #[test]
+    fn a_late_fill_after_a_write_and_an_eviction_does_not_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CachedDevice::open(MemDevice::new(LEN), dir.path(), LEN, 1, None).unwrap();
+        c.write_at(&[1u8; 4096], 0).unwrap();
+        // The miss: samples the stripe and reads the device (old bytes).
+        let seen = *c.stripe(0).lock();
+        let mut old = vec![0u8; 4096];
+        c.inner.read_at(&mut old, 0).unwrap();
+        // The write, cached; then the block is evicted.
+        c.write_at(&[2u8; 4096], 0).unwrap();
+        {
+            let _s = c.stripe(0).lock();
+            assert!(set(&c.present, 0, false));
+            c.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        // The late fill.
+        c.fill(0, &old, seen).unwrap();
+        let mut buf = [0u8; 4096];
+        c.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [2u8; 4096], "the late fill put the old bytes back");
+    }
+
+    /// A saved cache is used only with the token it was saved with; a crash (no save) or
+    /// another token starts it empty.
+    #[test]
+    fn a_saved_cache_comes_back_only_for_its_own_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Arc::new(MemDevice::new(LEN));
+        struct Shared(Arc<MemDevice>);
+        impl Device for Shared {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                self.0.read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                self.0.write_at(buf, offset)
+            }
+            fn sync(&self) -> io::Result<()> {
+                self.0.sync()
+            }
+            fn len(&self) -> u64 {
+                self.0.len()
+            }
+        }
+        let open = |token, reuse| {
+            CachedDevice::open(Shared(dev.clone()), dir.path(), LEN, token, reuse).unwrap()
+        };
+        let c = open(7, None);
+        c.write_at(&[9u8; 4096], 0).unwrap();
+        drop(c); // saved with token 7
+        let count = |c: &CachedDevice<Shared>| c.count.load(Ordering::Relaxed);
+        let c = open(8, Some(7));
+        assert_eq!(count(&c), 1, "the cache saved with token 7 was not used");
+        std::mem::forget(c); // a crash: nothing saved, and opening removed the record
+        assert_eq!(
+            count(&open(9, Some(8))),
+            0,
+            "a crashed owner's cache was used"
+        );
+        let c = open(10, None);
+        c.write_at(&[1u8; 4096], 0).unwrap();
+        drop(c);
+        assert_eq!(
+            count(&open(11, Some(99))),
+            0,
+            "another token's cache was used"
+        );
+    }
+}

@@ -78,6 +78,27 @@ impl InFlight {
     }
 }
 
+/// Splits `len` bytes at `offset` into (object index, offset in it, offset in the buffer,
+/// length) pieces, for objects of `object_size` bytes.
+fn pieces(
+    object_size: u64,
+    offset: u64,
+    len: usize,
+) -> impl Iterator<Item = (u64, u64, usize, usize)> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= len {
+            return None;
+        }
+        let pos = offset + at as u64;
+        let (obj, off) = (pos / object_size, pos % object_size);
+        let n = ((object_size - off) as usize).min(len - at);
+        let piece = (obj, off, at, n);
+        at += n;
+        Some(piece)
+    })
+}
+
 pub(crate) fn object_name(index: u64) -> String {
     format!("{index:016x}")
 }
@@ -138,24 +159,6 @@ impl RadosDevice {
         }
     }
 
-    /// Splits `len` bytes at `offset` into (object index, offset in it, offset in the buffer,
-    /// length) pieces.
-    fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (u64, u64, usize, usize)> {
-        let os = self.object_size;
-        let mut at = 0usize;
-        std::iter::from_fn(move || {
-            if at >= len {
-                return None;
-            }
-            let pos = offset + at as u64;
-            let (obj, off) = (pos / os, pos % os);
-            let n = ((os - off) as usize).min(len - at);
-            let piece = (obj, off, at, n);
-            at += n;
-            Some(piece)
-        })
-    }
-
     fn in_range(&self, offset: u64, len: usize) -> io::Result<()> {
         if offset
             .checked_add(len as u64)
@@ -190,7 +193,7 @@ impl RadosDevice {
 impl Device for RadosDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.in_range(offset, buf.len())?;
-        for (obj, off, at, n) in self.pieces(offset, buf.len()) {
+        for (obj, off, at, n) in pieces(self.object_size, offset, buf.len()) {
             let part = &mut buf[at..at + n];
             let got = self.io.read(&object_name(obj), part, off)?;
             part[got..].fill(0);
@@ -205,7 +208,7 @@ impl Device for RadosDevice {
         }
         let mut q = self.in_flight.lock();
         q.reap();
-        for (obj, off, at, n) in self.pieces(offset, buf.len()) {
+        for (obj, off, at, n) in pieces(self.object_size, offset, buf.len()) {
             let w = self
                 .io
                 .aio_write(&object_name(obj), buf[at..at + n].to_vec(), off)?;
@@ -260,5 +263,36 @@ impl Drop for RadosDevice {
         // Writes still in flight wait in their own drop; nothing to report them to here.
         let q = self.in_flight.get_mut();
         q.writes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pieces;
+
+    #[test]
+    fn pieces_cover_the_range_once_and_never_cross_an_object() {
+        for (offset, len) in [
+            (0, 0),
+            (0, 4096),
+            (4090, 12),
+            (8191, 2),
+            (5, 40_000),
+            (12_288, 8192),
+        ] {
+            let got: Vec<_> = pieces(8192, offset, len).collect();
+            let mut at = 0;
+            for &(obj, off, buf_at, n) in &got {
+                assert_eq!(buf_at, at, "{offset}+{len}: {got:?}");
+                assert_eq!(obj * 8192 + off, offset + at as u64);
+                assert!(n > 0 && off + n as u64 <= 8192, "{got:?}");
+                at += n;
+            }
+            assert_eq!(at, len, "{offset}+{len}: {got:?}");
+        }
+        assert_eq!(
+            pieces(8192, 8000, 400).collect::<Vec<_>>(),
+            [(0, 8000, 0, 192), (1, 0, 192, 208)]
+        );
     }
 }
