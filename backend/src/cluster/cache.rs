@@ -442,7 +442,7 @@ mod tests {
                 let c = c.clone();
                 std::thread::spawn(move || {
                     let mut r = SmallRng::seed_from_u64(t);
-                    let mut mine = vec![0u8; 64];
+                    let mut mine = [0u8; 64];
                     for i in 0..1500u64 {
                         let b = r.random_range(0..16u64);
                         let blk = b * 4 + t; // each thread owns every fourth block
