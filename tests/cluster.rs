@@ -131,7 +131,11 @@ fn every_command_works_on_a_store_in_rados_and_one_host_holds_it_at_a_time() {
     assert!(b.fail(&["destroy"]).stderr.contains("--yes"));
     let out = b.run(&["destroy", "--yes"]);
     assert!(out.contains("destroyed store"), "{out}");
-    let out = c.rados().args(["--namespace", "s1", "ls"]).output().unwrap();
+    let out = c
+        .rados()
+        .args(["--namespace", "s1", "ls"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "", "objects left");
     assert_eq!(etcd_keys(), "", "etcd records left");

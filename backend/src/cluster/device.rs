@@ -6,7 +6,14 @@
 //! as zeros, so a new store costs no objects beyond the few its format writes.
 //!
 //! Writes go out asynchronously (`rados_aio_write`, the caller's bytes copied) and
-//! [`Device::sync`] waits for every write issued before it: a write is durable on every
+//! [`Device::sync`] waits for every write issued before it. A write that continues the one
+//! before it in the same object joins it (up to [`MAX_BATCH`]) rather than going out alone:
+//! the store allocates new blocks in runs, so a burst of random guest writes becomes a few
+//! large object writes. At most one such run waits unsent, and anything that does not continue
+//! it (another write, a read of its object, a sync) sends it first, so RADOS still sees every
+//! write in the order it was made.
+//!
+//! A sync waits for every write sent before it: a write is durable on every
 //! replica when its completion reports it, which is what the store's commit protocol needs from
 //! a sync. RADOS applies one client's operations on one object in the order they were sent, so
 //! a read after a write to the same bytes sees it even before the sync.
@@ -15,7 +22,14 @@
 //! lapsed, nothing more leaves it (what was already sent is refused by the OSDs once the next
 //! owner has blocklisted this client; see `lease.rs`).
 
-use std::{collections::VecDeque, io, sync::Arc};
+use std::{
+    collections::VecDeque,
+    io,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -32,6 +46,12 @@ pub const OBJECT_SIZE: u64 = 4 << 20;
 
 /// The object that says a namespace holds a Parallax device, and how large.
 pub const HEADER_OBJECT: &str = "parallax.device";
+
+/// The most a run of contiguous writes grows before it is sent.
+pub const MAX_BATCH: usize = 1 << 20;
+
+/// No object: what `RadosDevice::batch_object` holds when no run waits.
+const NO_OBJECT: u64 = u64::MAX;
 
 /// Writes in flight before a writer waits for the oldest (bounds the copied bytes too).
 const MAX_IN_FLIGHT: usize = 1024;
@@ -52,6 +72,9 @@ pub struct RadosDevice {
     object_size: u64,
     fence: Option<Arc<Fence>>,
     in_flight: Mutex<InFlight>,
+    /// The object of the run that waits unsent ([`NO_OBJECT`] if none), so that a read of
+    /// another object need not take the lock.
+    batch_object: AtomicU64,
 }
 
 #[derive(Default)]
@@ -63,6 +86,15 @@ struct InFlight {
     /// A write failed once: every later sync fails too, so that nothing (the local cache
     /// included) takes the device for whole afterwards.
     broken: Option<String>,
+    /// Contiguous writes not sent yet.
+    batch: Option<Batch>,
+}
+
+/// A run of contiguous bytes of one object.
+struct Batch {
+    object: u64,
+    offset: u64,
+    data: Vec<u8>,
 }
 
 impl InFlight {
@@ -156,6 +188,7 @@ impl RadosDevice {
             object_size: h.object_size,
             fence,
             in_flight: Mutex::new(InFlight::default()),
+            batch_object: AtomicU64::new(NO_OBJECT),
         }
     }
 
@@ -172,6 +205,25 @@ impl RadosDevice {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Sends the waiting run, if any (refused, and dropped, once the lease has lapsed).
+    fn send_batch(&self, q: &mut InFlight) -> io::Result<()> {
+        let Some(b) = q.batch.take() else {
+            return Ok(());
+        };
+        self.batch_object.store(NO_OBJECT, Ordering::Release);
+        if let Some(f) = &self.fence {
+            if let Err(e) = f.check() {
+                q.broken.get_or_insert_with(|| e.to_string());
+                return Err(e);
+            }
+        }
+        let n = b.data.len();
+        let w = self.io.aio_write(&object_name(b.object), b.data, b.offset)?;
+        q.bytes += n;
+        q.writes.push_back(w);
         Ok(())
     }
 
@@ -194,6 +246,12 @@ impl Device for RadosDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.in_range(offset, buf.len())?;
         for (obj, off, at, n) in pieces(self.object_size, offset, buf.len()) {
+            if self.batch_object.load(Ordering::Acquire) == obj {
+                let mut q = self.in_flight.lock();
+                if q.batch.as_ref().is_some_and(|b| b.object == obj) {
+                    self.send_batch(&mut q)?;
+                }
+            }
             let part = &mut buf[at..at + n];
             let got = self.io.read(&object_name(obj), part, off)?;
             part[got..].fill(0);
@@ -209,11 +267,22 @@ impl Device for RadosDevice {
         let mut q = self.in_flight.lock();
         q.reap();
         for (obj, off, at, n) in pieces(self.object_size, offset, buf.len()) {
-            let w = self
-                .io
-                .aio_write(&object_name(obj), buf[at..at + n].to_vec(), off)?;
-            q.bytes += n;
-            q.writes.push_back(w);
+            let piece = &buf[at..at + n];
+            if let Some(b) = q.batch.as_mut().filter(|b| {
+                b.object == obj
+                    && b.offset + b.data.len() as u64 == off
+                    && b.data.len() + n <= MAX_BATCH
+            }) {
+                b.data.extend_from_slice(piece);
+                continue;
+            }
+            self.send_batch(&mut q)?;
+            q.batch = Some(Batch {
+                object: obj,
+                offset: off,
+                data: piece.to_vec(),
+            });
+            self.batch_object.store(obj, Ordering::Release);
         }
         // Back-pressure: wait for the oldest writes while too much is in flight.
         while q.writes.len() > MAX_IN_FLIGHT || q.bytes > MAX_IN_FLIGHT_BYTES {
@@ -233,6 +302,7 @@ impl Device for RadosDevice {
     fn sync(&self) -> io::Result<()> {
         let (writes, failed) = {
             let mut q = self.in_flight.lock();
+            self.send_batch(&mut q)?;
             q.bytes = 0;
             (std::mem::take(&mut q.writes), q.failed.take())
         };
@@ -260,8 +330,10 @@ impl Device for RadosDevice {
 
 impl Drop for RadosDevice {
     fn drop(&mut self) {
-        // Writes still in flight wait in their own drop; nothing to report them to here.
+        // Writes still in flight wait in their own drop; nothing to report them to here. A run
+        // never sent is dropped: nobody synced it, so nobody was promised it.
         let q = self.in_flight.get_mut();
+        q.batch = None;
         q.writes.clear();
     }
 }
