@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench` / `make bench-quick`: Parallax against qemu-nbd, nbdkit and nbd-server.
 
-Usage: bench/run.py [--quick] [--sections nbd,cow,depth,ring,meta,snaps,forks,mem,scale,dedup]
+Usage: bench/run.py [--quick] [--sections nbd,cow,depth,ring,meta,snaps,forks,mem,scale,dedup,cluster]
                     [--fs tmpfs,disk]
                     [--size 2G] [--reps 3] [--runtime S] [--out DIR] [--keep]
        bench/run.py --report DIR     (remake DIR/summary.md and the plots from DIR/results.json)
@@ -23,13 +23,13 @@ import types
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from pxbench import report, sec_cow, sec_dedup, sec_depth, sec_mem, sec_meta, sec_nbd, sec_ring, sec_scale  # noqa: E402
+from pxbench import report, sec_cluster, sec_cow, sec_dedup, sec_depth, sec_mem, sec_meta, sec_nbd, sec_ring, sec_scale  # noqa: E402
 from pxbench.fio import NBD_WORKLOADS  # noqa: E402
 from pxbench.sec_ring import RING_WORKLOADS  # noqa: E402
 from pxbench.site import Site  # noqa: E402
 from pxbench.util import Run, fs_type, log, parse_size  # noqa: E402
 
-SECTIONS = ["nbd", "cow", "depth", "ring", "meta", "snaps", "forks", "mem", "scale", "dedup"]
+SECTIONS = ["nbd", "cow", "depth", "ring", "meta", "snaps", "forks", "mem", "scale", "dedup", "cluster"]
 
 FULL = dict(
     size="2G", reps=3, runtime=4, cow_runtime=4, cow_ramp=2, fs=["tmpfs", "disk"], peers=None,
@@ -39,6 +39,8 @@ FULL = dict(
     mem_vdis=[1, 100, 1000], mem_seconds=5, mem_rate=500,
     scale_stages=[10_000, 100_000, 1_000_000], scale_samples=200,
     dedup_size=1 << 30, dedup_shared=256 << 20, dedup_own=16 << 20, dedup_ram_blocks=262144,
+    # cluster: memstore keeps the OSD's data in RAM, capped at 512 MiB by scripts/cluster.sh
+    cluster_vdi=1 << 30, cluster_data=128 << 20, cluster_cache=1 << 30, cluster_ttl=2, cluster_forks=50,
 )
 QUICK = dict(
     FULL, size="512M", reps=1, runtime=1, cow_runtime=1, cow_ramp=1, fs=["tmpfs"],
@@ -48,6 +50,7 @@ QUICK = dict(
     meta_sizes=["1G", "1T"], meta_ops=20, snap_seconds=3, forks=500, mem_vdis=[1, 100], mem_seconds=2,
     scale_stages=[10_000], scale_samples=50,
     dedup_size=256 << 20, dedup_shared=32 << 20, dedup_own=2 << 20, dedup_ram_blocks=65536,
+    cluster_data=64 << 20, cluster_forks=20,
 )
 
 
@@ -158,10 +161,11 @@ def main():
             for sec, fn in (("nbd", sec_nbd.run), ("cow", sec_cow.run), ("depth", sec_depth.run),
                             ("ring", sec_ring.run), ("meta", sec_meta.latency), ("snaps", sec_meta.continuous),
                             ("forks", sec_meta.forks),
-                            ("mem", sec_mem.run), ("scale", sec_scale.run), ("dedup", sec_dedup.run)):
+                            ("mem", sec_mem.run), ("scale", sec_scale.run), ("dedup", sec_dedup.run),
+                            ("cluster", sec_cluster.run)):
                 if sec not in cfg.sections:
                     continue
-                if sec in ("meta", "snaps", "forks", "mem", "scale", "dedup") and not a.keep:
+                if sec in ("meta", "snaps", "forks", "mem", "scale", "dedup", "cluster") and not a.keep:
                     site.release_data_copies()  # no later section reads them
                 if sec in ("forks", "mem"):
                     sec_meta.ensure_store(site)

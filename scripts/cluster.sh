@@ -14,7 +14,8 @@ Usage: scripts/cluster.sh COMMAND DIR [ARGS]
                          with cephx on, all listening on 127.0.0.1 on free ports. Creates the
                          pool `parallax` (pg_num 8, size N, min_size 2 when N >= 3 else 1,
                          application `rados`) and returns once a rados put/get on it and etcd's
-                         /health both work. Gives up after CLUSTER_TIMEOUT seconds (default 30),
+                         /health both work. Each OSD holds at most CLUSTER_OSD_BYTES (default
+                         512 MiB, in RAM). Gives up after CLUSTER_TIMEOUT seconds (default 30),
                          killing what it started (logs stay in DIR/log).
   stop DIR               SIGKILL every daemon listed in DIR/pids, wait until they are gone and
                          empty DIR. Safe to repeat, and on a DIR that never started.
@@ -228,8 +229,8 @@ osd crush chooseleaf type = 0
 mon data = $d/mon-\$id
 osd data = $d/osd-\$id
 osd objectstore = memstore
-# Memstore is RAM: cap each OSD's store.
-memstore device bytes = 536870912
+# Memstore is RAM: cap each OSD's store (CLUSTER_OSD_BYTES, default 512 MiB).
+memstore device bytes = ${CLUSTER_OSD_BYTES:-536870912}
 run dir = $d/run
 
 [mon]

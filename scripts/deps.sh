@@ -27,7 +27,9 @@ for g in "${groups[@]}"; do
     xen) pkgs+=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils zstd kmod xen-utils-4.17 xenstore-utils
                 e2fsprogs) ;;
     # The bench harness is Python 3 (standard library only); gnuplot draws its plots.
-    bench) pkgs+=(fio nbdkit nbd-server libnbd-bin gnuplot-nox qemu-utils qemu-system-x86 python3) ;;
+    # qemu-block-extra: qemu-nbd's rbd driver, the RBD peer of the cluster section.
+    bench) pkgs+=(fio nbdkit nbd-server libnbd-bin gnuplot-nox qemu-utils qemu-system-x86 qemu-block-extra
+                  python3) ;;
     # libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
     fuzz) pkgs+=(g++) ;;
     *) echo "deps.sh: unknown group $g" >&2; exit 2 ;;

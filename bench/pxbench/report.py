@@ -519,6 +519,82 @@ class Summary:
                          _fmt(r["rss_after_lists"]["VmRSS"] / 1024), _fmt(r["rss_after_lists"]["VmHWM"] / 1024)]
                         for r in daemons])
 
+    def cluster(self):
+        recs = [r for r in self.r if r["section"] == "cluster"]
+        if not recs:
+            return
+        s = self.s
+        self.p("## 9. A store in Ceph against RBD")
+        self.p()
+        self.p(f"One throwaway cluster (`scripts/cluster.sh`: a mon, one memstore OSD, etcd) holds both a "
+               f"Parallax store (`--store rados:parallax/bench`, local cache on the file system named) and an "
+               f"RBD image, each a {human(s.get('cluster_vdi', 1 << 30))} image whose first "
+               f"{human(s.get('cluster_data', 0))} are the same random data; every job stays in that region. "
+               "RBD is served by qemu-nbd (rbd driver, `cache=writeback`). `fork-write`: 4K random writes "
+               "(QD16) on a fresh fork of a snapshot against a fresh clone of a protected RBD snapshot "
+               f"({s.get('cow_runtime')} s from the moment it was made, first-second IOPS in brackets); "
+               f"`vdi-write`: the same on the VDI and the image ({s.get('runtime')} s); `warm-read`: 4K random "
+               "reads (QD16) after reading the region once, against the same data in a local-file store; "
+               "`fork-latency`: forks through the control socket against `rbd clone` CLI calls (process start "
+               "included); `failover`: SIGKILL of host A's daemon to host B's first answered 4K read.")
+        self.p()
+        iops = _group(self.r, "cluster", "fs", "metric", "system")
+        first = _group(self.r, "cluster", "fs", "metric", "system", value="first_s_iops")
+        p50 = _group(self.r, "cluster", "fs", "metric", "system", value="p50_us")
+        p99 = _group(self.r, "cluster", "fs", "metric", "system", value="p99_us")
+        val = _group(self.r, "cluster", "fs", "metric", "system", value="value")
+        rows = []
+        for fs in sorted({r["fs"] for r in recs}):
+            for metric, px, peer, goal in (("fork-write", "parallax", "rbd", 10.0),
+                                           ("vdi-write", "parallax", "rbd", 1.0),
+                                           ("warm-read", "parallax rados", "parallax local", 0.9)):
+                a, b = iops.get((fs, metric, px)), iops.get((fs, metric, peer))
+                if a is None and b is None:
+                    continue
+                ratio = _ratio(a, b)
+                fa, fb = first.get((fs, metric, px)), first.get((fs, metric, peer))
+                rows.append([fs, metric, f"{_fmt(a)} ({_fmt(fa)})", peer, f"{_fmt(b)} ({_fmt(fb)})",
+                             f"**{_fmt(ratio)}×**", f"≥ {goal:g}×"])
+                self.target(f"cluster: {metric} {px} / {peer} ≥ {goal:g}×", fs, _fmt(ratio, "×"),
+                            None if ratio is None else ratio >= goal)
+        if rows:
+            self.p("Throughput in IOPS (median over the repetitions; first second in brackets):")
+            self.p()
+            self.table(["fs", "measure", "Parallax", "against", "its IOPS", "ratio", "target"], rows)
+        rows = []
+        for fs in sorted({r["fs"] for r in recs}):
+            a, b = p99.get((fs, "fork-latency", "parallax")), p99.get((fs, "fork-latency", "rbd"))
+            if a is not None or b is not None:
+                n = max((r.get("n", 0) for r in recs if r["metric"] == "fork-latency" and r["fs"] == fs), default=0)
+                rows.append([fs, "fork / clone latency (ms)", n,
+                             f"{_fmt(_ms(p50.get((fs, 'fork-latency', 'parallax'))))} / {_fmt(_ms(a))}",
+                             f"{_fmt(_ms(p50.get((fs, 'fork-latency', 'rbd'))))} / {_fmt(_ms(b))}",
+                             f"{_fmt(_ratio(b, a))}× faster"])
+                self.target("cluster: fork p99 < 5 ms (store in Ceph)", fs,
+                            f"{_fmt(_ms(a))} ms (rbd clone {_fmt(_ms(b))} ms)", None if a is None else a < 5000)
+        if rows:
+            self.p("Fork latency, p50 / p99 in ms per call (median over the repetitions):")
+            self.p()
+            self.table(["fs", "measure", "calls per rep", "Parallax fork", "rbd clone", "p99 ratio"], rows)
+        fo = [r for r in recs if r["metric"] == "failover"]
+        for fs in sorted({r["fs"] for r in fo}):
+            mine = [r for r in fo if r["fs"] == fs]
+            took = val.get((fs, "failover", "parallax"))
+            ttl = max(r["ttl"] for r in mine)
+            ready = median([r.get("ready_s") for r in mine])
+            same = all(r.get("same_data") for r in mine)
+            self.p(f"Failover on {fs}: {_fmt(took)} s from SIGKILL of host A to host B's first answered read "
+                   f"(median of {len(mine)}; lease TTL {ttl} s; B's daemon ready after {_fmt(ready)} s; "
+                   f"{'B read the same bytes A had served' if same else '**B read other bytes than A**'}).")
+            self.p()
+            self.target(f"cluster: failover ≤ TTL + 1 s (TTL {ttl} s)", fs, _fmt(took, " s"),
+                        None if took is None else took <= ttl + 1 and same)
+        imp = [r for r in recs if r["metric"] == "import"]
+        if imp:
+            self.p("Loading the data: " + "; ".join(f"{r['fs']} {r['system']} {_fmt(r['value'], ' s')}"
+                                                   for r in imp) + ".")
+            self.p()
+
     def _plot(self, name, title, xlabel, ylabel, series, logx=False, logy=False):
         if not series:
             return False
@@ -559,6 +635,7 @@ class Summary:
         self.memory()
         self.scale()
         self.dedup()
+        self.cluster()
         body = self.lines[body_start:]
         self.lines = self.lines[:body_start]
         self.p("## Targets")

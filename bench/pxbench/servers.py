@@ -178,9 +178,13 @@ class Parallax(Server):
 
     kind = "parallax"
 
-    def __init__(self, label, binary, store, work_dir, export="v", config_extra="", nbd_extra=""):
+    def __init__(self, label, binary, store, work_dir, export="v", config_extra="", nbd_extra="", env=None,
+                 log_name="parallax-serve.log"):
         super().__init__(label)
         self.binary, self.store, self.work = binary, store, work_dir
+        # `env`: the daemon's whole environment (None: this one's), e.g. PARALLAX_CEPH_CONF and
+        # the other cluster settings of a rados: store.
+        self.env, self.log_name = env, log_name
         self.export = export
         self.config_extra = config_extra
         self.nbd_extra = nbd_extra
@@ -194,9 +198,9 @@ class Parallax(Server):
             f.write(f'(\n    store: "{self.store}",\n'
                     f'    nbd: (listen: ["{HOST}:{self.port}"], unix: None, {self.nbd_extra}),\n'
                     f"{self.config_extra})\n")
-        self.log_path = os.path.join(self.work, "parallax-serve.log")
+        self.log_path = os.path.join(self.work, self.log_name)
         self.proc = subprocess.Popen([self.binary, "serve", "--config", cfg], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
         ready = threading.Event()
 
         def drain(out, path):
