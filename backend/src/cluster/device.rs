@@ -221,7 +221,9 @@ impl RadosDevice {
             }
         }
         let n = b.data.len();
-        let w = self.io.aio_write(&object_name(b.object), b.data, b.offset)?;
+        let w = self
+            .io
+            .aio_write(&object_name(b.object), b.data, b.offset)?;
         q.bytes += n;
         q.writes.push_back(w);
         Ok(())
