@@ -533,7 +533,8 @@ class Summary:
                "RBD is served by qemu-nbd (rbd driver, `cache=writeback`). `fork-write`: 4K random writes "
                "(QD16) on a fresh fork of a snapshot against a fresh clone of a protected RBD snapshot "
                f"({s.get('cow_runtime')} s from the moment it was made, first-second IOPS in brackets); "
-               f"`vdi-write`: the same on the VDI and the image ({s.get('runtime')} s); `warm-read`: 4K random "
+               f"`vdi-write`: the same on the VDI and the image ({s.get('runtime')} s), and `vdi-write-flush` "
+               "with a flush after every 32 writes; `warm-read`: 4K random "
                "reads (QD16) after reading the region once, against the same data in a local-file store; "
                "`fork-latency`: forks through the control socket against `rbd clone` CLI calls (process start "
                "included); `failover`: SIGKILL of host A's daemon to host B's first answered 4K read.")
@@ -547,6 +548,7 @@ class Summary:
         for fs in sorted({r["fs"] for r in recs}):
             for metric, px, peer, goal in (("fork-write", "parallax", "rbd", 10.0),
                                            ("vdi-write", "parallax", "rbd", 1.0),
+                                           ("vdi-write-flush", "parallax", "rbd", 1.0),
                                            ("warm-read", "parallax rados", "parallax local", 0.9)):
                 a, b = iops.get((fs, metric, px)), iops.get((fs, metric, peer))
                 if a is None and b is None:

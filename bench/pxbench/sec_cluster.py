@@ -169,13 +169,19 @@ class Bench:
             f()
 
     def vdi_write(self, rep):
+        # Without flushes, and with one after every 32 writes (what a guest's journal does, and
+        # what takes librbd's cache out of write-through).
         def px():
             with self.daemon() as d:
                 self._fio(d.uri("v"), "randwrite", "vdi-write", "parallax", rep, self.cfg.runtime)
+                self._fio(d.uri("v"), "randwrite", "vdi-write-flush", "parallax", rep, self.cfg.runtime,
+                          extra=["--fsync=32"])
 
         def rbd():
             with self.rbd_server(IMAGE) as q:
                 self._fio(q.uri(), "randwrite", "vdi-write", "rbd", rep, self.cfg.runtime)
+                self._fio(q.uri(), "randwrite", "vdi-write-flush", "rbd", rep, self.cfg.runtime,
+                          extra=["--fsync=32"])
 
         for f in rotate([px, rbd], rep):
             f()
