@@ -100,3 +100,16 @@ class Background:
             return parse(self.out_json)
         except (OSError, ValueError, KeyError) as e:
             raise FioError(f"background fio failed ({self.proc.returncode}): {e}; {self.err.strip()[-500:]}")
+
+
+def first_second(prefix):
+    """IOPS in the first second, from fio's per-second IOPS log (`--write_iops_log=PREFIX`),
+    which is removed; None if there is none."""
+    path = prefix + "_iops.1.log"
+    try:
+        with open(path) as f:
+            first = f.readline().split(",")
+        os.unlink(path)
+        return float(first[1])
+    except (OSError, IndexError, ValueError):
+        return None

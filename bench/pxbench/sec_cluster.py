@@ -135,7 +135,7 @@ class Bench:
         out = os.path.join(self.run.raw_dir, f"cluster-{self.site.name}-{metric}-{system.replace(' ', '_')}-{rep}.json")
         res = fio.nbd(uri, rw, "4k", 16, 1, runtime, 0, out, size=self.data,
                       extra=["--write_iops_log=" + out[:-5], "--log_avg_msec=1000", *extra])
-        first = _first_second(out[:-5])
+        first = fio.first_second(out[:-5])
         self.run.record("cluster", fs=self.site.name, metric=metric, system=system, rep=rep,
                         first_s_iops=first, **res)
         log(f"cluster {metric:10s} {system:16s} {res['iops']:9.0f} IOPS (first second {first or 0:.0f})")
@@ -288,17 +288,6 @@ class Bench:
 
 def _px(site, label, store, env, log_name):
     return Parallax(label, site.bin, store, site.dir, export="v", env=env, log_name=log_name)
-
-
-def _first_second(prefix):
-    path = prefix + "_iops.1.log"
-    try:
-        with open(path) as f:
-            first = f.readline().split(",")
-        os.unlink(path)
-        return float(first[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def run(run, site, cfg):

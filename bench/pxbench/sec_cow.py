@@ -19,21 +19,9 @@ def _write(run, site, cfg, uri, system, phase, rep):
     ramp = cfg.cow_ramp if phase == "before" else 0
     res = fio.nbd(uri, "randwrite", "4k", 16, 1, cfg.cow_runtime, ramp, out, size=site.size,
                   extra=["--write_iops_log=" + out[:-5], "--log_avg_msec=1000"])
-    first = _first_second(out[:-5])
+    first = fio.first_second(out[:-5])
     run.record("cow", fs=site.name, system=system, phase=phase, rep=rep, first_s_iops=first, **res)
     log(f"cow {site.name} {system:28s} {phase:9s} {res['iops']:9.0f} IOPS (first second {first or 0:.0f})")
-
-
-def _first_second(prefix):
-    """IOPS in the first second, from fio's per-second IOPS log."""
-    path = prefix + "_iops.1.log"
-    try:
-        with open(path) as f:
-            first = f.readline().split(",")
-        os.unlink(path)
-        return float(first[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def run(run, site, cfg):

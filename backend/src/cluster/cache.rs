@@ -499,28 +499,12 @@ mod tests {
     fn a_saved_cache_comes_back_only_for_its_own_token() {
         let dir = tempfile::tempdir().unwrap();
         let dev = Arc::new(MemDevice::new(LEN));
-        struct Shared(Arc<MemDevice>);
-        impl Device for Shared {
-            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-                self.0.read_at(buf, offset)
-            }
-            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-                self.0.write_at(buf, offset)
-            }
-            fn sync(&self) -> io::Result<()> {
-                self.0.sync()
-            }
-            fn len(&self) -> u64 {
-                self.0.len()
-            }
-        }
-        let open = |token, reuse| {
-            CachedDevice::open(Shared(dev.clone()), dir.path(), LEN, token, reuse).unwrap()
-        };
+        let open =
+            |token, reuse| CachedDevice::open(dev.clone(), dir.path(), LEN, token, reuse).unwrap();
         let c = open(7, None);
         c.write_at(&[9u8; 4096], 0).unwrap();
         drop(c); // saved with token 7
-        let count = |c: &CachedDevice<Shared>| c.count.load(Ordering::Relaxed);
+        let count = |c: &CachedDevice<Arc<MemDevice>>| c.count.load(Ordering::Relaxed);
         let c = open(8, Some(7));
         assert_eq!(count(&c), 1, "the cache saved with token 7 was not used");
         std::mem::forget(c); // a crash: nothing saved, and opening removed the record

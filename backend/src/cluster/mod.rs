@@ -199,6 +199,19 @@ fn connect(store: &RadosStore, cfg: &ClusterConfig) -> Result<rados::IoCtx, Clus
         .map_err(ClusterError::Rados)
 }
 
+/// Connects to `store`, which must exist.
+fn connect_existing(store: &RadosStore, cfg: &ClusterConfig) -> Result<rados::IoCtx, ClusterError> {
+    let io = connect(store, cfg)?;
+    if io
+        .stat(device::HEADER_OBJECT)
+        .map_err(ClusterError::Rados)?
+        .is_none()
+    {
+        return Err(ClusterError::NoStore(store.clone()));
+    }
+    Ok(io)
+}
+
 /// Takes `store` for this host: waiting for its holder when `wait` (saying so through
 /// `on_wait`), failing with [`ClusterError::Held`] otherwise.
 fn own(
@@ -277,14 +290,7 @@ pub fn open(
     wait: bool,
     on_wait: &mut dyn FnMut(&lease::Holder),
 ) -> Result<Arc<Store>, ClusterError> {
-    let io = connect(store, cfg)?;
-    if io
-        .stat(device::HEADER_OBJECT)
-        .map_err(ClusterError::Rados)?
-        .is_none()
-    {
-        return Err(ClusterError::NoStore(store.clone()));
-    }
+    let io = connect_existing(store, cfg)?;
     let owner = own(store, cfg, &io, wait, on_wait)?;
     let dev =
         device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;
@@ -300,14 +306,7 @@ pub fn open(
 /// then its records in etcd. Takes it first, so not while another host holds it. How many
 /// objects went.
 pub fn destroy(store: &RadosStore, cfg: &ClusterConfig) -> Result<u64, ClusterError> {
-    let io = connect(store, cfg)?;
-    if io
-        .stat(device::HEADER_OBJECT)
-        .map_err(ClusterError::Rados)?
-        .is_none()
-    {
-        return Err(ClusterError::NoStore(store.clone()));
-    }
+    let io = connect_existing(store, cfg)?;
     let owner = own(store, cfg, &io, false, &mut |_| {})?;
     let dev =
         device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;

@@ -65,6 +65,34 @@ pub trait Device: Send + Sync {
     }
 }
 
+/// A shared device is a device (a wrapper, such as the cluster's cache, may sit on one).
+impl<D: Device + ?Sized> Device for std::sync::Arc<D> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at(bufs, offset)
+    }
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        (**self).read_nowait(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn writes_back(&self) -> bool {
+        (**self).writes_back()
+    }
+    fn start_writeback(&self) -> io::Result<()> {
+        (**self).start_writeback()
+    }
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+}
+
 /// A store in a regular file or on a block device.
 pub struct FileDevice {
     file: File,
