@@ -148,7 +148,7 @@ unsafe impl Send for Rados {}
 unsafe impl Sync for Rados {}
 
 impl Rados {
-    /// Connects as `client.admin` (or `CEPH_ARGS`/the conf's `[client]` settings) using the
+    /// Connects as `client.admin` (its key from the keyring the configuration names) using the
     /// configuration file `conf` (mon addresses, keyring).
     pub fn connect(conf: &Path) -> io::Result<Arc<Rados>> {
         let api = api()?;
