@@ -160,11 +160,36 @@ fn write_blocks(conn: &mut NbdConn, range: std::ops::Range<u64>, flush_every: u6
     flushed
 }
 
+/// Makes Ceph user `client.NAME` with only what Parallax needs (read and write on the pool,
+/// and the mon command that fences a host), its key added to the cluster's keyring.
+fn restricted_user(c: &Cluster, name: &str) {
+    let out = Command::new("ceph")
+        .arg("-c")
+        .arg(&c.ceph_conf)
+        .args(["auth", "get-or-create", &format!("client.{name}")])
+        .args(["mon", "allow r, allow command \"osd blocklist\""])
+        .args(["osd", &format!("allow rwx pool={}", c.pool)])
+        .output()
+        .expect("ceph auth get-or-create");
+    assert!(out.status.success(), "{out:?}");
+    let keyring = c.dir().join("keyring");
+    let mut all = std::fs::read(&keyring).expect("the cluster's keyring");
+    all.extend_from_slice(b"\n");
+    all.extend_from_slice(&out.stdout);
+    std::fs::write(&keyring, all).expect("write the keyring");
+}
+
 #[test]
 fn another_host_takes_over_from_a_killed_owner_with_every_flushed_write() {
     const BLOCKS: u64 = 2048;
     let c = Cluster::start(1);
-    let a = host(&c, "s2", "hostA");
+    // Both hosts connect as a user with only the capabilities the README names.
+    restricted_user(&c, "px");
+    let with_user = |mut h: TestStore| {
+        h.args.extend(["--ceph-user".into(), "px".into()]);
+        h
+    };
+    let a = with_user(host(&c, "s2", "hostA"));
     a.run(&["init", "--size", "1G"]);
     a.run(&["vdi", "create", "vm", "--size", "8M"]);
     let d = serve(&a);
@@ -179,7 +204,7 @@ fn another_host_takes_over_from_a_killed_owner_with_every_flushed_write() {
     let flushed = writer.join().expect("writer");
     assert!(flushed > 0, "no flush completed before the kill");
 
-    let b = host(&c, "s2", "hostB");
+    let b = with_user(host(&c, "s2", "hostB"));
     let t = Instant::now();
     let d = serve(&b);
     let took = t.elapsed();

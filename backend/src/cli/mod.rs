@@ -103,6 +103,10 @@ struct ClusterArgs {
     /// Default: /etc/ceph/ceph.conf, or `cluster.ceph_conf` in serve's config.
     #[arg(long, global = true, env = "PARALLAX_CEPH_CONF", value_name = "FILE")]
     ceph_conf: Option<PathBuf>,
+    /// For a rados: store: the Ceph user to connect as (client.USER; default admin). It needs
+    /// rw on the pool and the mon command `osd blocklist`.
+    #[arg(long, global = true, env = "PARALLAX_CEPH_USER", value_name = "USER")]
+    ceph_user: Option<String>,
     /// For a rados: store: etcd's client URLs, comma-separated (default: http://127.0.0.1:2379).
     #[arg(
         long,
@@ -135,6 +139,9 @@ impl ClusterArgs {
     fn over(&self, mut base: ClusterConfig) -> anyhow::Result<ClusterConfig> {
         if let Some(c) = &self.ceph_conf {
             base.ceph_conf = c.clone();
+        }
+        if let Some(u) = &self.ceph_user {
+            base.ceph_user = u.clone();
         }
         if !self.etcd.is_empty() {
             base.etcd = self.etcd.clone();

@@ -87,6 +87,9 @@ impl std::fmt::Display for RadosStore {
 pub struct ClusterConfig {
     /// Ceph's configuration file (mon addresses, keyring).
     pub ceph_conf: PathBuf,
+    /// The Ceph user Parallax connects as (`client.USER`): it needs `rw` on the pool and the
+    /// mon command `osd blocklist`.
+    pub ceph_user: String,
     /// etcd client URLs.
     pub etcd: Vec<String>,
     /// This host's name in ownership records (default: the system's host name).
@@ -105,6 +108,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             ceph_conf: PathBuf::from("/etc/ceph/ceph.conf"),
+            ceph_user: "admin".into(),
             etcd: vec!["http://127.0.0.1:2379".into()],
             host: None,
             lease_ttl_secs: 5,
@@ -194,7 +198,7 @@ struct Held {
 }
 
 fn connect(store: &RadosStore, cfg: &ClusterConfig) -> Result<rados::IoCtx, ClusterError> {
-    let r = rados::Rados::connect(&cfg.ceph_conf).map_err(ClusterError::Rados)?;
+    let r = rados::Rados::connect(&cfg.ceph_conf, &cfg.ceph_user).map_err(ClusterError::Rados)?;
     r.ioctx(&store.pool, &store.name)
         .map_err(ClusterError::Rados)
 }

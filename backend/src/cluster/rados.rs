@@ -148,13 +148,13 @@ unsafe impl Send for Rados {}
 unsafe impl Sync for Rados {}
 
 impl Rados {
-    /// Connects as `client.admin` (its key from the keyring the configuration names) using the
+    /// Connects as `client.USER` (its key from the keyring the configuration names) using the
     /// configuration file `conf` (mon addresses, keyring).
-    pub fn connect(conf: &Path) -> io::Result<Arc<Rados>> {
+    pub fn connect(conf: &Path, user: &str) -> io::Result<Arc<Rados>> {
         let api = api()?;
         let mut handle: RadosT = ptr::null_mut();
         let cluster = cstr("ceph")?;
-        let user = cstr("client.admin")?;
+        let user = cstr(&format!("client.{user}"))?;
         // SAFETY: `handle` is a valid out-pointer; the strings are NUL-terminated and outlive
         // the call.
         let r = unsafe { (api.create2)(&mut handle, cluster.as_ptr(), user.as_ptr(), 0) };

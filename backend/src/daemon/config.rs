@@ -227,19 +227,18 @@ impl Config {
         let mut cfg = Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(std::path::Path::new(""));
         let tls = &mut cfg.nbd.tls;
-        if cfg
+        // A rados: store is a name, not a path; the cluster's paths are paths whichever store
+        // the command line names.
+        cfg.cluster.ceph_conf = dir.join(&cfg.cluster.ceph_conf);
+        if let Some(s) = cfg
             .store
-            .as_deref()
-            .is_some_and(|s| crate::cluster::RadosStore::parse(s).is_some())
+            .as_mut()
+            .filter(|s| crate::cluster::RadosStore::parse(s).is_none())
         {
-            cfg.cluster.ceph_conf = dir.join(&cfg.cluster.ceph_conf);
-            if let Some(c) = &mut cfg.cluster.cache_dir {
-                *c = dir.join(&*c);
-            }
-        } else if let Some(s) = &mut cfg.store {
             *s = dir.join(&*s);
         }
         for p in [
+            &mut cfg.cluster.cache_dir,
             &mut cfg.control_socket,
             &mut cfg.nbd.unix,
             &mut tls.cert,
@@ -462,6 +461,27 @@ mod tests {
         assert_eq!(c.store, Some(dir.path().join("s.px")));
         assert_eq!(c.control_socket, Some(PathBuf::from("/run/c.sock")));
         assert_eq!(c.nbd.unix, Some(dir.path().join("sub/nbd.sock")));
+    }
+
+    #[test]
+    fn a_rados_store_is_a_name_and_the_cluster_paths_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("serve.ron");
+        for (store, want) in [
+            ("rados:vms/rack1", PathBuf::from("rados:vms/rack1")),
+            // The cluster's paths count even when the command line names the rados: store.
+            ("s.px", dir.path().join("s.px")),
+        ] {
+            std::fs::write(
+                &file,
+                format!(r#"(store: "{store}", cluster: (ceph_conf: "ceph.conf", cache_dir: "c"))"#),
+            )
+            .unwrap();
+            let c = Config::load(&file).unwrap();
+            assert_eq!(c.store, Some(want));
+            assert_eq!(c.cluster.ceph_conf, dir.path().join("ceph.conf"));
+            assert_eq!(c.cluster.cache_dir, Some(dir.path().join("c")));
+        }
     }
 
     #[test]
