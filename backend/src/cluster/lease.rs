@@ -543,18 +543,3 @@ async fn release(
     info!(store, "released the store's lease");
     Ok(())
 }
-
-/// The current holder of `store`, if any (for messages; takes nothing).
-pub fn holder(cfg: &LeaseConfig, store: &str) -> Result<Option<Holder>, LeaseError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| LeaseError::Etcd(e.to_string()))?;
-    rt.block_on(async {
-        let mut c = connect(cfg).await?;
-        let r = c.get(keys(store).0, None).await?;
-        Ok(r.kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice(kv.value()).ok()))
-    })
-}
