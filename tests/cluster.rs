@@ -2,7 +2,7 @@
 //! `scripts/cluster.sh`): every command on a `rados:` store, one host at a time, another host
 //! taking over from one killed with `kill -9` with every flushed write, a frozen owner that wakes
 //! up after the takeover changing nothing, an OSD killed under load and etcd restarted under
-//! load losing nothing.
+//! load losing nothing, and space going back to RADOS as VDIs are deleted.
 //!
 //! Hosts are `parallax` processes with their own `--host`, scratch directory and control
 //! socket (on one machine they would otherwise share the abstract socket named after the
@@ -462,4 +462,83 @@ fn a_hosts_cache_serves_repeated_reads_survives_restarts_and_is_dropped_after_an
         used <= 128 << 10,
         "the cache file holds {used} bytes with a 64 KiB bound"
     );
+}
+
+/// The objects of `store`'s namespace in `c`'s pool, with their sizes.
+fn objects(c: &Cluster, store: &str) -> Vec<(String, u64)> {
+    let out = c
+        .rados()
+        .args(["--namespace", store, "ls"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let out = c
+                .rados()
+                .args(["--namespace", store, "stat", &name])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let size = text
+                .rsplit("size ")
+                .next()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no size in {text}"));
+            (name, size)
+        })
+        .collect()
+}
+
+/// Space goes back to RADOS: deleting every VDI and running `gc` leaves the namespace with
+/// the store's own metadata only (the superblock, commit slots and refcount pages at the start
+/// of the device), however much data it held.
+#[test]
+fn deleting_everything_and_gc_leaves_no_data_objects() {
+    let c = Cluster::start(1);
+    let a = host(&c, "s1", "hostA");
+    a.run(&["init", "--size", "1G"]);
+    for (i, name) in ["t1", "t2", "t3"].into_iter().enumerate() {
+        a.import(name, &image_with_holes(i as u64 + 1, 12 << 20));
+    }
+    a.run(&["vdi", "snapshot", "t1", "gold"]);
+    a.run(&["vdi", "fork", "t1@gold", "vm1"]);
+    a.import("t4", &image_with_holes(9, 12 << 20));
+    let full = objects(&c, "s1");
+    let bytes = |objs: &[(String, u64)]| objs.iter().map(|(_, s)| s).sum::<u64>();
+    assert!(bytes(&full) > 24 << 20, "{full:?}");
+
+    // Deleting one VDI gives its objects back at once (its checkpoints), gc or not.
+    a.run(&["vdi", "delete", "t4"]);
+    a.run(&["gc"]);
+    let some = objects(&c, "s1");
+    assert!(bytes(&some) < bytes(&full) - (4 << 20), "{some:?}");
+
+    for name in ["vm1", "t1", "t2", "t3"] {
+        a.run(&["vdi", "delete", "-r", name]);
+    }
+    a.run(&["gc"]);
+    a.assert_clean();
+    // Group 0's data blocks start at block 1029 (FORMAT.md §2: the superblock, two commit
+    // slots, two group headers, 1024 refcount page copies): no object holds a byte past that.
+    let left = objects(&c, "s1");
+    let data_start = 1029 * 4096;
+    for (name, size) in &left {
+        if name == "parallax.device" {
+            continue;
+        }
+        let index = u64::from_str_radix(name, 16).expect("an object index");
+        assert!(
+            index * (4 << 20) + size <= data_start,
+            "object {name} ({size} bytes) holds data blocks; left: {left:?}"
+        );
+    }
+    assert!(left.len() <= 3, "{left:?}");
 }

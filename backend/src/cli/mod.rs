@@ -1199,6 +1199,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     r.orphan_nodes_processed,
                     format_size(r.free_bytes)
                 );
+                if r.swept_bytes > 0 {
+                    println!(
+                        "gave {} of free space back to RADOS",
+                        format_size(r.swept_bytes)
+                    );
+                }
             }
             Ok(0)
         }

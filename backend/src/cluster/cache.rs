@@ -322,6 +322,34 @@ impl<D: Device> Device for CachedDevice<D> {
         self.inner.sync()
     }
 
+    fn discard_unit(&self) -> Option<u64> {
+        self.inner.discard_unit()
+    }
+
+    /// Drops the copies of the blocks the range covers, then passes it on.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let span = Self::span(offset, len as usize);
+        for b in span.clone() {
+            let mut s = self.stripe(b).lock();
+            *s += 1;
+            if set(&self.present, b, false) {
+                self.count.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        if let Err(e) = punch(
+            &self.file,
+            span.start * BLOCK,
+            (span.end - span.start) * BLOCK,
+        ) {
+            warn!(error = %e, "local block cache: cannot free discarded blocks");
+        }
+        self.inner.discard(offset, len)
+    }
+
+    fn stored_units(&self) -> io::Result<Option<Vec<u64>>> {
+        self.inner.stored_units()
+    }
+
     fn len(&self) -> u64 {
         self.inner.len()
     }

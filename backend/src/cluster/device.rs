@@ -18,7 +18,10 @@
 //! a sync. RADOS applies one client's operations on one object in the order they were sent, so
 //! a read after a write to the same bytes sees it even before the sync.
 //!
-//! Every write first asks the store's [`Fence`]: once this host's ownership of the store has
+//! Space the store no longer needs goes back object by object ([`Device::discard`]): a whole
+//! object is removed, its tail cut off, or a range zeroed.
+//!
+//! Every write (and discard) first asks the store's [`Fence`]: once this host's ownership of the store has
 //! lapsed, nothing more leaves it (what was already sent is refused by the OSDs once the next
 //! owner has blocklisted this client; see `lease.rs`).
 
@@ -323,6 +326,51 @@ impl Device for RadosDevice {
             Some(was) => Err(io::Error::other(format!("an earlier write failed: {was}"))),
             None => Ok(()),
         }
+    }
+
+    fn discard_unit(&self) -> Option<u64> {
+        Some(self.object_size)
+    }
+
+    /// Removes the object when the range is all of it, cuts it short when the range is its
+    /// tail, and zeroes the range otherwise; never creates one.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.in_range(offset, len as usize)?;
+        let (obj, off) = (offset / self.object_size, offset % self.object_size);
+        let end = self.object_size.min(self.len - obj * self.object_size);
+        if off + len > end {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("discarding {len} bytes at {offset} crosses an object's end"),
+            ));
+        }
+        if let Some(f) = &self.fence {
+            f.check()?;
+        }
+        if self.batch_object.load(Ordering::Acquire) == obj {
+            let mut q = self.in_flight.lock();
+            if q.batch.as_ref().is_some_and(|b| b.object == obj) {
+                self.send_batch(&mut q)?;
+            }
+        }
+        let name = object_name(obj);
+        if off == 0 && len == end {
+            self.io.remove(&name)
+        } else if off + len == end {
+            self.io.truncate(&name, off)
+        } else {
+            self.io.zero(&name, off, len)
+        }
+    }
+
+    fn stored_units(&self) -> io::Result<Option<Vec<u64>>> {
+        let units = self
+            .io
+            .list()?
+            .iter()
+            .filter_map(|name| u64::from_str_radix(name, 16).ok())
+            .collect();
+        Ok(Some(units))
     }
 
     fn len(&self) -> u64 {

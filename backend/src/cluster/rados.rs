@@ -8,8 +8,9 @@
 //! ```text
 //!   Rados (cluster handle, one per process and cluster) ──► IoCtx (a pool and a namespace)
 //!        │ blocklist(), addrs()                                 │ read, write, aio_write,
-//!        ▼                                                      ▼ remove, stat, list
-//!      mons                                                   OSDs
+//!        ▼                                                      ▼ remove, truncate, zero,
+//!                                                                 stat, list
+//!      mons                                                     OSDs
 //! ```
 
 use std::{
@@ -24,6 +25,7 @@ type RadosT = *mut c_void;
 type IoCtxT = *mut c_void;
 type CompletionT = *mut c_void;
 type ListCtxT = *mut c_void;
+type WriteOpT = *mut c_void;
 type Callback = Option<unsafe extern "C" fn(CompletionT, *mut c_void)>;
 
 /// The librados entry points, resolved once per process.
@@ -65,6 +67,13 @@ struct Api {
         *mut *const c_char,
     ) -> c_int,
     list_close: unsafe extern "C" fn(ListCtxT),
+    create_write_op: unsafe extern "C" fn() -> WriteOpT,
+    release_write_op: unsafe extern "C" fn(WriteOpT),
+    write_op_assert_exists: unsafe extern "C" fn(WriteOpT),
+    write_op_truncate: unsafe extern "C" fn(WriteOpT, u64),
+    write_op_zero: unsafe extern "C" fn(WriteOpT, u64, u64),
+    write_op_operate:
+        unsafe extern "C" fn(WriteOpT, IoCtxT, *const c_char, *mut libc::time_t, c_int) -> c_int,
 }
 
 /// The library's file name (the runtime package's soname, not the `-dev` symlink).
@@ -118,6 +127,12 @@ fn load() -> Result<Api, String> {
         list_open: sym!("rados_nobjects_list_open"),
         list_next: sym!("rados_nobjects_list_next"),
         list_close: sym!("rados_nobjects_list_close"),
+        create_write_op: sym!("rados_create_write_op"),
+        release_write_op: sym!("rados_release_write_op"),
+        write_op_assert_exists: sym!("rados_write_op_assert_exists"),
+        write_op_truncate: sym!("rados_write_op_truncate"),
+        write_op_zero: sym!("rados_write_op_zero"),
+        write_op_operate: sym!("rados_write_op_operate"),
     })
 }
 
@@ -338,6 +353,42 @@ impl IoCtx {
             return Ok(());
         }
         check(r, &format!("removing {oid}")).map(drop)
+    }
+
+    /// Cuts `oid` short at `size` bytes; one that is not there stays absent.
+    pub fn truncate(&self, oid: &str, size: u64) -> io::Result<()> {
+        // SAFETY: `op` is the write op `existing_op` made, live for the call.
+        self.existing_op(oid, |api, op| unsafe { (api.write_op_truncate)(op, size) })
+    }
+
+    /// Zeroes `len` bytes of `oid` at `off` (the OSD frees what it can); one that is not there
+    /// stays absent.
+    pub fn zero(&self, oid: &str, off: u64, len: u64) -> io::Result<()> {
+        // SAFETY: `op` is the write op `existing_op` made, live for the call.
+        self.existing_op(oid, |api, op| unsafe { (api.write_op_zero)(op, off, len) })
+    }
+
+    /// Runs one write op on `oid` built by `build`, if `oid` exists (the op asserts it does,
+    /// so that it never creates an object).
+    fn existing_op(&self, oid: &str, build: impl FnOnce(&Api, WriteOpT)) -> io::Result<()> {
+        let api = self.api();
+        let o = cstr(oid)?;
+        // SAFETY: plain constructor; a null result is checked.
+        let op = unsafe { (api.create_write_op)() };
+        if op.is_null() {
+            return Err(io::Error::other("rados_create_write_op failed"));
+        }
+        // SAFETY: `op` is live until released below.
+        unsafe { (api.write_op_assert_exists)(op) };
+        build(api, op);
+        // SAFETY: `op`, the context and `o` are live for the call; a null mtime means now.
+        let r = unsafe { (api.write_op_operate)(op, self.io, o.as_ptr(), ptr::null_mut(), 0) };
+        // SAFETY: released once, after its last use.
+        unsafe { (api.release_write_op)(op) };
+        if r == -libc::ENOENT {
+            return Ok(());
+        }
+        check(r, &format!("shrinking {oid}")).map(drop)
     }
 
     /// The size of `oid`, or `None` if it does not exist.

@@ -188,6 +188,10 @@ pub struct GcReport {
     pub orphan_nodes_processed: u64,
     pub freed_bytes: u64,
     pub free_bytes: u64,
+    /// Free space the device still held and was given back by the sweep (a store in RADOS:
+    /// what a crash kept the checkpoints from giving back).
+    #[serde(default)]
+    pub swept_bytes: u64,
 }
 
 /// What `vdi delete` removed (or, with `dry_run`, would remove).
@@ -527,10 +531,13 @@ impl Store {
         // checkpoint writes the list as it ended.
         self.checkpoint()?;
         let after = self.space.lock().rc.free();
+        // Checkpoints gave back what they freed; this finds what a crash kept them from.
+        let swept = self.give_back_all()?;
         Ok(GcReport {
             orphan_nodes_processed: processed,
             freed_bytes: after.saturating_sub(before) * BLOCK_SIZE_U64,
             free_bytes: self.free_blocks() * BLOCK_SIZE_U64,
+            swept_bytes: swept * BLOCK_SIZE_U64,
         })
     }
 

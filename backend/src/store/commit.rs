@@ -382,6 +382,8 @@ impl Store {
         // (VDI locks come before the space lock: unload first.)
         let mut idle = self.vdis.unload_idle();
         idle.extend(self.log.checkpointed(cut.log).into_iter().map(|a| (a, 1)));
+        // Before they become allocatable, the device may take back what they occupy.
+        self.give_back_freed(&cut.rc.freed, &idle);
         {
             let mut space = self.space.lock();
             space.rc.release(cut.rc.freed);

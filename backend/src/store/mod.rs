@@ -23,6 +23,7 @@
 //!  catalog   registry tree + name overlay    btree     the registry's B+tree
 //!  registry  VDI/snapshot records and keys   orphans   nodes waiting to be taken apart
 //!  space     refcounts + orphans + cursor    refcount  refcounts and the allocator
+//!  giveback  space back to a device that can take it (RADOS objects freed whole)
 //!  epoch     reader epochs for safe reuse    format    on-disk constants and layouts
 //!  device    file / memory / crash-simulating / fault-injecting devices
 //!  lock      exclusive ownership of a store file
@@ -44,6 +45,7 @@ mod diff;
 mod epoch;
 mod error;
 pub mod format;
+mod giveback;
 mod identity;
 mod io;
 mod listing;

@@ -570,19 +570,34 @@ fn crash_workload(
     Outcome::Finished
 }
 
-fn crash_case(seed: u64, cut: Option<u64>, image_seed: u64) -> u64 {
+/// `discard_unit`: the device gives space back in units of so many bytes (giveback.rs).
+/// Returns the device operations the workload made, and where its discards came.
+fn crash_case(
+    seed: u64,
+    cut: Option<u64>,
+    image_seed: u64,
+    discard_unit: Option<u64>,
+) -> (u64, Vec<u64>) {
     // A small store, so that freed blocks are reused (the allocator wraps around) often.
-    let dev = Arc::new(CrashDevice::new(16 << 20));
+    let dev = Arc::new(CrashDevice::shedding(16 << 20, discard_unit));
     Store::format(&*dev, 16 << 20).unwrap();
     dev.sync().unwrap();
     let s = Store::open_device(dev.clone(), small_opts()).unwrap();
+    let base = dev.ops();
     if let Some(c) = cut {
         dev.cut_after(c);
     }
     let mut model = BTreeMap::new();
     let mut schedules = ScheduleModel::new();
     let outcome = crash_workload(&s, seed, &mut model, &mut schedules);
-    let ops = dev.ops();
+    let discards = dev.discard_ops();
+    let ops = (
+        dev.ops() - base,
+        discards
+            .iter()
+            .filter_map(|d| d.checked_sub(base))
+            .collect(),
+    );
     drop(s);
     let (uncertain, rolling_back, scheduling) = match outcome {
         Outcome::Finished => (Vec::new(), None, None),
@@ -592,7 +607,7 @@ fn crash_case(seed: u64, cut: Option<u64>, image_seed: u64) -> u64 {
             scheduling,
         } => (uncertain, rolling_back, scheduling),
     };
-    let ctx = format!("seed {seed} cut {cut:?} image {image_seed}");
+    let ctx = format!("seed {seed} cut {cut:?} image {image_seed} discard {discard_unit:?}");
     let after: Arc<dyn Device> = Arc::new(dev.after_crash(image_seed));
     let s = Store::open_device(after, small_opts())
         .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e}"));
@@ -662,12 +677,35 @@ fn crash_case(seed: u64, cut: Option<u64>, image_seed: u64) -> u64 {
 fn power_cut_at_random_points() {
     // A run without a cut tells how many device operations the workload makes.
     for seed in [11u64, 12, 13] {
-        let total = crash_case(seed, None, 0);
+        let (total, _) = crash_case(seed, None, 0, None);
         assert!(total > 50, "workload too small ({total} ops)");
         let mut rng = SmallRng::seed_from_u64(seed * 1000);
         for i in 0..110 {
             let cut = rng.random_range(0..total);
-            crash_case(seed, Some(cut), seed * 7919 + i);
+            crash_case(seed, Some(cut), seed * 7919 + i, None);
+        }
+    }
+}
+
+/// The same on a device that takes space back (a store in RADOS), in units of 16 blocks: a
+/// power cut anywhere, and right after each discard in particular, loses no flushed write and
+/// leaves the store clean.
+#[test]
+fn power_cut_at_random_points_while_space_goes_back() {
+    let unit = Some(16 * BLOCK_SIZE_U64);
+    for seed in [21u64, 22] {
+        let (total, discards) = crash_case(seed, None, 0, unit);
+        assert!(discards.len() > 10, "only {} discards", discards.len());
+        let mut rng = SmallRng::seed_from_u64(seed * 1000);
+        // Right after a discard (the power goes at the next operation, or the one after).
+        let step = discards.len().div_ceil(20);
+        let near = discards.iter().step_by(step).flat_map(|&d| [d + 1, d + 2]);
+        for (i, cut) in (0..30)
+            .map(|_| rng.random_range(0..total))
+            .chain(near)
+            .enumerate()
+        {
+            crash_case(seed, Some(cut), seed * 7919 + i as u64, unit);
         }
     }
 }

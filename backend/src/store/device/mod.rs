@@ -58,6 +58,23 @@ pub trait Device: Send + Sync {
     fn start_writeback(&self) -> io::Result<()> {
         Ok(())
     }
+    /// The size, and alignment, of the pieces whose space this device can give back once the
+    /// store needs none of their bytes ([`Device::discard`]); `None` if it cannot.
+    fn discard_unit(&self) -> Option<u64> {
+        None
+    }
+    /// The store needs none of the `len` bytes at `offset` (within one
+    /// [`Device::discard_unit`]) until it writes them again: the device may give their space
+    /// back. They read as zeros afterwards. Ordered after every write made before it.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// The discard units that may hold bytes (`None`: the device cannot tell), so that a sweep
+    /// need not look at units that hold nothing.
+    fn stored_units(&self) -> io::Result<Option<Vec<u64>>> {
+        Ok(None)
+    }
     /// Size in bytes.
     fn len(&self) -> u64;
     fn is_empty(&self) -> bool {
@@ -87,6 +104,15 @@ impl<D: Device + ?Sized> Device for std::sync::Arc<D> {
     }
     fn start_writeback(&self) -> io::Result<()> {
         (**self).start_writeback()
+    }
+    fn discard_unit(&self) -> Option<u64> {
+        (**self).discard_unit()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn stored_units(&self) -> io::Result<Option<Vec<u64>>> {
+        (**self).stored_units()
     }
     fn len(&self) -> u64 {
         (**self).len()

@@ -135,14 +135,27 @@ struct CrashState {
 /// unsynced writes, some of them torn at 512-byte boundaries.
 pub struct CrashDevice {
     len: u64,
+    /// Gives space back in units of this many bytes, as a store in RADOS does.
+    discard_unit: Option<u64>,
+    /// The operation count ([`CrashDevice::ops`]) at each discard so far.
+    discards: Mutex<Vec<u64>>,
     state: Mutex<CrashState>,
     ops: AtomicU64,
 }
 
 impl CrashDevice {
     pub fn new(len: u64) -> CrashDevice {
+        Self::shedding(len, None)
+    }
+
+    /// A device that also gives space back ([`Device::discard`]) in units of `unit` bytes: a
+    /// discard is durable once it returns (as a RADOS remove is) and leaves garbage, not
+    /// zeros, so that a store reading a block it gave back sees damage.
+    pub fn shedding(len: u64, unit: Option<u64>) -> CrashDevice {
         CrashDevice {
             len,
+            discard_unit: unit,
+            discards: Mutex::new(Vec::new()),
             state: Mutex::new(CrashState {
                 durable: HashMap::new(),
                 volatile: HashMap::new(),
@@ -162,6 +175,11 @@ impl CrashDevice {
     /// Writes and syncs done so far (to choose cut points).
     pub fn ops(&self) -> u64 {
         self.ops.load(Ordering::Relaxed)
+    }
+
+    /// Where the discards so far came: the value of [`CrashDevice::ops`] just before each.
+    pub fn discard_ops(&self) -> Vec<u64> {
+        self.discards.lock().clone()
     }
 
     pub fn is_dead(&self) -> bool {
@@ -201,6 +219,8 @@ impl CrashDevice {
         }
         CrashDevice {
             len: self.len,
+            discard_unit: self.discard_unit,
+            discards: Mutex::new(Vec::new()),
             state: Mutex::new(CrashState {
                 durable: image.clone(),
                 volatile: image,
@@ -251,6 +271,24 @@ impl Device for CrashDevice {
         for (off, data) in writes {
             write_blocks(&mut st.durable, &data, off);
         }
+        Ok(())
+    }
+
+    fn discard_unit(&self) -> Option<u64> {
+        self.discard_unit
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_bounds(self.len, offset, len as usize)?;
+        let mut st = self.state.lock();
+        self.discards.lock().push(self.ops());
+        self.tick(&mut st)?;
+        let garbage = vec![0xEE; len as usize];
+        write_blocks(&mut st.volatile, &garbage, offset);
+        write_blocks(&mut st.durable, &garbage, offset);
+        // Ordered after every earlier write: none of them can land over it after a crash.
+        st.unsynced
+            .retain(|(o, d)| *o + d.len() as u64 <= offset || *o >= offset + len);
         Ok(())
     }
 
