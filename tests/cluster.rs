@@ -282,7 +282,15 @@ fn a_frozen_owner_that_wakes_after_a_takeover_changes_nothing() {
     assert_eq!(before[0], Some(5000));
     assert_eq!(before[40], Some(41));
     drop(ca);
-    drop(da);
+    // Host A stops serving by itself once etcd has told it its lease is gone, and says why.
+    let (st, err) = da
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|err| panic!("host A still serves a store it no longer owns:\n{err}"));
+    assert!(!st.success(), "host A exited with {st}: {err}");
+    assert!(
+        err.contains("stopped serving store") && err.contains("lease on it is gone"),
+        "{err}"
+    );
     db.stop();
     // What a third host opens afresh is what B served, block by block, and checks clean.
     let h = host(&c, "s3", "hostC");

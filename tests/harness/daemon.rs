@@ -512,6 +512,18 @@ impl Daemon {
         (st, self.stderr())
     }
 
+    /// Waits up to `limit` for the daemon to exit by itself: its status and stderr, or (if
+    /// it did not, and was killed) its stderr as the error.
+    pub fn wait_exit(mut self, limit: Duration) -> Result<(ExitStatus, String), String> {
+        let st = self.wait_timeout(limit);
+        if st.is_none() {
+            self.kill_now();
+        }
+        self.finish_readers();
+        st.map(|st| (st, self.stderr()))
+            .ok_or_else(|| self.stderr())
+    }
+
     /// SIGTERM, and asserts a clean exit (status 0).
     pub fn stop(self) {
         let (st, err) = self.terminate();

@@ -42,6 +42,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, PutOptions, Txn, TxnOp,
     TxnOpResponse,
 };
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -115,6 +116,9 @@ pub struct Fence {
     /// Nanoseconds after `base`.
     deadline: AtomicU64,
     gone: AtomicBool,
+    /// Set with `gone`, for [`Fence::wait_revoked`].
+    revoked: Mutex<bool>,
+    revoked_cv: Condvar,
     /// How long a write waits for a renewal before it fails.
     pause: Duration,
     store: String,
@@ -126,6 +130,8 @@ impl Fence {
             base: Instant::now(),
             deadline: AtomicU64::new(0),
             gone: AtomicBool::new(false),
+            revoked: Mutex::new(false),
+            revoked_cv: Condvar::new(),
             pause,
             store: store.to_string(),
         }
@@ -140,6 +146,22 @@ impl Fence {
     fn revoke(&self) {
         self.gone.store(true, Ordering::Release);
         self.deadline.store(0, Ordering::Release);
+        *self.revoked.lock() = true;
+        self.revoked_cv.notify_all();
+    }
+
+    /// Blocks until the right to write has ended for good (etcd said the lease is gone): what
+    /// a daemon waits on to stop serving a store it no longer owns.
+    pub fn wait_revoked(&self) {
+        let mut r = self.revoked.lock();
+        while !*r {
+            self.revoked_cv.wait(&mut r);
+        }
+    }
+
+    /// The store this fence guards (`pool/name`).
+    pub fn store(&self) -> &str {
+        &self.store
     }
 
     /// Whether this host may write now.
@@ -451,6 +473,15 @@ fn margin(ttl: Duration) -> Duration {
     ttl.saturating_sub((ttl / 10).max(Duration::from_millis(250)))
 }
 
+/// etcd says the lease is gone: this host writes nothing to the store any more.
+fn lapse(store: &str, fence: &Fence) {
+    error!(
+        store,
+        "the store's lease expired: this host no longer writes to it"
+    );
+    fence.revoke();
+}
+
 /// Renews the lease every third of its TTL until told to stop, then releases the store.
 async fn keep(
     mut client: Client,
@@ -475,6 +506,12 @@ async fn keep(
         if stream.is_none() {
             match client.lease_keep_alive(lease).await {
                 Ok(s) => stream = Some(s),
+                // etcd answered that the lease is gone (how etcd-client says a TTL of 0 when it
+                // opens the renewal stream).
+                Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found" => {
+                    lapse(store, &fence);
+                    lost = true;
+                }
                 Err(e) => {
                     warn!(store, error = %e, "cannot renew the store's lease; retrying");
                     continue;
@@ -493,11 +530,7 @@ async fn keep(
                 debug!(store, ttl = r.ttl(), "lease renewed");
             }
             Ok(Ok(Some(_))) => {
-                error!(
-                    store,
-                    "the store's lease expired: this host no longer writes to it"
-                );
-                fence.revoke();
+                lapse(store, &fence);
                 lost = true;
             }
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {

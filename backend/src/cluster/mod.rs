@@ -194,7 +194,14 @@ pub enum ClusterError {
 /// What a store in RADOS holds on to while it is open: its ownership (released last, after the
 /// device has synced and dropped).
 struct Held {
-    _ownership: lease::Ownership,
+    ownership: lease::Ownership,
+}
+
+/// The fence of a store opened from RADOS (`None` for any other store): a daemon waits on it
+/// to stop serving once its lease is gone.
+pub fn fence_of(store: &Store) -> Option<Arc<lease::Fence>> {
+    let held = store.held()?.downcast_ref::<Held>()?;
+    Some(held.ownership.fence().clone())
 }
 
 fn connect(store: &RadosStore, cfg: &ClusterConfig) -> Result<rados::IoCtx, ClusterError> {
@@ -280,7 +287,7 @@ pub fn create(
         dev,
         options,
         PathBuf::from(store.to_string()),
-        Box::new(Held { _ownership: owner }),
+        Box::new(Held { ownership: owner }),
     )?)
 }
 
@@ -302,7 +309,7 @@ pub fn open(
         stack(store, cfg, dev, &owner)?,
         options,
         PathBuf::from(store.to_string()),
-        Box::new(Held { _ownership: owner }),
+        Box::new(Held { ownership: owner }),
     )?)
 }
 

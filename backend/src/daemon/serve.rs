@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     addr::ControlAddr,
@@ -123,12 +123,43 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!("cannot tell systemd the daemon is ready: {e}");
     }
+    // A store in RADOS whose lease is gone (another host may own it now) cannot be served: its
+    // writes are refused for good, and the reads would go stale. Stop, as on SIGTERM, and say why.
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fence = crate::cluster::fence_of(&daemon.store);
+    if let Some(fence) = fence.clone() {
+        let lost = lost.clone();
+        std::thread::Builder::new()
+            .name("lease-watch".into())
+            .spawn(move || {
+                fence.wait_revoked();
+                lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = signal_hook::low_level::raise(libc::SIGTERM);
+            })
+            .context("cannot start the lease watcher")?;
+    }
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {
-        info!(signal = sig, "shutting down");
+        if !lost.load(std::sync::atomic::Ordering::SeqCst) {
+            info!(signal = sig, "shutting down");
+        }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     handle.close();
+    if let Some(fence) = fence.filter(|_| lost.load(std::sync::atomic::Ordering::SeqCst)) {
+        error!(
+            store = fence.store(),
+            "this host's lease on the store is gone: stopping"
+        );
+        // The final commit cannot happen (the device refuses it): what was not flushed is
+        // lost, as in a crash at the moment the lease ran out.
+        let _ = daemon.stop();
+        bail!(
+            "stopped serving store {}: this host's lease on it is gone, and another host may \
+             own it now",
+            fence.store()
+        );
+    }
     daemon.stop()
 }
 

@@ -515,6 +515,12 @@ impl Store {
         self.superblock.geometry
     }
 
+    /// What makes the store this process's (given to [`Store::open_held`]), for its owner to
+    /// look at.
+    pub fn held(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        self._held.as_deref()
+    }
+
     /// Generation of the last durable checkpoint.
     pub fn durable_generation(&self) -> u64 {
         self.commit.lock().gen
