@@ -550,3 +550,114 @@ fn deleting_everything_and_gc_leaves_no_data_objects() {
     }
     assert!(left.len() <= 3, "{left:?}");
 }
+
+/// `cluster list --json` on host `h`, as (name, store, host) sorted.
+fn directory(h: &TestStore) -> Vec<(String, String, Option<String>)> {
+    let v = h.json(&["cluster", "list", "--json"]);
+    let mut out: Vec<_> = v
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["store"].as_str().unwrap().to_string(),
+                e["host"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Waits (up to 15 s) until host `h`'s `cluster list` says `want`.
+fn directory_says(h: &TestStore, want: &[(&str, &str, Option<&str>)]) {
+    let want: Vec<(String, String, Option<String>)> = want
+        .iter()
+        .map(|(n, s, h)| (n.to_string(), s.to_string(), h.map(str::to_string)))
+        .collect();
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = directory(h);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "the directory says {got:?}, not {want:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every host sees every VDI of every store in the pool, with the host serving it: the owners
+/// publish their stores' VDIs to etcd, and `cluster list` reads them on a host that owns
+/// nothing. Changes made through a daemon and by a command on a store nobody serves both show.
+#[test]
+fn every_host_lists_every_vdi_of_the_pool_with_its_host() {
+    let c = Cluster::start(1);
+    let a = host(&c, "s1", "hostA");
+    let b = host(&c, "s2", "hostB");
+    let other = host(&c, "s9", "hostC");
+    a.run(&["init", "--size", "1G"]);
+    b.run(&["init", "--size", "1G"]);
+    a.run(&["vdi", "create", "template", "--size", "4M"]);
+    a.run(&["vdi", "snapshot", "template", "gold"]);
+    // A command on a store nobody serves publishes when it closes the store.
+    directory_says(
+        &other,
+        &[("template", "s1", None), ("template@gold", "s1", None)],
+    );
+
+    let da = serve(&a);
+    let db = serve(&b);
+    a.run(&["vdi", "fork", "template@gold", "vm1"]);
+    b.run(&["vdi", "create", "vm2", "--size", "8M"]);
+    directory_says(
+        &other,
+        &[
+            ("template", "s1", Some("hostA")),
+            ("template@gold", "s1", Some("hostA")),
+            ("vm1", "s1", Some("hostA")),
+            ("vm2", "s2", Some("hostB")),
+        ],
+    );
+    let v = other.json(&["cluster", "list", "--json"]);
+    let vm2 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "vm2")
+        .unwrap();
+    assert_eq!(vm2["size"], 8 << 20, "{v}");
+    assert_eq!(vm2["kind"], "vdi", "{v}");
+    let text = other.run(&["cluster", "list"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("vm1 ") && l.ends_with("hostA")),
+        "{text}"
+    );
+
+    a.run(&["vdi", "delete", "vm1"]);
+    da.stop();
+    db.stop();
+    directory_says(
+        &other,
+        &[
+            ("template", "s1", None),
+            ("template@gold", "s1", None),
+            ("vm2", "s2", None),
+        ],
+    );
+    assert!(other
+        .fail(&[
+            "cluster",
+            "list",
+            "--pool",
+            "nosuchpool",
+            "--etcd",
+            "http://127.0.0.1:9"
+        ])
+        .stderr
+        .contains("cannot reach"));
+}

@@ -207,6 +207,21 @@ impl Place {
 }
 
 #[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// List every VDI and snapshot of every store in a RADOS pool, with the host serving its
+    /// store now. Reads the directory the stores' owners keep in etcd (it follows each store
+    /// within seconds); opens no store and needs no Ceph access.
+    List {
+        /// The pool. Default: the one `--store rados:POOL/NAME` names.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Print the result as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Create a new, empty store (a sparse file, or on a block device).
     Init {
@@ -229,6 +244,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stores in a Ceph cluster: what every store of a pool holds, from the directory in etcd.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Create, import, export, snapshot, fork, list, inspect and delete VDIs.
     #[command(subcommand)]
     Vdi(VdiCommand),
@@ -684,6 +702,7 @@ impl Command {
             | Command::Gc { json }
             | Command::Df { json }
             | Command::Destroy { json, .. }
+            | Command::Cluster(ClusterCommand::List { json, .. })
             | Command::Upgrade { json } => *json,
             Command::Vdi(v) => match v {
                 VdiCommand::Create { json, .. }
@@ -799,6 +818,9 @@ impl Drop for Target {
         if let Target::Direct(s) = self {
             if let Err(e) = s.close() {
                 eprintln!("parallax: warning: closing the store: {e}");
+            } else if let Err(e) = cluster::publish(s) {
+                // A store in RADOS: the pool's directory in etcd follows its registry.
+                eprintln!("parallax: warning: updating the pool's directory: {e}");
             }
         }
     }
@@ -1231,6 +1253,26 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 print_json(&serde_json::json!({ "store": rs.to_string(), "objects": objects }))?;
             } else {
                 println!("destroyed store {rs} ({objects} objects removed)");
+            }
+            Ok(0)
+        }
+        Command::Cluster(ClusterCommand::List { pool, json }) => {
+            let from_store = place
+                .store
+                .as_deref()
+                .and_then(RadosStore::parse)
+                .and_then(Result::ok)
+                .map(|rs| rs.pool);
+            let Some(pool) = pool.or(from_store) else {
+                bail!("which pool? pass --pool POOL (or --store rados:POOL/NAME)");
+            };
+            let cfg = place.cluster.over(ClusterConfig::default())?;
+            let listed = cluster::list(&pool, &cfg)
+                .with_context(|| format!("cannot read the directory of pool {pool}"))?;
+            if json {
+                print_json(&listed)?;
+            } else {
+                output::cluster_list(&listed);
             }
             Ok(0)
         }

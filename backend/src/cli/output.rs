@@ -36,6 +36,28 @@ fn kind(k: Kind) -> &'static str {
     }
 }
 
+/// `cluster list`: one line per VDI or snapshot, with its store and the host serving it.
+pub fn cluster_list(listed: &[crate::cluster::directory::Listed]) {
+    let w = |f: &dyn Fn(&crate::cluster::directory::Listed) -> usize, min: usize| {
+        listed.iter().map(f).max().unwrap_or(0).max(min)
+    };
+    let (wn, ws) = (w(&|l| l.name.len(), 4), w(&|l| l.store.len(), 5));
+    println!(
+        "{:wn$}  {:8}  {:>9}  {:ws$}  HOST",
+        "NAME", "KIND", "SIZE", "STORE"
+    );
+    for l in listed {
+        println!(
+            "{:wn$}  {:8}  {:>9}  {:ws$}  {}",
+            l.name,
+            kind(l.entry.kind),
+            format_size(l.entry.size),
+            l.store,
+            l.host.as_deref().unwrap_or("-")
+        );
+    }
+}
+
 /// A fork's origin, marked when it has been deleted (as `vdi tree` marks it).
 fn origin(name: &Option<String>, deleted: bool) -> String {
     match name {

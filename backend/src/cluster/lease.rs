@@ -212,6 +212,16 @@ impl Ownership {
         &self.fence
     }
 
+    /// Where the lease is kept, and this host's name.
+    pub fn config(&self) -> &LeaseConfig {
+        &self.cfg
+    }
+
+    /// The store owned (`pool/name`).
+    pub fn store(&self) -> &str {
+        &self.store
+    }
+
     /// Deletes every record of the store (it is gone), releasing it.
     pub fn forget(mut self) -> Result<(), LeaseError> {
         if let Some(s) = self.stop.take() {
@@ -273,7 +283,7 @@ fn token_of(r: &TxnOpResponse) -> Option<i64> {
 }
 
 /// Connects to etcd, failing within seconds when it is not there.
-async fn connect(cfg: &LeaseConfig) -> Result<Client, LeaseError> {
+pub(super) async fn connect(cfg: &LeaseConfig) -> Result<Client, LeaseError> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5));

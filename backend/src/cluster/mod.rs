@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod device;
+pub mod directory;
 pub mod lease;
 pub mod rados;
 
@@ -195,13 +196,45 @@ pub enum ClusterError {
 /// device has synced and dropped).
 struct Held {
     ownership: lease::Ownership,
+    directory: parking_lot::Mutex<directory::Publisher>,
+}
+
+impl Held {
+    fn new(ownership: lease::Ownership) -> Box<Held> {
+        Box::new(Held {
+            ownership,
+            directory: Default::default(),
+        })
+    }
+
+    fn of(store: &Store) -> Option<&Held> {
+        store.held()?.downcast_ref::<Held>()
+    }
 }
 
 /// The fence of a store opened from RADOS (`None` for any other store): a daemon waits on it
 /// to stop serving once its lease is gone.
 pub fn fence_of(store: &Store) -> Option<Arc<lease::Fence>> {
-    let held = store.held()?.downcast_ref::<Held>()?;
-    Some(held.ownership.fence().clone())
+    Some(Held::of(store)?.ownership.fence().clone())
+}
+
+/// Publishes the VDIs of `store`, if it is a store in RADOS, to the pool's directory in etcd
+/// (`directory.rs`). Returns how many entries changed.
+pub fn publish(store: &Store) -> Result<usize, ClusterError> {
+    let Some(held) = Held::of(store) else {
+        return Ok(0);
+    };
+    let vdis = store.list()?;
+    let o = &held.ownership;
+    held.directory
+        .lock()
+        .publish(o.config(), o.store(), o.token(), &vdis)
+        .map_err(ClusterError::Lease)
+}
+
+/// Every VDI and snapshot of every store in `pool`, as the directory in etcd lists them.
+pub fn list(pool: &str, cfg: &ClusterConfig) -> Result<Vec<directory::Listed>, ClusterError> {
+    directory::list(&cfg.lease(), pool).map_err(ClusterError::Lease)
 }
 
 fn connect(store: &RadosStore, cfg: &ClusterConfig) -> Result<rados::IoCtx, ClusterError> {
@@ -287,7 +320,7 @@ pub fn create(
         dev,
         options,
         PathBuf::from(store.to_string()),
-        Box::new(Held { ownership: owner }),
+        Held::new(owner),
     )?)
 }
 
@@ -309,7 +342,7 @@ pub fn open(
         stack(store, cfg, dev, &owner)?,
         options,
         PathBuf::from(store.to_string()),
-        Box::new(Held { ownership: owner }),
+        Held::new(owner),
     )?)
 }
 

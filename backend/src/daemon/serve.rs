@@ -138,6 +138,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             })
             .context("cannot start the lease watcher")?;
     }
+    let directory = fence
+        .as_ref()
+        .map(|_| DirectoryPublisher::start(&daemon.store));
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {
         if !lost.load(std::sync::atomic::Ordering::SeqCst) {
@@ -146,6 +149,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     handle.close();
+    if let Some(d) = directory {
+        d.stop();
+    }
     if let Some(fence) = fence.filter(|_| lost.load(std::sync::atomic::Ordering::SeqCst)) {
         error!(
             store = fence.store(),
@@ -161,6 +167,58 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         );
     }
     daemon.stop()
+}
+
+/// Keeps the pool's directory in etcd following a store in RADOS (`cluster/directory.rs`):
+/// publishes once a second when a checkpoint changed something.
+struct DirectoryPublisher {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl DirectoryPublisher {
+    fn start(store: &Arc<Store>) -> DirectoryPublisher {
+        let (stop, stopped) = std::sync::mpsc::channel();
+        // Weak: the daemon's stop drops the store, which lets go of its lease.
+        let store = Arc::downgrade(store);
+        let thread = std::thread::spawn(move || {
+            let mut published = None;
+            let mut failing = false;
+            loop {
+                let Some(s) = store.upgrade() else { return };
+                let gen = s.durable_generation();
+                if published != Some(gen) {
+                    match crate::cluster::publish(&s) {
+                        Ok(n) => {
+                            published = Some(gen);
+                            failing = false;
+                            if n > 0 {
+                                tracing::debug!(changed = n, "directory published");
+                            }
+                        }
+                        Err(e) if !failing => {
+                            failing = true;
+                            warn!(error = %e, "cannot update the pool's directory in etcd; retrying");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                drop(s);
+                if !matches!(
+                    stopped.recv_timeout(Duration::from_secs(1)),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                ) {
+                    return;
+                }
+            }
+        });
+        DirectoryPublisher { stop, thread }
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
 /// A running daemon (also used in-process by tests).
@@ -444,6 +502,9 @@ impl Daemon {
             let _ = std::fs::remove_file(p);
         }
         self.store.close().context("final commit failed")?;
+        if let Err(e) = crate::cluster::publish(&self.store) {
+            warn!(error = %e, "cannot update the pool's directory in etcd");
+        }
         info!("parallax serve stopped; store closed cleanly");
         Ok(())
     }
