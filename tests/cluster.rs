@@ -160,14 +160,17 @@ fn write_blocks(conn: &mut NbdConn, range: std::ops::Range<u64>, flush_every: u6
     flushed
 }
 
-/// Makes Ceph user `client.NAME` with only what Parallax needs (read and write on the pool,
-/// and the mon command that fences a host), its key added to the cluster's keyring.
-fn restricted_user(c: &Cluster, name: &str) {
+/// What Parallax needs of the mons: reading maps, and the command that fences a host.
+const MON_CAPS: &str = "allow r, allow command \"osd blocklist\"";
+
+/// Makes Ceph user `client.NAME` with mon capabilities `mon` and read and write on the pool,
+/// its key added to the cluster's keyring.
+fn restricted_user(c: &Cluster, name: &str, mon: &str) {
     let out = Command::new("ceph")
         .arg("-c")
         .arg(&c.ceph_conf)
         .args(["auth", "get-or-create", &format!("client.{name}")])
-        .args(["mon", "allow r, allow command \"osd blocklist\""])
+        .args(["mon", mon])
         .args(["osd", &format!("allow rwx pool={}", c.pool)])
         .output()
         .expect("ceph auth get-or-create");
@@ -184,7 +187,7 @@ fn another_host_takes_over_from_a_killed_owner_with_every_flushed_write() {
     const BLOCKS: u64 = 2048;
     let c = Cluster::start(1);
     // Both hosts connect as a user with only the capabilities the README names.
-    restricted_user(&c, "px");
+    restricted_user(&c, "px", MON_CAPS);
     let with_user = |mut h: TestStore| {
         h.args.extend(["--ceph-user".into(), "px".into()]);
         h
@@ -232,6 +235,59 @@ fn another_host_takes_over_from_a_killed_owner_with_every_flushed_write() {
     }
     let r = b.json(&["check", "--json"]);
     assert_eq!(r["ok"], true, "{r}");
+}
+
+/// A host whose Ceph user may not blocklist cannot fence a dead owner, so it does not take the
+/// store: it says why, and leaves the dead owner named as the one to fence, so that a host
+/// that can fence it still does.
+#[test]
+fn a_host_that_cannot_fence_the_last_owner_does_not_take_over() {
+    let c = Cluster::start(1);
+    restricted_user(&c, "nofence", "allow r");
+    let a = host(&c, "s5", "hostA");
+    a.run(&["init", "--size", "1G"]);
+    a.run(&["vdi", "create", "vm", "--size", "1M"]);
+    serve(&a).kill9();
+    thread::sleep(Duration::from_secs(TTL_SECS + 1));
+
+    let mut b = host(&c, "s5", "hostB");
+    b.args.extend(["--ceph-user".into(), "nofence".into()]);
+    let f = b.fail(&["vdi", "list"]);
+    assert!(
+        f.stderr.contains("blocklisting") && f.stderr.contains("ermission denied"),
+        "{f:?}"
+    );
+    assert_eq!(f.stderr.trim().lines().count(), 1, "{f:?}");
+    let key = |k: &str| {
+        let o = c
+            .etcdctl()
+            .args([
+                "get",
+                "--print-value-only",
+                &format!("/parallax/v1/stores/{}/s5/{k}", c.pool),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert!(
+        key("last-owner").contains("\"hostA\""),
+        "{}",
+        key("last-owner")
+    );
+    assert_eq!(key("owner"), "", "host B kept the store");
+
+    // A host that may fence takes it, and fences host A.
+    let h = host(&c, "s5", "hostC");
+    let d = serve(&h);
+    assert!(
+        d.stderr().contains("fencing the last owner"),
+        "{}",
+        d.stderr()
+    );
+    d.stop();
+    assert!(key("last-owner").is_empty(), "{}", key("last-owner"));
 }
 
 #[test]
