@@ -188,8 +188,8 @@ pub struct GcReport {
     pub orphan_nodes_processed: u64,
     pub freed_bytes: u64,
     pub free_bytes: u64,
-    /// Free space the device still held and was given back by the sweep (a store in RADOS:
-    /// what a crash kept the checkpoints from giving back).
+    /// Free ranges the sweep discarded (a store in RADOS: what the checkpoints could not give
+    /// back); a range the device held nothing for counts too.
     #[serde(default)]
     pub swept_bytes: u64,
 }

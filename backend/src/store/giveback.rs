@@ -13,8 +13,9 @@
 //! - A unit with a single block in use (or a held one: a writer's reservation) is left alone.
 //!
 //! A crash between the checkpoint and the discard leaves the unit's bytes in RADOS with nothing
-//! referencing them; `gc` sweeps every unit the device says holds bytes
-//! ([`Store::give_back_all`]), so nothing stays behind for good.
+//! referencing them, and so does a unit whose last block in use was a held one let go outside a
+//! checkpoint (the intent log's next blocks, dropped at close). `gc` sweeps every unit the
+//! device says holds bytes ([`Store::give_back_all`]), so nothing stays behind for good.
 
 use tracing::{debug, warn};
 
