@@ -19,7 +19,12 @@
 
 use tracing::{debug, warn};
 
-use super::{error::StoreResult, format::BLOCK_SIZE_U64, space::Space, store::Store};
+use super::{
+    error::StoreResult,
+    format::{BLOCK_SIZE_U64, RC_PER_PAGE},
+    space::Space,
+    store::Store,
+};
 
 /// One unit to discard.
 struct Shed {
@@ -88,10 +93,17 @@ impl Store {
             (u * per..((u + 1) * per).min(geo.total_blocks))
                 .filter(move |&b| geo.locate(b).is_some())
         };
+        // One block per half page finds every refcount page a unit's blocks are on.
+        let probes = |u: u64| {
+            let end = ((u + 1) * per).min(geo.total_blocks);
+            (u * per..end)
+                .step_by(RC_PER_PAGE as usize / 2)
+                .chain(end.checked_sub(1))
+        };
         Space::load_pages(
             &self.space,
             &*self.dev,
-            units.iter().flat_map(|&u| data_blocks(u)),
+            units.iter().flat_map(|&u| probes(u)),
         )?;
         let mut plan: Vec<Shed> = Vec::new();
         {
