@@ -44,6 +44,7 @@ fn options() -> StoreOptions {
         orphans_per_commit: 64,
         max_dirty_nodes: 200,
         checkpoint_interval: None,
+        give_back_after: std::time::Duration::ZERO,
     }
 }
 

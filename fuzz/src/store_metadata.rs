@@ -57,6 +57,7 @@ fn options() -> StoreOptions {
         orphans_per_commit: 1,
         max_dirty_nodes: 64,
         checkpoint_interval: None,
+        give_back_after: std::time::Duration::ZERO,
     }
 }
 

@@ -21,9 +21,9 @@
 //! Space the store no longer needs goes back object by object ([`Device::discard`]): a whole
 //! object is removed, its tail cut off, or a range zeroed.
 //!
-//! Every write (and discard) first asks the store's [`Fence`]: once this host's ownership of the store has
-//! lapsed, nothing more leaves it (what was already sent is refused by the OSDs once the next
-//! owner has blocklisted this client; see `lease.rs`).
+//! Every write (and discard) first asks the store's [`Fence`]: once this host's ownership of the
+//! store has lapsed, nothing more leaves it (what was already sent is refused by the OSDs once
+//! the next owner has blocklisted this client; see `lease.rs`).
 
 use std::{
     collections::VecDeque,

@@ -531,7 +531,9 @@ impl Store {
         // checkpoint writes the list as it ended.
         self.checkpoint()?;
         let after = self.space.lock().rc.free();
-        // Checkpoints gave back what they freed; this finds what a crash kept them from.
+        // What the checkpoints freed goes back now, without waiting; the sweep finds what a
+        // crash (or a held block) kept from going back.
+        self.give_back_due(true);
         let swept = self.give_back_all()?;
         Ok(GcReport {
             orphan_nodes_processed: processed,

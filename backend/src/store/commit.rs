@@ -92,13 +92,17 @@ impl Store {
         self.background.stop();
         self.check_writable()?;
         let target = self.open_generation();
-        self.checkpoint_through(target, true)
+        self.checkpoint_through(target, true)?;
+        self.give_back_due(true);
+        Ok(())
     }
 
     /// Checkpoints if anything changed or orphans wait to be taken apart (the background
     /// thread calls this). Returns whether it did.
     pub fn checkpoint(&self) -> StoreResult<bool> {
         if !self.has_changes() && self.space.lock().orphans.list.is_empty() {
+            // Nothing to commit; space freed a while ago may be due to go back.
+            self.give_back_due(false);
             return Ok(false);
         }
         let mut last = self.commit.lock();
@@ -382,13 +386,17 @@ impl Store {
         // (VDI locks come before the space lock: unload first.)
         let mut idle = self.vdis.unload_idle();
         idle.extend(self.log.checkpointed(cut.log).into_iter().map(|a| (a, 1)));
-        // Before they become allocatable, the device may take back what they occupy.
-        self.give_back_freed(&cut.rc.freed, &idle);
-        {
+        let freed = {
             let mut space = self.space.lock();
+            let freed = self.dev.discard_unit().map(|_| cut.rc.freed.clone());
             space.rc.release(cut.rc.freed);
             space.unreserve(&*self.dev, &idle);
             space.rc.trim(self.options.rc_cache_pages);
+            freed
+        };
+        // The device may take back what they occupied (giveback.rs).
+        if let Some(freed) = freed {
+            self.note_freed(&freed, &idle);
         }
         self.nodes.checkpoint_written(gen);
         *last = record;

@@ -1,21 +1,30 @@
 //! Space back to the device. A store in a shared RADOS pool should occupy what it holds, not
-//! its high-water mark: once a checkpoint is durable, every unit of the device
-//! ([`Device::discard_unit`], a RADOS object) whose data blocks are all free is discarded. On
-//! a device that cannot give space back (a file, a block device) none of this runs.
+//! its high-water mark: a unit of the device ([`Device::discard_unit`], a RADOS object) whose
+//! data blocks are all free is discarded. On a device that cannot give space back (a file, a
+//! block device) none of this runs.
 //!
-//! When it is safe (docs/CLUSTER.md, "Space back to RADOS"):
+//! When (docs/CLUSTER.md, "Space back to RADOS"): a checkpoint that frees blocks makes their
+//! units candidates once it is durable and its frees are released; a candidate is given back
+//! once nothing was freed in it for [`StoreOptions::give_back_after`](super::StoreOptions)
+//! (checkpoints and the background thread look), at a clean close, and by `gc`. The wait keeps
+//! overwrites, whose freed blocks the allocator reuses at once, from removing objects only to
+//! have them made again.
 //!
-//! - A block is discarded only after the checkpoint that freed it is durable (no durable state
-//!   references it) and the reader epoch has flipped (no read that could have looked it up is
-//!   still running): exactly when it would otherwise become allocatable.
-//! - Until the discard has returned, no writer can be handed a block of the unit: the blocks
-//!   just freed stay held, and the unit's other free blocks are reserved for the while.
-//! - A unit with a single block in use (or a held one: a writer's reservation) is left alone.
+//! Why it is safe: a free block is referenced by no durable state, and no read that could have
+//! looked it up is still running (its frees were released after the reader epoch flipped).
+//! While a unit is being discarded, its free blocks are reserved, so no writer can be handed one
+//! until the discard has returned; a unit with a block in use or held (a writer's reservation,
+//! the log's next blocks) is left alone.
 //!
-//! A crash between the checkpoint and the discard leaves the unit's bytes in RADOS with nothing
-//! referencing them, and so does a unit whose last block in use was a held one let go outside a
-//! checkpoint (the intent log's next blocks, dropped at close). `gc` sweeps every unit the
-//! device says holds bytes ([`Store::give_back_all`]), so nothing stays behind for good.
+//! A crash before a candidate is given back leaves its bytes in RADOS with nothing referencing
+//! them, and so does a unit whose last block in use was a held one let go outside a checkpoint
+//! (the intent log's next blocks, dropped at close). `gc` sweeps every unit the device says
+//! holds bytes ([`Store::give_back_all`]), so nothing stays behind for good.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use tracing::{debug, warn};
 
@@ -37,31 +46,70 @@ struct Shed {
 /// Units a sweep looks at per round (bounds the refcount pages it loads at once).
 const SWEEP_BATCH: usize = 256;
 
+/// How long a unit waits after a block of it was last freed before it is given back, by default:
+/// under overwrites the allocator reuses freed blocks at once (it prefers blocks written before),
+/// and giving their object back only to have it made again costs RADOS more than keeping it.
+pub const GIVE_BACK_AFTER: Duration = Duration::from_secs(30);
+
+/// Units that had blocks freed and may be given back: unit → when a block of it was last freed.
+#[derive(Default)]
+pub(super) struct Candidates(BTreeMap<u64, Instant>);
+
 impl Store {
-    /// After a durable checkpoint and the epoch's flip: discards the units that hold a block of
-    /// `freed` or `idle` (blocks held until now, about to become allocatable) and no block in
-    /// use. Call before those blocks are released. Returns the blocks given back.
-    pub(super) fn give_back_freed(&self, freed: &[u64], idle: &[(u64, u64)]) -> u64 {
+    /// After a durable checkpoint has released `freed` and `idle` (and the epoch flipped): their
+    /// units become candidates, and the ones due are given back.
+    pub(super) fn note_freed(&self, freed: &[u64], idle: &[(u64, u64)]) {
+        let Some(per) = self.unit_blocks() else {
+            return;
+        };
+        let mut units: Vec<u64> = freed.iter().map(|b| b / per).collect();
+        units.extend(idle.iter().flat_map(|&(a, n)| [a / per, (a + n - 1) / per]));
+        if units.is_empty() {
+            return;
+        }
+        units.sort_unstable();
+        units.dedup();
+        let now = Instant::now();
+        {
+            let mut c = self.give_back.lock();
+            for u in units {
+                c.0.insert(u, now);
+            }
+        }
+        self.give_back_due(false);
+    }
+
+    /// Gives back the candidate units nothing was freed in for
+    /// [`StoreOptions::give_back_after`](super::StoreOptions) (every candidate with `all`) whose
+    /// data blocks are all free. Returns the blocks given back.
+    pub(super) fn give_back_due(&self, all: bool) -> u64 {
         let Some(per) = self.unit_blocks() else {
             return 0;
         };
-        let mut gone: Vec<u64> = freed.to_vec();
-        gone.extend(idle.iter().flat_map(|&(a, n)| a..a + n));
-        if gone.is_empty() {
+        let due: Vec<u64> = {
+            let mut c = self.give_back.lock();
+            let now = Instant::now();
+            let after = self.options.give_back_after;
+            let due: Vec<u64> = (c.0.iter())
+                .filter(|(_, &t)| all || now.duration_since(t) >= after)
+                .map(|(&u, _)| u)
+                .collect();
+            for u in &due {
+                c.0.remove(u);
+            }
+            due
+        };
+        if due.is_empty() {
             return 0;
         }
-        gone.sort_unstable();
-        gone.dedup();
-        let mut units: Vec<u64> = gone.iter().map(|b| b / per).collect();
-        units.dedup();
-        self.discard_units(per, &units, &gone).unwrap_or_else(|e| {
+        self.discard_units(per, &due).unwrap_or_else(|e| {
             warn!(error = %e, "space not given back to the device");
             0
         })
     }
 
     /// Discards every unit the device holds bytes for whose data blocks are all free (what a
-    /// crash before [`Store::give_back_freed`] left). Returns the blocks given back.
+    /// crash, or a block held past its unit's last free, left). Returns the blocks given back.
     pub(super) fn give_back_all(&self) -> StoreResult<u64> {
         let Some(per) = self.unit_blocks() else {
             return Ok(0);
@@ -72,7 +120,7 @@ impl Store {
         units.sort_unstable();
         let mut given = 0;
         for batch in units.chunks(SWEEP_BATCH) {
-            given += self.discard_units(per, batch, &[])?;
+            given += self.discard_units(per, batch)?;
             let mut space = self.space.lock();
             space.rc.trim(self.options.rc_cache_pages);
         }
@@ -86,8 +134,8 @@ impl Store {
     }
 
     /// Discards the data blocks of each of `units` (of `per` blocks) whose data blocks are all
-    /// either in `gone` (sorted; held by the caller) or free.
-    fn discard_units(&self, per: u64, units: &[u64], gone: &[u64]) -> StoreResult<u64> {
+    /// free, reserving them until the discard has returned.
+    fn discard_units(&self, per: u64, units: &[u64]) -> StoreResult<u64> {
         let geo = self.geometry();
         let data_blocks = |u: u64| {
             (u * per..((u + 1) * per).min(geo.total_blocks))
@@ -112,21 +160,14 @@ impl Store {
             'unit: for &u in units {
                 let (mut runs, mut took) = (Vec::<(u64, u64)>::new(), Vec::new());
                 for b in data_blocks(u) {
-                    let in_use = if gone.binary_search(&b).is_ok() {
-                        // Held by the caller, referenced by nothing (checked all the same).
-                        space.rc.get(dev, b)? != 0
-                    } else if space.rc.reserve_at(dev, b)? {
-                        took.push(b);
-                        false
-                    } else {
-                        true
-                    };
-                    if in_use {
+                    if !space.rc.reserve_at(dev, b)? {
+                        // In use, or held (a writer's reservation).
                         for t in took {
                             space.rc.unreserve(dev, t)?;
                         }
                         continue 'unit;
                     }
+                    took.push(b);
                     match runs.last_mut() {
                         Some((a, n)) if *a + *n == b => *n += 1,
                         _ => runs.push((b, 1)),

@@ -73,6 +73,9 @@ pub struct StoreOptions {
     /// no thread; checkpoints happen only when asked for (and, past `max_dirty_nodes`, in
     /// the writer that crossed it) — for tests that need a deterministic sequence of writes.
     pub checkpoint_interval: Option<Duration>,
+    /// On a device that can give space back (a store in RADOS): how long a unit (object) waits
+    /// after a block of it was last freed before it is given back (giveback.rs).
+    pub give_back_after: Duration,
 }
 
 impl Default for StoreOptions {
@@ -84,6 +87,7 @@ impl Default for StoreOptions {
             orphans_per_commit: 2048,
             max_dirty_nodes: 32768,
             checkpoint_interval: Some(Duration::from_secs(5)),
+            give_back_after: super::giveback::GIVE_BACK_AFTER,
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct Store {
     /// The format version the store is in (1 until `upgrade`).
     version: AtomicU64,
     pub(super) epoch: Epoch,
+    /// Units of the device that may be given back (giveback.rs).
+    pub(super) give_back: Mutex<super::giveback::Candidates>,
     /// Writes through handles so far (background dedup runs while it stands still).
     client_writes: AtomicU64,
     poisoned: AtomicBool,
@@ -403,6 +409,7 @@ impl Store {
             checkpointed: AtomicBool::new(false),
             checkpoint_hook: OnceLock::new(),
             epoch: Epoch::default(),
+            give_back: Default::default(),
             client_writes: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             dev,

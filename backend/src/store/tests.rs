@@ -22,6 +22,7 @@ pub(super) fn small_opts() -> StoreOptions {
         orphans_per_commit: 7,
         max_dirty_nodes: 300,
         checkpoint_interval: None,
+        give_back_after: std::time::Duration::ZERO,
     }
 }
 

@@ -18,6 +18,7 @@ fn opts() -> StoreOptions {
         orphans_per_commit: 7,
         max_dirty_nodes: 300,
         checkpoint_interval: None,
+        give_back_after: std::time::Duration::ZERO,
     }
 }
 
