@@ -35,14 +35,6 @@ use super::{
     store::Store,
 };
 
-/// One unit to discard.
-struct Shed {
-    /// Its data blocks, as runs.
-    runs: Vec<(u64, u64)>,
-    /// Its free blocks, reserved until the discard has returned.
-    took: Vec<u64>,
-}
-
 /// Units a sweep looks at per round (bounds the refcount pages it loads at once).
 const SWEEP_BATCH: usize = 256;
 
@@ -153,34 +145,31 @@ impl Store {
             &*self.dev,
             units.iter().flat_map(|&u| probes(u)),
         )?;
-        let mut plan: Vec<Shed> = Vec::new();
+        // The runs of the units to discard; their blocks stay reserved until it has returned.
+        let (mut plan, mut units_shed) = (Vec::<(u64, u64)>::new(), 0);
         {
             let mut space = self.space.lock();
             let dev = &*self.dev;
             'unit: for &u in units {
-                let (mut runs, mut took) = (Vec::<(u64, u64)>::new(), Vec::new());
+                let mut runs = Vec::<(u64, u64)>::new();
                 for b in data_blocks(u) {
                     if !space.rc.reserve_at(dev, b)? {
                         // In use, or held (a writer's reservation).
-                        for t in took {
-                            space.rc.unreserve(dev, t)?;
-                        }
+                        space.unreserve(dev, &runs);
                         continue 'unit;
                     }
-                    took.push(b);
                     match runs.last_mut() {
                         Some((a, n)) if *a + *n == b => *n += 1,
                         _ => runs.push((b, 1)),
                     }
                 }
-                if !runs.is_empty() {
-                    plan.push(Shed { runs, took });
-                }
+                units_shed += usize::from(!runs.is_empty());
+                plan.extend(runs);
             }
         }
         let mut given = 0;
         let mut failed = None;
-        for (a, n) in plan.iter().flat_map(|p| &p.runs) {
+        for &(a, n) in &plan {
             match self.dev.discard(a * BLOCK_SIZE_U64, n * BLOCK_SIZE_U64) {
                 Ok(()) => given += n,
                 Err(e) => {
@@ -189,15 +178,10 @@ impl Store {
                 }
             }
         }
-        {
-            let mut space = self.space.lock();
-            for b in plan.iter().flat_map(|p| &p.took) {
-                space.rc.unreserve(&*self.dev, *b)?;
-            }
-        }
+        self.space.lock().unreserve(&*self.dev, &plan);
         if given > 0 {
             debug!(
-                units = plan.len(),
+                units = units_shed,
                 blocks = given,
                 "space given back to the device"
             );
@@ -347,6 +331,17 @@ mod tests {
             .collect()
     }
 
+    /// No stored block lies in a unit whose data blocks are all free, and `check` is clean.
+    fn assert_nothing_kept_and_clean(s: &Arc<Store>, dev: &Shedding) {
+        let kept = kept_for_nothing(s, dev);
+        assert!(
+            kept.is_empty(),
+            "blocks kept in units nothing uses: {kept:?}"
+        );
+        let r = s.check(true, &mut |_| {}).unwrap();
+        assert!(r.ok, "{r:#?}");
+    }
+
     /// Writes, snapshots, forks and deletes, with checkpoints between: the store gives units
     /// back as their blocks free up, never one it still uses (everything reads back, `check`
     /// is clean, also after reopening), and once everything is deleted no unit holds data.
@@ -381,13 +376,7 @@ mod tests {
         while s.checkpoint().unwrap() {}
         assert!(*dev.discarded.lock() > 0, "nothing was given back");
         assert_reads(&s, &models);
-        let r = s.check(true, &mut |_| {}).unwrap();
-        assert!(r.ok, "{r:#?}");
-        let kept = kept_for_nothing(&s, &dev);
-        assert!(
-            kept.is_empty(),
-            "blocks kept in units nothing uses: {kept:?}"
-        );
+        assert_nothing_kept_and_clean(&s, &dev);
 
         drop(s);
         let s = Store::open_device(dev.clone(), small_opts()).unwrap();
@@ -396,13 +385,7 @@ mod tests {
             s.delete(name, true).unwrap();
         }
         while s.checkpoint().unwrap() {}
-        let kept = kept_for_nothing(&s, &dev);
-        assert!(
-            kept.is_empty(),
-            "blocks kept in units nothing uses: {kept:?}"
-        );
-        let r = s.check(true, &mut |_| {}).unwrap();
-        assert!(r.ok, "{r:#?}");
+        assert_nothing_kept_and_clean(&s, &dev);
 
         // Everything deleted: what the device still stores is the store's own metadata and
         // the units the intent log held blocks in, a few units at most.
@@ -440,12 +423,6 @@ mod tests {
         dev.refuse.store(false, std::sync::atomic::Ordering::SeqCst);
         let r = s.gc(&mut |_| {}).unwrap();
         assert!(r.swept_bytes > 0, "{r:#?}");
-        let kept = kept_for_nothing(&s, &dev);
-        assert!(
-            kept.is_empty(),
-            "blocks kept in units nothing uses: {kept:?}"
-        );
-        let r = s.check(true, &mut |_| {}).unwrap();
-        assert!(r.ok, "{r:#?}");
+        assert_nothing_kept_and_clean(&s, &dev);
     }
 }
