@@ -718,3 +718,122 @@ fn every_host_lists_every_vdi_of_the_pool_with_its_host() {
         .stderr
         .contains("cannot reach"));
 }
+
+/// Keys under `prefix` in etcd.
+fn etcd_keys(c: &Cluster, prefix: &str) -> Vec<String> {
+    let o = c
+        .etcdctl()
+        .args(["get", "--prefix", "--keys-only", prefix])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A fork in host B's store of a snapshot in store `a`, read straight from RADOS: nobody
+/// serves `a` while B reads, and host A's writes to the template after the fork do not show.
+/// The hold B takes in etcd keeps A from deleting, renaming or destroying the snapshot until B
+/// hydrates its fork; a hold that a crash left behind goes at B's next `gc`.
+#[test]
+fn a_fork_reads_another_stores_snapshot_straight_from_rados_and_holds_it() {
+    let c = Cluster::start(1);
+    let a = host(&c, "a", "hostA");
+    a.run(&["init", "--size", "1G"]);
+    let img = image_with_holes(21, 6 << 20);
+    a.import("template", &img);
+    a.run(&["vdi", "snapshot", "template", "gold"]);
+    // Closing the store checkpointed it and published the snapshot's map root.
+    let uri = format!("rados:{}/a/template@gold", c.pool);
+    let b = host(&c, "b", "hostB");
+    b.run(&["init", "--size", "1G"]);
+    b.run(&["vdi", "create", "vm1", "--backing", &uri]);
+    assert_eq!(
+        etcd_keys(&c, &format!("/parallax/v1/stores/{}/a/holds/", c.pool)),
+        [format!(
+            "/parallax/v1/stores/{0}/a/holds/template@gold/by/{0}/b",
+            c.pool
+        )]
+    );
+    // Host A moves the template on; the snapshot stays as it was.
+    let da = serve(&a);
+    let mut t = da.nbd("template");
+    t.write(0, &vec![0xee; 1 << 20]).unwrap();
+    t.flush().unwrap();
+    drop(t);
+    da.stop();
+
+    let db = serve(&b);
+    let mut vm = db.nbd("vm1");
+    assert!(
+        vm.read(0, img.len() as u32).unwrap() == img,
+        "vm1 reads as the snapshot"
+    );
+    vm.write(8192, &tagged_block(5)).unwrap();
+    vm.flush().unwrap();
+    let mut want = img.clone();
+    want[8192..12288].copy_from_slice(&tagged_block(5));
+    drop(vm);
+    let got = qemu_io(&db.uri("vm1"), &["read -v 8192 16"]);
+    assert!(got.contains("read 16/16"), "{got}");
+
+    // Every host sees the hold.
+    let text = b.run(&["cluster", "list"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("template@gold ")
+                && l.ends_with(&format!("(held by {}/b)", c.pool))),
+        "{text}"
+    );
+    // Store a keeps the held snapshot: one line naming who holds it.
+    let held = format!("store rados:{}/b", c.pool);
+    a.fail(&["vdi", "delete", "template@gold"])
+        .assert_one_line(1, &held);
+    a.fail(&["vdi", "delete", "-r", "template"])
+        .assert_one_line(1, &held);
+    a.fail(&["vdi", "rename", "template@gold", "template@old"])
+        .assert_one_line(1, &held);
+    assert!(a
+        .fail(&["destroy", "--yes"])
+        .stderr
+        .contains("template@gold by"));
+    assert!(a.names().contains(&"template@gold".to_string()));
+    // Snapshots nobody holds go as before.
+    a.run(&["vdi", "snapshot", "template", "newer"]);
+    a.run(&["vdi", "delete", "template@newer"]);
+
+    // Hydrated, vm1 no longer reads through a's snapshot and lets it go.
+    b.run(&["vdi", "hydrate", "vm1"]);
+    assert!(etcd_keys(&c, &format!("/parallax/v1/stores/{}/a/holds/", c.pool)).is_empty());
+    a.run(&["vdi", "delete", "template@gold"]);
+    db.stop();
+    assert!(b.export("vm1") == want, "vm1 after hydrate");
+    b.assert_clean();
+    a.assert_clean();
+
+    // A hold left by a crash (between the hold and its VDI) goes at B's next gc.
+    a.run(&["vdi", "snapshot", "template", "gold2"]);
+    let uri2 = format!("rados:{}/a/template@gold2", c.pool);
+    b.run(&["vdi", "create", "vm2", "--backing", &uri2]);
+    b.run(&["vdi", "delete", "vm2"]);
+    assert!(etcd_keys(&c, "/parallax/v1/holders/").is_empty());
+    for key in [
+        format!(
+            "/parallax/v1/stores/{0}/a/holds/template@gold2/by/{0}/b",
+            c.pool
+        ),
+        format!("/parallax/v1/holders/{}/b/{uri2}", c.pool),
+    ] {
+        let st = c.etcdctl().args(["put", &key, "{}"]).status().unwrap();
+        assert!(st.success());
+    }
+    a.fail(&["vdi", "delete", "template@gold2"])
+        .assert_one_line(1, &held);
+    let out = b.run(&["gc"]);
+    assert!(out.contains("released 1 hold"), "{out}");
+    assert!(etcd_keys(&c, "/parallax/v1/holders/").is_empty());
+    a.run(&["vdi", "delete", "template@gold2"]);
+}

@@ -355,6 +355,11 @@ enum VdiCommand {
     /// never wrote is read from there the first time, then kept in the store (shared by its
     /// snapshots and forks, kept across restarts). `vdi hydrate` copies the rest and cuts it
     /// loose. The export should not change (export a snapshot).
+    ///
+    /// In a store in RADOS, the backing can be a snapshot of another store of the same
+    /// cluster, `rados:POOL/STORE/VDI@SNAP`: it is read straight from RADOS (its owner need
+    /// not run), and a hold in etcd keeps that store from deleting it until nothing here reads
+    /// through it any more.
     Create {
         /// The new VDI's name: letters, digits and `. _ + - :`, up to 200 bytes, not starting
         /// with `-` or `.`.
@@ -365,7 +370,8 @@ enum VdiCommand {
         size: Option<u64>,
         /// An NBD export to read through: `nbd://HOST[:PORT]/EXPORT`,
         /// `nbd+unix:///EXPORT?socket=PATH`, or over TLS
-        /// `nbds://USER@HOST/EXPORT?tls-psk-file=KEYS` or `nbds://HOST/EXPORT?tls-certificates=DIR`.
+        /// `nbds://USER@HOST/EXPORT?tls-psk-file=KEYS` or `nbds://HOST/EXPORT?tls-certificates=DIR`;
+        /// or a snapshot of another store in the cluster, `rados:POOL/STORE/VDI@SNAP`.
         #[arg(long, value_name = "URI")]
         backing: Option<String>,
         /// Print the result as JSON, for scripts.
@@ -843,7 +849,11 @@ fn target(path: &Path, cluster: &ClusterConfig) -> anyhow::Result<Target> {
     }
     match Store::open(path, StoreOptions::default()) {
         Ok(s) => {
-            s.set_remote(Arc::new(NbdRemote::new(DEFAULT_RECONNECT_DELAY)));
+            s.set_remote(cluster::remote(
+                &s,
+                cluster,
+                Arc::new(NbdRemote::new(DEFAULT_RECONNECT_DELAY)),
+            ));
             Ok(Target::Direct(s))
         }
         Err(StoreError::InUse { pid }) => bail!(
@@ -866,7 +876,11 @@ fn cluster_target(path: &Path, rs: RadosStore, cluster: &ClusterConfig) -> anyho
     }
     match cluster::open(&rs, cluster, StoreOptions::default(), false, &mut |_| {}) {
         Ok(s) => {
-            s.set_remote(Arc::new(NbdRemote::new(DEFAULT_RECONNECT_DELAY)));
+            s.set_remote(cluster::remote(
+                &s,
+                cluster,
+                Arc::new(NbdRemote::new(DEFAULT_RECONNECT_DELAY)),
+            ));
             Ok(Target::Direct(s))
         }
         Err(ClusterError::Held { holder, .. }) => bail!(
@@ -1227,6 +1241,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         format_size(r.swept_bytes)
                     );
                 }
+                if r.holds_released > 0 {
+                    println!(
+                        "released {} hold(s) on other stores' snapshots that nothing here reads",
+                        r.holds_released
+                    );
+                }
             }
             Ok(0)
         }
@@ -1343,13 +1363,20 @@ fn vdi(t: Target, cmd: VdiCommand) -> anyhow::Result<i32> {
             backing: Some(uri),
             json,
         } => {
-            if !NbdUri::is_uri(&uri) {
-                bail!("--backing takes an NBD URI (nbd://, nbds://, nbd+unix://), not {uri:?}");
-            }
-            NbdUri::parse(&uri).map_err(|e| anyhow!("--backing {uri}: {e}"))?;
-            // Kept in the store and used by the daemon: key files by absolute path.
-            let cwd = std::env::current_dir().context("cannot find the current directory")?;
-            let uri = NbdUri::with_absolute_paths(&uri, &cwd);
+            // A snapshot of another store in the cluster: the store checks the rest.
+            let uri = if uri.starts_with(cluster::SCHEME) {
+                uri
+            } else {
+                if !NbdUri::is_uri(&uri) {
+                    bail!(
+                        "--backing takes an NBD URI (nbd://, nbds://, nbd+unix://) or a snapshot                          in RADOS (rados:POOL/STORE/VDI@SNAP), not {uri:?}"
+                    );
+                }
+                NbdUri::parse(&uri).map_err(|e| anyhow!("--backing {uri}: {e}"))?;
+                // Kept in the store and used by the daemon: key files by absolute path.
+                let cwd = std::env::current_dir().context("cannot find the current directory")?;
+                NbdUri::with_absolute_paths(&uri, &cwd)
+            };
             let size: u64 = t.call(
                 Request::CreateBacked {
                     name: name.clone(),

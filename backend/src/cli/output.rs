@@ -47,8 +47,13 @@ pub fn cluster_list(listed: &[crate::cluster::directory::Listed]) {
         "NAME", "KIND", "SIZE", "STORE"
     );
     for l in listed {
+        let held = if l.held_by.is_empty() {
+            String::new()
+        } else {
+            format!("  (held by {})", l.held_by.join(", "))
+        };
         println!(
-            "{:wn$}  {:8}  {:>9}  {:ws$}  {}",
+            "{:wn$}  {:8}  {:>9}  {:ws$}  {}{held}",
             l.name,
             kind(l.entry.kind),
             format_size(l.entry.size),

@@ -16,8 +16,12 @@
 pub mod cache;
 pub mod device;
 pub mod directory;
+mod etcd;
 pub mod lease;
 pub mod rados;
+pub mod snapshots;
+
+pub use snapshots::remote;
 
 use std::{
     path::{Path, PathBuf},
@@ -224,11 +228,14 @@ pub fn publish(store: &Store) -> Result<usize, ClusterError> {
     let Some(held) = Held::of(store) else {
         return Ok(0);
     };
-    let vdis = store.list()?;
     let o = &held.ownership;
-    held.directory
-        .lock()
-        .publish(o.config(), o.store(), o.token(), &vdis)
+    // Locked before the listing: a snapshot being deleted meanwhile (`snapshots.rs`) is
+    // either not listed or not yet deleted.
+    let mut directory = held.directory.lock();
+    let vdis = store.list()?;
+    let roots = store.map_roots()?;
+    directory
+        .publish(o.config(), o.store(), o.token(), &vdis, &roots)
         .map_err(ClusterError::Lease)
 }
 
@@ -316,12 +323,18 @@ pub fn create(
     })?;
     let dev = stack(store, cfg, dev, &owner)?;
     Store::format(&*dev, size)?;
-    Ok(Store::open_held(
+    guarded(Store::open_held(
         dev,
         options,
         PathBuf::from(store.to_string()),
         Held::new(owner),
     )?)
+}
+
+/// `store`, whose snapshots go only once no other store holds them.
+fn guarded(store: Arc<Store>) -> Result<Arc<Store>, ClusterError> {
+    store.set_snapshot_guard(Arc::new(snapshots::HoldGuard));
+    Ok(store)
 }
 
 /// Opens `store`, taking it for this host: with `wait`, once its holder lets go or its lease
@@ -338,7 +351,7 @@ pub fn open(
     let owner = own(store, cfg, &io, wait, on_wait)?;
     let dev =
         device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;
-    Ok(Store::open_held(
+    guarded(Store::open_held(
         stack(store, cfg, dev, &owner)?,
         options,
         PathBuf::from(store.to_string()),
@@ -352,10 +365,49 @@ pub fn open(
 pub fn destroy(store: &RadosStore, cfg: &ClusterConfig) -> Result<u64, ClusterError> {
     let io = connect_existing(store, cfg)?;
     let owner = own(store, cfg, &io, false, &mut |_| {})?;
+    // Its directory goes first, in a transaction that finds no holds on its snapshots: from
+    // then on no other store can hold one.
+    let base = format!("/parallax/v1/stores/{}/", store.key());
+    let holds = format!("{base}holds/");
+    let txn = etcd_client::Txn::new()
+        .when([
+            etcd_client::Compare::create_revision(
+                format!("{base}owner"),
+                etcd_client::CompareOp::Equal,
+                owner.token(),
+            ),
+            etcd_client::Compare::version(holds.clone(), etcd_client::CompareOp::Equal, 0)
+                .with_prefix(),
+        ])
+        .and_then([etcd_client::TxnOp::delete(
+            format!("{base}vdis/"),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )]);
+    let held = etcd::Etcd::connect(&cfg.lease())
+        .and_then(|mut e| match e.txn(txn)?.succeeded() {
+            true => Ok(Vec::new()),
+            false => e.get_prefix(&holds),
+        })
+        .map_err(ClusterError::Lease)?;
+    if !held.is_empty() {
+        let what: Vec<&str> = held
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(&holds))
+            .collect();
+        return Err(ClusterError::Lease(lease::LeaseError::Etcd(format!(
+            "store {store} has snapshots that forks in other stores read through ({}): delete              or hydrate those first",
+            what.join(", ").replace("/by/", " by ")
+        ))));
+    }
     let dev =
         device::RadosDevice::open(io, Some(owner.fence().clone())).map_err(ClusterError::Rados)?;
     let n = dev.destroy().map_err(ClusterError::Rados)?;
     let _ = std::fs::remove_dir_all(cfg.cache_dir(store));
+    // What it held of other stores' snapshots goes with it.
+    use crate::store::Remote;
+    snapshots::SnapshotRemote::new(cfg, &store.key())
+        .release_unused(&[])
+        .map_err(ClusterError::Store)?;
     owner.forget().map_err(ClusterError::Lease)?;
     Ok(n + 1)
 }

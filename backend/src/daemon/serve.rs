@@ -283,9 +283,13 @@ impl Daemon {
         // Credentials first: a bad file stops the daemon before it touches the store.
         let tls = TlsServer::new(&cfg.nbd.tls).map_err(|e| anyhow!("nbd.{e}"))?;
         let store = open_store(&store_path, &cfg)?;
-        store.set_remote(Arc::new(NbdRemote::new(Duration::from_secs(
-            cfg.backing.reconnect_delay_secs,
-        ))));
+        store.set_remote(crate::cluster::remote(
+            &store,
+            &cfg.cluster,
+            Arc::new(NbdRemote::new(Duration::from_secs(
+                cfg.backing.reconnect_delay_secs,
+            ))),
+        ));
         let control_addr = match &cfg.control_socket {
             Some(p) => ControlAddr::Path(p.clone()),
             None => ControlAddr::for_store(&store_path)?,

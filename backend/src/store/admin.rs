@@ -192,6 +192,10 @@ pub struct GcReport {
     /// back); a range the device held nothing for counts too.
     #[serde(default)]
     pub swept_bytes: u64,
+    /// Holds on other stores' snapshots released because nothing here reads them any more
+    /// (left by a crash; a store in a cluster).
+    #[serde(default)]
+    pub holds_released: u64,
 }
 
 /// What `vdi delete` removed (or, with `dry_run`, would remove).
@@ -372,7 +376,19 @@ impl Store {
         if let Some(ns) = ns {
             validate_name(ns, "snapshot")?;
         }
-        self.rename_stored(old, new)
+        // The snapshots whose names change: the guard keeps any that another store reads
+        // by name.
+        let snapshots = if split_name(old)?.1.is_some() {
+            vec![old.to_string()]
+        } else {
+            let mut cat = self.catalog.lock();
+            let id = cat.resolve(&*self.dev, old)?;
+            cat.scan_names(&*self.dev, &snapshot_prefix(id))?
+                .iter()
+                .map(|(k, _)| format!("{old}@{}", String::from_utf8_lossy(&k[9..])))
+                .collect()
+        };
+        self.guarded(&snapshots, &mut || self.rename_stored(old, new))
     }
 
     /// [`Store::rename`] for the store's own names too (staging, migration).
@@ -429,12 +445,33 @@ impl Store {
         } else {
             self.stat(full).ok().and_then(|v| v.backing)
         };
-        let deleted = {
+        // The snapshots it takes with it: the guard keeps any that another store reads.
+        let snapshots: Vec<String> = if is_hidden(full) {
+            Vec::new()
+        } else {
+            let mut d = self.delete_dry_run(full, recursive)?.deleted;
+            d.retain(|n| n.contains('@'));
+            d
+        };
+        let mut deleted = Vec::new();
+        self.guarded(&snapshots, &mut || {
             let change = self.change();
             let mut cat = self.catalog.lock();
             let victims = self.delete_victims(&mut cat, full, recursive)?;
-            self.apply_delete(&mut cat, &victims, change.gen)?
-        };
+            for &id in &victims {
+                let rec = self.record_of(&mut cat, id)?;
+                if rec.kind == Kind::Snapshot && !is_hidden(full) {
+                    let name = self.full_name(&mut cat, &rec)?;
+                    if !snapshots.contains(&name) {
+                        return Err(StoreError::Busy(format!(
+                            "{name} was taken while {full} was being deleted; try again"
+                        )));
+                    }
+                }
+            }
+            deleted = self.apply_delete(&mut cat, &victims, change.gen)?;
+            Ok(())
+        })?;
         self.flush()?;
         if let Some(uri) = backing {
             // The delete is done and durable; a cache left over is only space (the next
@@ -535,11 +572,13 @@ impl Store {
         // crash (or a held block) kept from going back.
         self.give_back_due(true);
         let swept = self.give_back_all()?;
+        let holds_released = self.release_unused_holds()? as u64;
         Ok(GcReport {
             orphan_nodes_processed: processed,
             freed_bytes: after.saturating_sub(before) * BLOCK_SIZE_U64,
             free_bytes: self.free_blocks() * BLOCK_SIZE_U64,
             swept_bytes: swept * BLOCK_SIZE_U64,
+            holds_released,
         })
     }
 

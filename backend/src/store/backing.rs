@@ -68,6 +68,24 @@ pub trait Remote: Send + Sync {
     /// One line on the connection to `uri` ("connected", "reconnecting since …"), for
     /// `vdi info`.
     fn state(&self, uri: &str) -> String;
+    /// Keeps what `uri` names from going away while this store reads through it (a snapshot
+    /// in another store of a cluster: a hold in etcd). Called before a VDI backed by it is
+    /// made; holding twice is holding once.
+    fn hold(&self, uri: &str) -> StoreResult<()> {
+        let _ = uri;
+        Ok(())
+    }
+    /// This store no longer reads through `uri` (nothing is backed by it any more).
+    fn release(&self, uri: &str) -> StoreResult<()> {
+        let _ = uri;
+        Ok(())
+    }
+    /// Releases this store's holds on everything but `in_use` (what a crash between a hold
+    /// and its VDI, or between the last VDI's delete and its release, left). How many went.
+    fn release_unused(&self, in_use: &[String]) -> StoreResult<usize> {
+        let _ = in_use;
+        Ok(0)
+    }
 }
 
 /// The cache VDI of a backing.
@@ -162,7 +180,9 @@ impl Store {
                 "a backing URI must be 1 to 32767 bytes".into(),
             ));
         }
-        let remote_size = self.remote(uri)?.size(uri)?;
+        let remote = self.remote(uri)?;
+        let remote_size = remote.size(uri)?;
+        remote.hold(uri)?;
         let size = size.unwrap_or(remote_size);
         let staged = self.create_staged(name, size)?;
         let marked = self.ensure_cache(uri, remote_size).and_then(|()| {
@@ -489,11 +509,37 @@ impl Store {
         if in_use {
             return Ok(false);
         }
-        match self.delete(&name, true) {
-            Ok(_) => Ok(true),
-            Err(StoreError::NotFound(_)) => Ok(false),
-            Err(e) => Err(e),
+        let dropped = match self.delete(&name, true) {
+            Ok(_) => true,
+            Err(StoreError::NotFound(_)) => false,
+            Err(e) => return Err(e),
+        };
+        // Nothing here reads through it any more (a release that fails leaves a hold for
+        // `gc` to release).
+        let remote = self.remote.read().clone();
+        if let Some(r) = remote {
+            r.release(uri)?;
         }
+        Ok(dropped)
+    }
+
+    /// Releases every hold this store has on something nothing here is backed by any more.
+    pub(super) fn release_unused_holds(&self) -> StoreResult<usize> {
+        let Some(remote) = self.remote.read().clone() else {
+            return Ok(0);
+        };
+        let in_use: Vec<String> = {
+            let mut cat = self.catalog.lock();
+            let mut v: Vec<String> = self
+                .all_records(&mut cat)?
+                .into_iter()
+                .filter_map(|r| r.backing)
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        remote.release_unused(&in_use)
     }
 }
 

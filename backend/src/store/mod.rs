@@ -17,6 +17,7 @@
 //!  schedules snapshot schedules as the registry keeps them (the daemon runs them)
 //!  staging   VDIs under construction (import, recv) under a reserved name
 //!  backing   remote-backed VDIs: holes read through an NBD export, via a cached copy
+//!  foreign   snapshots read from outside their store (map roots, checked reads, the guard)
 //!  identity  snapshot guids, the same in every store a snapshot is sent to
 //!  vdi       one VDI in memory: record, lock, handles, reserved blocks
 //!  radix     copy-on-write radix maps        nodes     map nodes in memory (dirty, clean)
@@ -44,6 +45,7 @@ pub mod device;
 mod diff;
 mod epoch;
 mod error;
+mod foreign;
 pub mod format;
 mod giveback;
 mod identity;
@@ -76,6 +78,7 @@ pub use catalog::Counts;
 pub use check::{CheckProgress, CheckReport};
 pub use diff::{ChangedExtent, DiffReport};
 pub use error::{StoreError, StoreResult};
+pub use foreign::{MapRoot, SnapshotGuard, SnapshotMap};
 pub use identity::SnapshotIdentity;
 pub use io::{StoreDisk, DATA_ERROR_TARGET};
 pub use migration::{incoming_name, parked_name, INCOMING_PREFIX, PARKED_PREFIX};

@@ -131,6 +131,8 @@ pub struct Store {
     path: Option<PathBuf>,
     /// How backed VDIs reach their remote exports (`backing.rs`); none until given.
     pub(super) remote: RwLock<Option<Arc<dyn super::backing::Remote>>>,
+    /// Asked before snapshots go (`foreign.rs`); none unless given.
+    pub(super) snapshot_guard: RwLock<Option<Arc<dyn super::foreign::SnapshotGuard>>>,
     /// What makes the store this process's for as long as it is open: the file holding its
     /// fcntl locks, or a cluster lease (`crate::cluster`). Declared last, so dropped after the
     /// device.
@@ -399,6 +401,7 @@ impl Store {
             )),
             vdis: Vdis::default(),
             remote: RwLock::new(None),
+            snapshot_guard: RwLock::new(None),
             nodes: NodeTable::new(options.node_cache_nodes, last.gen),
             space: Mutex::new(space),
             dedup: Mutex::new(dedup),
