@@ -118,16 +118,8 @@ fn every_command_works_on_a_store_in_rados_and_one_host_holds_it_at_a_time() {
     assert_eq!(b.export("vm2"), img);
 
     // Destroying the store leaves nothing of it in the pool or in etcd.
-    let etcd_keys = || {
-        let o = c
-            .etcdctl()
-            .args(["get", "--prefix", "--keys-only", "/parallax/"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{o:?}");
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
-    assert!(etcd_keys().contains("/s1/released"), "{}", etcd_keys());
+    let keys = || etcd_keys(&c, "/parallax/").join("\n");
+    assert!(keys().contains("/s1/released"), "{}", keys());
     assert!(b.fail(&["destroy"]).stderr.contains("--yes"));
     let out = b.run(&["destroy", "--yes"]);
     assert!(out.contains("destroyed store"), "{out}");
@@ -138,7 +130,7 @@ fn every_command_works_on_a_store_in_rados_and_one_host_holds_it_at_a_time() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "", "objects left");
-    assert_eq!(etcd_keys(), "", "etcd records left");
+    assert_eq!(keys(), "", "etcd records left");
     assert!(b.fail(&["vdi", "list"]).stderr.contains("does not exist"));
 }
 

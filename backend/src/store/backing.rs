@@ -182,6 +182,9 @@ impl Store {
         }
         let remote = self.remote(uri)?;
         let remote_size = remote.size(uri)?;
+        // Until the VDI is there: a release (of the last other VDI backed by `uri`, or of
+        // holds `gc` finds unused) must not come between the hold and the VDI.
+        let _holds = self.holds.lock();
         remote.hold(uri)?;
         let size = size.unwrap_or(remote_size);
         let staged = self.create_staged(name, size)?;
@@ -200,7 +203,7 @@ impl Store {
         };
         if result.is_err() {
             // Nothing is left of the VDI; nor of a cache made for it alone.
-            let _ = self.drop_cache_if_unused(uri);
+            let _ = self.drop_cache_unlocked(uri);
         }
         result.map(|()| size)
     }
@@ -499,6 +502,12 @@ impl Store {
 
     /// Deletes the cache of `uri` if no VDI or snapshot is backed by it any more.
     pub(super) fn drop_cache_if_unused(&self, uri: &str) -> StoreResult<bool> {
+        let _holds = self.holds.lock();
+        self.drop_cache_unlocked(uri)
+    }
+
+    /// [`Store::drop_cache_if_unused`] with `holds` locked.
+    fn drop_cache_unlocked(&self, uri: &str) -> StoreResult<bool> {
         let name = cache_name(uri);
         let in_use = {
             let mut cat = self.catalog.lock();
@@ -528,6 +537,7 @@ impl Store {
         let Some(remote) = self.remote.read().clone() else {
             return Ok(0);
         };
+        let _holds = self.holds.lock();
         let in_use: Vec<String> = {
             let mut cat = self.catalog.lock();
             let mut v: Vec<String> = self

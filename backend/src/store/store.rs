@@ -18,7 +18,8 @@
 //!         ─ dev: Arc<dyn Device>
 //! ```
 //!
-//! Lock order: gate → catalog → a VDI's state → space → dedup → (node shards, leaves). Data never
+//! Lock order: (a guard's lock, foreign.rs) → holds (backing.rs) → gate → catalog → a VDI's
+//! state → space → dedup → (node shards, leaves). Data never
 //! moves under any of them: lookups return pointers, and reads and writes of data blocks
 //! happen after the locks are dropped (io.rs).
 
@@ -131,6 +132,9 @@ pub struct Store {
     path: Option<PathBuf>,
     /// How backed VDIs reach their remote exports (`backing.rs`); none until given.
     pub(super) remote: RwLock<Option<Arc<dyn super::backing::Remote>>>,
+    /// Held while a backing is held or released (`backing.rs`): a VDI made backed by it
+    /// and the release of the last one before it never interleave.
+    pub(super) holds: Mutex<()>,
     /// Asked before snapshots go (`foreign.rs`); none unless given.
     pub(super) snapshot_guard: RwLock<Option<Arc<dyn super::foreign::SnapshotGuard>>>,
     /// What makes the store this process's for as long as it is open: the file holding its
@@ -401,6 +405,7 @@ impl Store {
             )),
             vdis: Vdis::default(),
             remote: RwLock::new(None),
+            holds: Mutex::new(()),
             snapshot_guard: RwLock::new(None),
             nodes: NodeTable::new(options.node_cache_nodes, last.gen),
             space: Mutex::new(space),
