@@ -378,17 +378,19 @@ impl Store {
         }
         // The snapshots whose names change: the guard keeps any that another store reads
         // by name.
-        let snapshots = if split_name(old)?.1.is_some() {
-            vec![old.to_string()]
-        } else {
+        let snapshots = || {
+            if split_name(old)?.1.is_some() {
+                return Ok(vec![old.to_string()]);
+            }
             let mut cat = self.catalog.lock();
             let id = cat.resolve(&*self.dev, old)?;
-            cat.scan_names(&*self.dev, &snapshot_prefix(id))?
+            Ok(cat
+                .scan_names(&*self.dev, &snapshot_prefix(id))?
                 .iter()
                 .map(|(k, _)| format!("{old}@{}", String::from_utf8_lossy(&k[9..])))
-                .collect()
+                .collect())
         };
-        self.guarded(&snapshots, &mut || self.rename_stored(old, new))
+        self.guarded(snapshots, &mut |_| self.rename_stored(old, new))
     }
 
     /// [`Store::rename`] for the store's own names too (staging, migration).
@@ -446,23 +448,26 @@ impl Store {
             self.stat(full).ok().and_then(|v| v.backing)
         };
         // The snapshots it takes with it: the guard keeps any that another store reads.
-        let snapshots: Vec<String> = if is_hidden(full) {
-            Vec::new()
-        } else {
+        let hidden = is_hidden(full);
+        let snapshots = || {
+            if hidden {
+                return Ok(Vec::new());
+            }
             let mut d = self.delete_dry_run(full, recursive)?.deleted;
             d.retain(|n| n.contains('@'));
-            d
+            Ok(d)
         };
         let mut deleted = Vec::new();
-        self.guarded(&snapshots, &mut || {
+        self.guarded(snapshots, &mut |asked| {
             let change = self.change();
             let mut cat = self.catalog.lock();
             let victims = self.delete_victims(&mut cat, full, recursive)?;
-            for &id in &victims {
+            // A snapshot the guard was not asked about (taken since it was asked) stays.
+            for &id in victims.iter().filter(|_| asked.is_some() && !hidden) {
                 let rec = self.record_of(&mut cat, id)?;
-                if rec.kind == Kind::Snapshot && !is_hidden(full) {
+                if rec.kind == Kind::Snapshot {
                     let name = self.full_name(&mut cat, &rec)?;
-                    if !snapshots.contains(&name) {
+                    if !asked.is_some_and(|a| a.contains(&name)) {
                         return Err(StoreError::Busy(format!(
                             "{name} was taken while {full} was being deleted; try again"
                         )));

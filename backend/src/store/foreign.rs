@@ -210,17 +210,22 @@ impl Store {
         *self.snapshot_guard.write() = Some(guard);
     }
 
-    /// Runs `apply`, which deletes or renames `snapshots`, through the guard if there is one.
+    /// Runs `apply`, which deletes or renames the snapshots `snapshots` lists, through the
+    /// guard if there is one (only then are they listed). `apply` is told which snapshots
+    /// the guard let go (`None`: there is no guard).
     pub(super) fn guarded(
         &self,
-        snapshots: &[String],
-        apply: &mut dyn FnMut() -> StoreResult<()>,
+        snapshots: impl FnOnce() -> StoreResult<Vec<String>>,
+        apply: &mut dyn FnMut(Option<&[String]>) -> StoreResult<()>,
     ) -> StoreResult<()> {
-        let guard = self.snapshot_guard.read().clone();
-        match guard {
-            Some(g) if !snapshots.is_empty() => g.releasing(self, snapshots, apply),
-            _ => apply(),
+        let Some(guard) = self.snapshot_guard.read().clone() else {
+            return apply(None);
+        };
+        let names = snapshots()?;
+        if names.is_empty() {
+            return apply(Some(&names));
         }
+        guard.releasing(self, &names, &mut || apply(Some(&names)))
     }
 
     /// The map roots of the snapshots a reader outside the store can walk, by full name: those
